@@ -1,0 +1,1 @@
+"""The ``deepshare`` command line: a thin typer skin over the Python API."""

@@ -1,0 +1,281 @@
+"""``deepshare`` commands.  Heavy imports live inside command bodies so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from . import errors as cli_errors
+from .console import console
+
+app = typer.Typer(
+    name="deepshare",
+    help="Make pretrained CNNs cheap under private inference: ReLU census, DeepShare conversion, "
+    "retraining, and two-party inference.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# ---- shared options -------------------------------------------------------------------------
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Built-in name (see `deepshare models`), timm:NAME, package.module:factory, "
+        "or a pickled nn.Module file (with --trust-pickle).",
+        show_default=False,
+    ),
+]
+WeightsOpt = Annotated[
+    Optional[str],
+    typer.Option("--weights", "-w", help="State dict (.safetensors/.pt/.pth/.th/.bin) to load."),
+]
+InputSizeOpt = Annotated[
+    Optional[str], typer.Option("--input-size", help="C,H,W without the batch, e.g. 3,32,32.")
+]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier outputs.")]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow unpickling a full nn.Module (this runs code from the file)."),
+]
+LeafOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--leaf", help="Module class name that tracing must treat as opaque (repeatable)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _load(model, weights, input_size, num_classes, trust_pickle):
+    """A model from any MODEL form, converted-model directories (OUT/) included."""
+    from pathlib import Path
+
+    from ..models import LoadedModel, ModelSpec, load_model
+
+    if Path(model).is_dir():
+        from ..rewrite import load as load_converted
+
+        with console.status(f"loading converted model {model}", spinner="dots"):
+            conv = load_converted(model, trust_pickle=trust_pickle)
+        spec = ModelSpec("converted", str(model), input_size=tuple(conv.plan.input_size))
+        return LoadedModel(conv.model, spec, tuple(conv.plan.input_size), conv.mean, conv.std)
+    with console.status(f"loading {model}", spinner="dots"):
+        return load_model(
+            model,
+            weights=weights,
+            input_size=input_size,
+            num_classes=num_classes,
+            trust_pickle=trust_pickle,
+        )
+
+
+# ---- commands -------------------------------------------------------------------------------
+@app.command()
+def inspect(
+    model: ModelArg,
+    weights: WeightsOpt = None,
+    input_size: InputSizeOpt = None,
+    num_classes: NumClassesOpt = None,
+    leaf: LeafOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """ReLU census of MODEL via torch.fx: every activation site, its shape and ReLU count.
+
+    MODEL may also be a converted-model directory (from `deepshare convert`): then the
+    census counts the DReLUs of its gates.
+    """
+    from ..tracing import census
+
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle)
+    result = census(loaded.model, loaded.input_size, name=loaded.spec.display, leaf_modules=leaf or ())
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    from .tables import census_table
+
+    console.print(census_table(result))
+
+
+@app.command()
+def convert(
+    model: ModelArg,
+    budget: Annotated[str, typer.Option("--budget", "-b", help="DReLU budget: 12k, 1.5M, 6000 or 2.5% of the "
+                                        "model's ReLUs.", show_default=False)],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory "
+                                               "[default: out/MODEL-BUDGET].")] = None,
+    allocator: Annotated[str, typer.Option(help="uniform | proportional | snl.")] = "uniform",
+    snl_counts: Annotated[Optional[str], typer.Option("--snl-counts", help="snl_counts.json from "
+                                                      "`deepshare snl` (for --allocator snl).")] = None,
+    group_size: Annotated[int, typer.Option(help="Consecutive same-shape sites sharing one gate "
+                                            "(1 disables layer sharing).")] = 2,
+    gate: Annotated[str, typer.Option(help="Gate of the saved model: step (DReLU) or gelu.")] = "step",
+    gamma: Annotated[float, typer.Option(help="GELU gate sharpness: Phi(gamma*x).")] = 1.0,
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="Site name, module path or regex "
+                                                      "to leave as a plain ReLU (repeatable).")] = None,
+    weights: WeightsOpt = None,
+    input_size: InputSizeOpt = None,
+    num_classes: NumClassesOpt = None,
+    leaf: LeafOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rewrite MODEL with shared DReLU gates under a budget; save OUT/plan.json + model.safetensors."""
+    from ..budget import read_snl_counts
+    from ..rewrite import convert as run_convert
+    from ..rewrite import save
+
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle)
+    counts = read_snl_counts(snl_counts) if snl_counts else None
+    with console.status("tracing, allocating and rewriting", spinner="dots"):
+        converted = run_convert(
+            loaded.model, loaded.input_size, budget=budget, allocator=allocator, group_size=group_size,
+            gate=gate, gamma=gamma, keep=keep or (), snl_counts=counts, leaf_modules=leaf or (),
+            spec=loaded.spec.to_dict(),
+        )  # fmt: skip
+    target = save(converted, out or _default_out(loaded.spec.name, budget))
+    if as_json:
+        print(json.dumps({"out": str(target), **converted.plan.to_dict()}, indent=2))
+        return
+    from .tables import plan_table
+
+    console.print(plan_table(converted.plan))
+    console.print(f"saved [bold]{target}/[/] (plan.json, model.safetensors)")
+
+
+def _default_out(name: str, budget: str) -> str:
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.split(":")[-1].split("/")[-1])
+    return f"out/{stem}-{budget.replace('%', 'pct')}"
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """List the built-in architectures."""
+    from ..models import get_entry, list_models
+
+    entries = [get_entry(n) for n in list_models()]
+    if as_json:
+        rows = [
+            {"name": e.name, "input_size": list(e.input_size), "num_classes": e.num_classes,
+             "description": e.description}
+            for e in entries
+        ]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="built-in models")
+    for col in ("name", "input", "classes", "description"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e.name, "x".join(map(str, e.input_size)), str(e.num_classes), e.description)
+    console.print(table)
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", help="Dataset spec: digits, cifar10-jpg, imagefolder:DIR, "
+                                      "cifar10:DIR, cifar100:DIR, tinyimagenet:DIR.")],
+    weights: WeightsOpt = None,
+    input_size: InputSizeOpt = None,
+    num_classes: NumClassesOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N test images only.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-1 accuracy of MODEL on the test split of a dataset."""
+    from ..data import load_dataset, make_loader
+    from ..evaluate import evaluate as run_eval
+
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle)
+    with console.status(f"reading {data}", spinner="dots"):
+        info, _, test = load_dataset(data)
+    loader = make_loader(
+        test, info, train=False, batch_size=batch_size, mean=loaded.mean, std=loaded.std, limit=limit
+    )
+    from .progress import progress_bar
+
+    with progress_bar() as bar:
+        task = bar.add_task("evaluating", total=len(loader))
+        result = run_eval(loaded.model, loader, progress=lambda done, total: bar.update(task, completed=done))
+    if as_json:
+        print(json.dumps({"model": loaded.spec.display, "data": data, **result.__dict__}, indent=2))
+        return
+    console.print(
+        f"[bold]{loaded.spec.display}[/] on {data} test ({result.n} images): "
+        f"top-1 [bold green]{result.top1:.2f}%[/], loss {result.loss:.4f}"
+    )
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "out/demo",
+) -> None:
+    """The built-in end-to-end demo (no downloads): census of the built-ins, then conversions.
+
+    Converts the paper's ResNet-18 at its three budgets (Table 1: 49.9K, 12.9K, 6K DReLUs)
+    and the digits CNN at 10%, saves each converted model and reloads it to check it.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from ..models import list_models, load_model
+    from ..plan import write_json_atomic
+    from ..rewrite import convert as run_convert
+    from ..rewrite import load as load_converted
+    from ..rewrite import save
+    from ..tracing import census
+    from .tables import demo_table, summary_table
+
+    root = Path(out)
+    rows = []
+    with console.status("tracing the built-in models", spinner="dots"):
+        for name in list_models():
+            loaded = load_model(name)
+            rows.append(census(loaded.model, loaded.input_size, name=name))
+    console.print(demo_table(rows))
+    results = []
+    for name, budget in [("resnet18_cifar", "49.9k"), ("resnet18_cifar", "12.9k"), ("resnet18_cifar", "6k"),
+                         ("digits_cnn", "10%")]:  # fmt: skip
+        loaded = load_model(name)
+        with console.status(f"converting {name} at {budget}", spinner="dots"):
+            converted = run_convert(loaded.model, loaded.input_size, budget=budget, spec=loaded.spec.to_dict())
+            target = save(converted, root / f"{name}-{budget.replace('%', 'pct')}")
+            again = load_converted(target)
+            x = loaded.example_input(4)
+            same = bool(torch.equal(again.model(x), converted.model.eval()(x)))
+            drelus = census(again.model, loaded.input_size).total_relus
+        results.append({"model": name, "budget": budget, "relus": converted.plan.total_relus,
+                        "drelus": drelus, "reduction": converted.plan.reduction, "groups": len(converted.plan.groups),
+                        "reload_identical": same, "out": str(target)})  # fmt: skip
+    console.print(summary_table(results))
+    write_json_atomic(root / "census.json", [r.to_dict() for r in rows])
+    write_json_atomic(root / "conversions.json", results)
+    console.print(f"wrote {root}/census.json, {root}/conversions.json and the converted models")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv``; returns the exit code (errors become one line on stderr)."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="deepshare", standalone_mode=False)
+    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+        if isinstance(exc, SystemExit):
+            return int(exc.code or 0)
+        return cli_errors.report(exc)
+    return result if isinstance(result, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""One table from exception type to a one-line message and an exit code.
+
+Set ``DEEPSHARE_DEBUG=1`` to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import DeepShareError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 1
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("DEEPSHARE_DEBUG", "") not in ("", "0", "false")
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def _is_click_exit(exc: BaseException) -> bool:
+    # typer vendors its own click: match click's classes by shape, not identity
+    return type(exc).__name__ == "Exit" and hasattr(exc, "exit_code")
+
+
+def _is_click_usage(exc: BaseException) -> bool:
+    return hasattr(exc, "show") and hasattr(exc, "exit_code")
+
+
+def report(exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr and return the exit code to use."""
+    if _is_click_exit(exc):
+        return exc.exit_code
+    if _is_click_usage(exc):
+        exc.show()
+        return exc.exit_code
+    if debug_enabled():
+        import traceback
+
+        traceback.print_exception(exc)
+    if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "Abort":
+        print("deepshare: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, DeepShareError):
+        print(f"deepshare: error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, FileNotFoundError):
+        print(f"deepshare: error: file not found: {exc.filename}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if isinstance(exc, MemoryError):
+        print("deepshare: error: out of memory (try a smaller batch or input size)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(
+        f"deepshare: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+        "(set DEEPSHARE_DEBUG=1 for the traceback)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL

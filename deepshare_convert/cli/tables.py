@@ -1,0 +1,78 @@
+"""Rich tables for command output (kept apart from the commands so they stay thin)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..plan import Plan
+from ..tracing import Census
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def census_table(c: Census) -> Table:
+    title = f"ReLU census: {c.model} @ {_shape(c.input_size)}"
+    table = Table(title=title, show_footer=True)
+    table.add_column("#", justify="right", footer="")
+    table.add_column("site", footer="total")
+    table.add_column("module")
+    table.add_column("kind")
+    table.add_column("shape")
+    table.add_column("ReLUs", justify="right", footer=f"{c.total_relus:,}")
+    table.add_column("share", justify="right", footer="100%" if c.total_relus else "")
+    total = max(c.total_relus, 1)
+    for i, s in enumerate(c.sites):
+        kind = s.kind + (" (in-place)" if s.inplace else "")
+        table.add_row(str(i), s.name, s.module, kind, _shape(s.shape), f"{s.relus:,}", f"{100 * s.relus / total:.1f}%")
+    for h in c.hidden:
+        table.add_row("-", "(hidden)", h["module"], "inside a leaf", "", f"{h['relus']:,}", f"{100 * h['relus'] / total:.1f}%")
+    if c.other_nonlinearities:
+        ops = sorted({o.op for o in c.other_nonlinearities})
+        table.caption = f"also {len(c.other_nonlinearities)} other nonlinearities, not converted: {', '.join(ops)}"
+    return table
+
+
+def demo_table(rows: list[Census]) -> Table:
+    table = Table(title="deepshare demo: ReLU census of the built-in models")
+    for col in ("model", "input", "sites", "ReLUs", "other nonlinearities"):
+        table.add_column(col, justify="right" if col in ("sites", "ReLUs") else "left")
+    for c in rows:
+        others = ", ".join(sorted({o.op for o in c.other_nonlinearities})) or "-"
+        table.add_row(c.model, _shape(c.input_size), str(len(c.sites)), f"{c.total_relus:,}", others)
+    return table
+
+
+def plan_table(plan: Plan) -> Table:
+    name = plan.model.get("name", "model")
+    table = Table(title=f"DeepShare plan: {name} @ {_shape(plan.input_size)}, budget {plan.budget:,} "
+                  f"({plan.allocator}, group size {plan.group_size})", show_footer=True)
+    table.add_column("group", justify="right", footer="total")
+    table.add_column("sites")
+    table.add_column("shape")
+    table.add_column("C", justify="right")
+    table.add_column("P", justify="right")
+    table.add_column("ReLUs before", justify="right", footer=f"{plan.total_relus:,}")
+    table.add_column("DReLUs", justify="right", footer=f"{plan.achieved:,}")
+    for g in plan.groups:
+        table.add_row(str(g.index), ", ".join(g.sites), _shape(g.shape), str(g.channels), str(g.prototypes),
+                      f"{g.relus:,}", f"{g.drelus:,}")
+    for name in plan.kept:
+        site = next(s for s in plan.sites if s["name"] == name)
+        table.add_row("kept", name, _shape(site["shape"]), "", "", f"{site['relus']:,}", f"{site['relus']:,}")
+    if plan.hidden_relus:
+        table.add_row("hidden", "(inside leaf modules)", "", "", "", f"{plan.hidden_relus:,}", f"{plan.hidden_relus:,}")
+    table.caption = (f"{plan.total_relus:,} ReLUs -> {plan.achieved:,} DReLUs "
+                     f"({plan.reduction:.1f}x fewer; budget {plan.budget:,})")
+    return table
+
+
+def summary_table(rows: list[dict]) -> Table:
+    table = Table(title="DeepShare conversions (before retraining)")
+    for col in ("model", "budget", "ReLUs", "DReLUs", "fewer", "groups", "reload"):
+        table.add_column(col, justify="right" if col in ("ReLUs", "DReLUs", "fewer", "groups") else "left")
+    for r in rows:
+        table.add_row(r["model"], r["budget"], f"{r['relus']:,}", f"{r['drelus']:,}", f"{r['reduction']:.1f}x",
+                      str(r["groups"]), "identical" if r["reload_identical"] else "DIFFERENT")
+    return table

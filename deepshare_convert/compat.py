@@ -1,0 +1,121 @@
+"""The only place that patches third-party packages for the torch we run on.
+
+Two mismatches are known on the project's CPU machine (torch 2.13.0+cpu):
+
+* **torchvision** from the registry is a CUDA build whose compiled ops library
+  does not load beside the CPU torch, so ``import torchvision`` dies with
+  "operator torchvision::nms does not exist" (torchvision registers fake kernels
+  for ``nms``/``qnms`` at import and needs their schemas).  timm imports
+  torchvision at import time, so timm needs it too.  Remedy: try the compiled
+  library first; only if it fails, define the two schemas ourselves.  Defining
+  them beside a working library aborts the process, hence the guard.
+* **crypten 0.4.1** imports ``torch.onnx._internal.registration``, a module that
+  moved to ``torch.onnx._internal.torchscript_exporter.registration`` in torch
+  2.x.  Remedy: alias the old name in ``sys.modules`` before importing crypten.
+
+Both are applied lazily, at most once, through :func:`import_timm` /
+:func:`import_crypten`; nothing here runs at package import time.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import importlib.util
+import os
+import sys
+from functools import cache
+
+__all__ = ["patch_torchvision", "patch_crypten", "import_timm", "import_crypten", "check_install"]
+
+_TORCHVISION_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+
+
+@cache
+def patch_torchvision() -> str:
+    """Make ``import torchvision`` work; returns which remedy was used.
+
+    Returns ``"native"`` (nothing needed or the compiled library loaded),
+    ``"schemas"`` (we defined the op schemas) or ``"absent"`` (no torchvision).
+    """
+    if "torchvision" in sys.modules:
+        return "native"
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        return "absent"
+    import torch
+
+    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so")) + glob.glob(
+        os.path.join(os.path.dirname(spec.origin), "_C*.pyd")
+    )
+    for lib in libs:
+        try:
+            torch.ops.load_library(lib)
+            return "native"
+        except (OSError, RuntimeError):
+            pass
+    try:  # a schema may already exist (another package defined it): leave it be
+        torch.ops.torchvision.nms  # noqa: B018
+        return "native"
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TOR901
+    for schema in _TORCHVISION_SCHEMAS:
+        lib.define(schema)
+    # keep the Library object alive: dropping it unregisters the schemas
+    patch_torchvision._library = lib  # type: ignore[attr-defined]
+    return "schemas"
+
+
+def import_timm():
+    """Import timm after making torchvision importable."""
+    patch_torchvision()
+    return importlib.import_module("timm")
+
+
+@cache
+def patch_crypten() -> bool:
+    """Alias the torch.onnx module crypten 0.4.1 expects; True if an alias was added."""
+    old = "torch.onnx._internal.registration"
+    if old in sys.modules or importlib.util.find_spec("torch") is None:
+        return False
+    try:
+        importlib.import_module(old)
+        return False
+    except ImportError:
+        pass
+    try:
+        new = importlib.import_module("torch.onnx._internal.torchscript_exporter.registration")
+    except ImportError:
+        return False
+    sys.modules[old] = new
+    return True
+
+
+def import_crypten():
+    """Import crypten with its compatibility patch; a clear error if it is missing."""
+    if importlib.util.find_spec("crypten") is None:
+        from .errors import DeepShareError
+
+        raise DeepShareError(
+            "crypten is not installed: run `make install` (it installs crypten==0.4.1 with --no-deps)"
+        )
+    patch_torchvision()
+    patch_crypten()
+    return importlib.import_module("crypten")
+
+
+def check_install() -> None:
+    """Import every dependency the way the package does (used by `make`)."""
+    import_timm()
+    import_crypten()
+    import typer  # noqa: F401
+    import rich  # noqa: F401
+
+
+if __name__ == "__main__":
+    check_install()
+    print("deepshare: all dependencies import")

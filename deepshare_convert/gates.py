@@ -1,0 +1,144 @@
+"""The shared-gate activation of DeepShare (paper Eq. 3 and Eq. 6).
+
+For a group of activation sites that share one gate, with leader input
+``x^lead`` (C channels, the first P of them *prototypes*) and a balanced map
+``pi`` from every channel to a prototype::
+
+    g      = G(x^lead[:, :P])                     # the only comparisons: P*H*W per example
+    y^l_c  = x^l_c * (alpha^l_c * g[:, pi(c)] + beta^l_c)     for every site l of the group
+
+Two modules implement it, so that the fx graph shows where comparisons happen:
+
+* :class:`PrototypeGate` -- one per group, fed by the leader's input.  Computes
+  the gate on the prototypes and replicates it to all C channels (replication
+  is local indexing: free under MPC).
+* :class:`SharedGate` -- one per site: the per-channel affine and the product.
+
+Gate functions: ``step`` (DReLU: 1 if x >= 0 else 0, zero gradient, exactly as in
+the paper) and ``gelu`` (Phi(gamma*x), the Gaussian CDF, which lets gradients
+reach the prototypes).  During the progressive switch (mode ``mixed``) both are
+computed and every site picks, channel by channel, which one to use through its
+``switched`` mask (Supp. B: replicates switch independently of their prototype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .tracing import register_leaf_module
+
+__all__ = ["PrototypeGate", "SharedGate", "balanced_mapping", "GATE_MODES", "step_gate", "gelu_gate"]
+
+GATE_MODES = ("step", "gelu", "mixed")
+
+
+def balanced_mapping(channels: int, prototypes: int) -> torch.Tensor:
+    """pi: prototypes map to themselves; replicate c maps to (c - P) mod P.
+
+    Each prototype then serves floor((C-P)/P) or ceil((C-P)/P) replicates.
+    """
+    if not 1 <= prototypes <= channels:
+        raise ValueError(f"need 1 <= prototypes <= channels, got P={prototypes}, C={channels}")
+    c = torch.arange(channels)
+    return torch.where(c < prototypes, c, (c - prototypes) % prototypes)
+
+
+def step_gate(x: torch.Tensor) -> torch.Tensor:
+    """DReLU: 1 where x >= 0.  A comparison: it carries no gradient."""
+    return (x >= 0).to(x.dtype)
+
+
+def gelu_gate(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Phi(gamma * x): the gate factor of GELU, sharpened by gamma."""
+    return 0.5 * (1.0 + torch.erf(x * (gamma / math.sqrt(2.0))))
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(C,) -> (1, C, 1, ...) to broadcast over an ndim-dimensional activation."""
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+@register_leaf_module
+class PrototypeGate(nn.Module):
+    """Gate of one group: computed on the leader's first P channels, replicated by ``pi``.
+
+    Output shape is the leader's shape (N, C, ...) in ``step``/``gelu`` mode and
+    (N, 2C, ...) in ``mixed`` mode (step-replicated channels first, then GELU).
+    """
+
+    def __init__(self, channels: int, prototypes: int, mapping: torch.Tensor | None = None,
+                 mode: str = "step", gamma: float = 1.0):  # fmt: skip
+        super().__init__()
+        mapping = balanced_mapping(channels, prototypes) if mapping is None else mapping.long()
+        if mapping.shape != (channels,) or int(mapping.max()) >= prototypes or int(mapping.min()) < 0:
+            raise ValueError("mapping must send each of the C channels to a prototype in [0, P)")
+        self.channels = channels
+        self.prototypes = prototypes
+        self.gamma = float(gamma)
+        self.mode = mode
+        self.register_buffer("mapping", mapping, persistent=True)
+        self._identity = bool(torch.equal(mapping, torch.arange(channels)))
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in GATE_MODES:
+            raise ValueError(f"gate mode must be one of {GATE_MODES}, got {value!r}")
+        self._mode = value
+
+    def _replicate(self, g: torch.Tensor) -> torch.Tensor:
+        return g if self._identity else g.index_select(1, self.mapping)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proto = x[:, : self.prototypes]
+        if self._mode == "step":
+            return self._replicate(step_gate(proto))
+        if self._mode == "gelu":
+            return self._replicate(gelu_gate(proto, self.gamma))
+        both = torch.cat([step_gate(proto), gelu_gate(proto, self.gamma)], dim=1)
+        index = torch.cat([self.mapping, self.mapping + self.prototypes])
+        return both.index_select(1, index)
+
+    def drelus_per_example(self, spatial: int) -> int:
+        return self.prototypes * spatial
+
+    def extra_repr(self) -> str:
+        return f"C={self.channels}, P={self.prototypes}, mode={self._mode}, gamma={self.gamma}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._identity = bool(torch.equal(self.mapping, torch.arange(self.channels)))
+
+
+@register_leaf_module
+class SharedGate(nn.Module):
+    """y = x * (alpha * g + beta) per channel, with g the group's replicated gate.
+
+    ``switched`` (bool per channel) selects the step gate over the GELU gate
+    when the group runs in ``mixed`` mode; it is ignored otherwise.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.alpha = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("switched", torch.zeros(channels, dtype=torch.bool), persistent=True)
+        self.mode = "step"
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mixed":
+            c = torch.arange(self.channels, device=gate.device)
+            gate = gate.index_select(1, torch.where(self.switched, c, c + self.channels))
+        alpha = _channel_view(self.alpha, x.dim())
+        beta = _channel_view(self.beta, x.dim())
+        return x * torch.addcmul(beta, alpha, gate)
+
+    def extra_repr(self) -> str:
+        return f"C={self.channels}, mode={self.mode}"

@@ -1,0 +1,263 @@
+"""The rewrite pass: activation sites -> shared gates, as a checked torch.fx pass.
+
+``convert`` = trace -> shapes -> sites -> groups -> budgets -> :func:`apply_plan`.
+``apply_plan`` is also what ``load`` replays, so a saved plan rebuilds the same
+graph.  The pass checks its own post-conditions (``graph.lint()``, every planned
+site replaced, the census of the result equal to the plan's DReLUs) and works
+on a deep copy: the caller's model is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .budget import allocate, parse_budget
+from .errors import DeepShareError, PlanError
+from .gates import GATE_MODES, PrototypeGate, SharedGate, balanced_mapping
+from .grouping import group_sites, select_kept
+from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
+from .tracing import census, example_input, find_sites, propagate_shapes, trace
+
+__all__ = ["convert", "apply_plan", "build_plan", "set_gate_mode", "save", "load", "Converted"]
+
+GATES_ATTR = "deepshare_gates"
+SITES_ATTR = "deepshare_sites"
+
+
+@dataclass
+class Converted:
+    model: fx.GraphModule
+    plan: Plan
+    mean: tuple[float, ...] | None = None  # input normalisation of the source model, if known
+    std: tuple[float, ...] | None = None
+
+
+def build_plan(
+    model: nn.Module,
+    input_size: Sequence[int],
+    *,
+    budget: str | int,
+    allocator: str = "uniform",
+    group_size: int = 2,
+    gate: str = "step",
+    gamma: float = 1.0,
+    keep: Iterable[str] = (),
+    snl_counts: Mapping[str, int] | None = None,
+    leaf_modules: Sequence[str] = (),
+    spec: dict | None = None,
+) -> Plan:
+    """Census + grouping + budget allocation: everything but the graph surgery."""
+    if gate not in GATE_MODES[:2]:
+        raise DeepShareError(f"--gate must be 'step' or 'gelu', got {gate!r}")
+    c = census(model, input_size, leaf_modules=leaf_modules)
+    if not c.sites:
+        raise DeepShareError("the model has no ReLU activation sites to convert")
+    requested = parse_budget(budget, c.total_relus)
+    kept = select_kept(c.sites, keep)
+    groups = group_sites(c.sites, group_size, kept)
+    fixed = c.hidden_relus + sum(s.relus for s in c.sites if s.name in kept)
+    if requested <= fixed:
+        raise DeepShareError(
+            f"budget {requested:,} does not cover the {fixed:,} ReLUs that stay (kept or hidden sites)"
+        )
+    protos = allocate(groups, requested - fixed, allocator, snl_counts)
+    return Plan(
+        model=spec or {"source": "python", "name": type(model).__name__},
+        input_size=list(input_size),
+        total_relus=c.total_relus,
+        budget_requested=str(budget),
+        budget=requested,
+        allocator=allocator,
+        group_size=group_size,
+        gate=gate,
+        gamma=float(gamma),
+        sites=[s.to_dict() for s in c.sites],
+        groups=[
+            GroupPlan(g.index, list(g.sites), list(g.shape), p, balanced_mapping(g.channels, p).tolist())
+            for g, p in zip(groups, protos)
+        ],
+        kept=sorted(kept, key=[s.name for s in c.sites].index),
+        hidden_relus=c.hidden_relus,
+        leaf_modules=list(leaf_modules),
+    )
+
+
+def convert(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[int],
+    *,
+    budget: str | int,
+    allocator: str = "uniform",
+    group_size: int = 2,
+    gate: str = "step",
+    gamma: float = 1.0,
+    keep: Iterable[str] = (),
+    snl_counts: Mapping[str, int] | None = None,
+    leaf_modules: Sequence[str] = (),
+    spec: dict | None = None,
+) -> Converted:
+    """Convert ``model`` to shared gates under a DReLU ``budget``; the original is left untouched.
+
+    ``example_input`` is a tensor with a batch dimension or an input size (C, H, W).
+    """
+    input_size = (
+        tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+    )
+    plan = build_plan(
+        model, input_size, budget=budget, allocator=allocator, group_size=group_size, gate=gate,
+        gamma=gamma, keep=keep, snl_counts=snl_counts, leaf_modules=leaf_modules, spec=spec,
+    )  # fmt: skip
+    return Converted(apply_plan(model, plan), plan)
+
+
+def _relu_input(node: fx.Node) -> fx.Node:
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(x, fx.Node):
+        raise PlanError(f"ReLU node {node.name!r} has no tensor input")
+    return x
+
+
+def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_method":
+        return node.target == "relu_"
+    return bool(node.kwargs.get("inplace", False)) or getattr(node.target, "__name__", "") == "relu_"
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
+    """Trace a copy of ``model`` and replace the plan's sites by shared gates."""
+    gm = trace(copy.deepcopy(model), plan.leaf_modules)
+    gm.eval()
+    propagate_shapes(gm, example_input(plan.input_size, gm))
+    _check_sites_match(gm, plan)
+    for attr in (GATES_ATTR, SITES_ATTR):
+        if hasattr(gm, attr):
+            raise PlanError(f"model already has an attribute {attr!r} (converted twice?)")
+        gm.add_module(attr, nn.Module())
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    nodes = {n.name: n for n in graph.nodes}
+    for g in plan.groups:
+        leader = nodes[g.leader]
+        gate_name = f"g{g.index}"
+        getattr(gm, GATES_ATTR).add_module(
+            gate_name,
+            PrototypeGate(g.channels, g.prototypes, torch.tensor(g.mapping), mode=plan.gate, gamma=plan.gamma),
+        )
+        with graph.inserting_before(leader):
+            gate = graph.call_module(f"{GATES_ATTR}.{gate_name}", (_relu_input(leader),))
+        for site in g.sites:
+            _replace_site(gm, nodes[site], gate, g.channels, plan.gate, modules)
+    graph.lint()
+    gm.recompile()
+    _check_census(gm, plan)
+    return gm
+
+
+def _replace_site(gm, node: fx.Node, gate: fx.Node, channels: int, mode: str, modules) -> None:
+    """Swap one ReLU node for a SharedGate call; honour in-place semantics for later readers."""
+    x = _relu_input(node)
+    shared = SharedGate(channels)
+    shared.mode = mode
+    getattr(gm, SITES_ATTR).add_module(node.name, shared)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(f"{SITES_ATTR}.{node.name}", (x, gate))
+    if _is_inplace(node, modules):
+        # an in-place ReLU also rewrote x: readers of x after it must now read the new value
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for user in list(x.users):
+            if user not in (new, gate) and order[user] > order[node]:
+                user.replace_input_with(x, new)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _check_sites_match(gm: fx.GraphModule, plan: Plan) -> None:
+    found = {s.name: s for s in find_sites(gm)}
+    for g in plan.groups:
+        for name in g.sites:
+            site = found.get(name)
+            if site is None:
+                raise PlanError(f"plan site {name!r} is not a ReLU of this model (plan for another model?)")
+            if list(site.shape) != list(g.shape):
+                raise PlanError(f"plan site {name!r} has shape {list(site.shape)} here, {g.shape} in the plan")
+
+
+def _check_census(gm: fx.GraphModule, plan: Plan) -> None:
+    """Post-condition: the converted model's comparisons are exactly the plan's."""
+    counted = census(gm, plan.input_size).total_relus
+    if counted != plan.achieved:
+        raise PlanError(f"internal: converted census {counted:,} != plan {plan.achieved:,} DReLUs")
+
+
+def set_gate_mode(model: nn.Module, mode: str) -> None:
+    """Put every gate of a converted model in ``step``, ``gelu`` or ``mixed`` mode."""
+    if mode not in GATE_MODES:
+        raise DeepShareError(f"gate mode must be one of {GATE_MODES}, got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, (PrototypeGate, SharedGate)):
+            m.mode = mode
+
+
+# ---- save / load ------------------------------------------------------------------------------
+def save(converted: Converted | fx.GraphModule, out: str | os.PathLike, plan: Plan | None = None) -> Path:
+    """Write ``OUT/plan.json`` and ``OUT/model.safetensors`` (atomically, no pickles)."""
+    from safetensors.torch import save_model
+
+    gm, plan = (converted.model, converted.plan) if isinstance(converted, Converted) else (converted, plan)
+    if plan is None:
+        raise DeepShareError("save needs the plan of the converted model")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHTS_FILE}.tmp"
+    save_model(gm, str(tmp))
+    os.replace(tmp, out / WEIGHTS_FILE)
+    plan.save(out)
+    return out
+
+
+def load(out: str | os.PathLike, *, trust_pickle: bool = False) -> Converted:
+    """Rebuild a converted model from ``OUT/``: spec -> architecture -> replayed plan -> weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as st_load_model
+
+    from .models import ModelSpec, load_model
+
+    out = Path(out)
+    plan = Plan.read(out)
+    spec = ModelSpec.from_dict(plan.model) if "source" in plan.model else None
+    if spec is None or spec.source == "python":
+        raise PlanError(f"{out / PLAN_FILE} has no rebuildable model spec (converted from a Python object)")
+    name = f"timm:{spec.name}" if spec.source == "timm" else spec.name
+    loaded = load_model(
+        name, num_classes=spec.num_classes, input_size=tuple(plan.input_size), trust_pickle=trust_pickle
+    )
+    gm = apply_plan(loaded.model, plan)
+    weights = out / WEIGHTS_FILE
+    if not weights.is_file():
+        raise PlanError(f"{out} has no {WEIGHTS_FILE}")
+    try:
+        missing, unexpected = st_load_model(gm, str(weights), strict=False)
+    except (SafetensorError, OSError) as e:
+        raise PlanError(f"{weights} is not a readable safetensors file: {e}") from None
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()
+        raise PlanError(f"{weights} does not fit the plan's model: {first[-1].strip() if first else e}") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise PlanError(f"{weights} does not fit the plan's model: {what}")
+    for g in plan.groups:
+        if getattr(gm, GATES_ATTR).get_submodule(f"g{g.index}").mapping.tolist() != g.mapping:
+            raise PlanError(f"{weights} does not fit the plan: group {g.index} was saved with another mapping")
+    gm.eval()
+    return Converted(gm, plan, loaded.mean, loaded.std)
