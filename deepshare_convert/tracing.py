@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import TraceError
 
@@ -210,13 +211,26 @@ def _contains_relu_of_type(model: nn.Module, cls: type) -> bool:
 
 
 class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers which node it is running, to name it in errors."""
+    """ShapeProp that names the failing node instead of printing a traceback to stderr."""
 
     current: str = ""
 
     def run_node(self, n: fx.Node):
-        self.current = n.name
-        return super().run_node(n)
+        self.current = f"{n.name}" + (f" (module {n.target})" if n.op == "call_module" else "")
+        result = fx.Interpreter.run_node(self, n)
+        found = []
+
+        def extract(obj):
+            if isinstance(obj, torch.Tensor):
+                found.append(True)
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -245,7 +259,7 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
             root = root.__cause__
         msg = (str(root).strip().splitlines() or [type(root).__name__])[0][:200]
         raise TraceError(
-            f"shape propagation failed at node {prop.current!r} for input size "
+            f"shape propagation failed at node {prop.current} for input size "
             f"{tuple(example.shape[1:])}: {msg}"
         ) from e
 

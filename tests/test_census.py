@@ -138,3 +138,10 @@ def test_trace_error_names_module_and_suggests_leaf():
         trace(Untraceable())
     c = census(Untraceable(), (3, 4, 4), leaf_modules=["Branchy"])
     assert c.total_relus == 48
+
+
+def test_shape_error_names_node_without_traceback(capfd):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(10, 2))
+    with pytest.raises(TraceError, match=r"at node _3 \(module 3\) for input size \(3, 8, 8\): mat1 and mat2"):
+        census(model, (3, 8, 8))
+    assert "Traceback" not in capfd.readouterr().err
