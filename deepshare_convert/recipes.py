@@ -1,0 +1,218 @@
+"""Training recipes: a pydantic schema for YAML files, with overrides and validation up front.
+
+A recipe says where the model comes from, what data to train on, how to convert
+it (when it starts unconverted), and a list of phases (``gelu`` -> ``switch`` ->
+``finetune``, paper Alg. 1).  Unknown keys are errors that name the key's path,
+so a typo never silently changes an experiment.  ``--set a.b.0.c=value``
+overrides any value; the resolved recipe is saved next to the outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import DeepShareError
+
+__all__ = [
+    "Recipe",
+    "Phase",
+    "load_recipe",
+    "apply_overrides",
+    "RecipeError",
+]
+
+
+class RecipeError(DeepShareError):
+    """A recipe file or override that does not validate."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(_Strict):
+    name: Optional[str] = Field(None, description="MODEL spec: built-in name, timm:NAME or package.module:factory")
+    weights: Optional[str] = Field(None, description="weights of the original (teacher) model")
+    converted: Optional[str] = Field(None, description="a converted-model directory (skips `conversion`)")
+    num_classes: Optional[int] = None
+    input_size: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if not self.name and not self.converted:
+            raise ValueError("give model.name (with optional weights) or model.converted")
+        return self
+
+
+class DataSection(_Strict):
+    spec: str = Field(..., description="dataset spec, e.g. digits, cifar10-jpg, cifar100:DIR")
+    limit: Optional[int] = Field(None, gt=0, description="train on the first N examples (fixed subset)")
+    test_limit: Optional[int] = Field(None, gt=0, description="evaluate on the first N test examples")
+    eval_batch_size: int = Field(256, gt=0)
+    workers: int = Field(0, ge=0)
+
+
+class Conversion(_Strict):
+    budget: str
+    allocator: Literal["uniform", "proportional", "snl"] = "uniform"
+    snl_counts: Optional[str] = None
+    group_size: int = Field(2, ge=1)
+    gamma: float = Field(1.0, gt=0)
+    keep: list[str] = Field(default_factory=list)
+
+
+class Optimizer(_Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+
+
+class LearningRate(_Strict):
+    start: float = Field(..., gt=0)
+    end: Optional[float] = Field(None, ge=0)
+    scheduler: Literal["linear", "cosine", "poly", "none"] = "none"
+    power: float = 0.9
+
+    @model_validator(mode="after")
+    def _end(self):
+        if self.end is None:
+            object.__setattr__(self, "end", self.start)
+        return self
+
+
+class KD(_Strict):
+    teacher: Literal["original", "previous-phase", "none"] = "none"
+    temperature: float = Field(4.0, gt=0)
+    weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+
+
+class Phase(_Strict):
+    kind: Literal["pretrain", "gelu", "switch", "finetune"]
+    epochs: Optional[int] = Field(None, gt=0)
+    steps: Optional[int] = Field(None, gt=0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    lr: LearningRate
+    kd: KD = Field(default_factory=KD)
+    augment: bool = True
+    switch_granularity: Literal["epoch", "step"] = Field(
+        "epoch", description="switch: advance the switched fraction once per epoch (paper) or every step"
+    )
+
+    @model_validator(mode="after")
+    def _length(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs or steps")
+        return self
+
+
+class Recipe(_Strict):
+    name: str = "recipe"
+    description: str = ""
+    seed: int = 0
+    model: ModelSource
+    data: DataSection
+    conversion: Optional[Conversion] = None
+    phases: list[Phase] = Field(..., min_length=1)
+    quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        converts = [p for p in self.phases if p.kind != "pretrain"]
+        if converts and self.model.converted is None and self.conversion is None:
+            raise ValueError("phases after pretrain need `conversion` (or model.converted)")
+        kinds = [p.kind for p in self.phases]
+        if "pretrain" in kinds and kinds.index("pretrain") != 0:
+            raise ValueError("a pretrain phase must come first")
+        if self.phases[0].kd.teacher == "previous-phase":
+            raise ValueError("the first phase has no previous phase to distil from")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {path!r}"
+    return f"{source}: {path}: {first['msg']}"
+
+
+def _set_path(data: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(node, list):
+            try:
+                node = node[int(key)]
+            except (ValueError, IndexError):
+                raise RecipeError(f"{source}: {'.'.join(keys[: i + 1])!r} is not an index of the list") from None
+            continue
+        if key not in node or node[key] is None:
+            node[key] = [] if nxt.isdigit() else {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise RecipeError(f"{source}: {dotted!r} is not an index of the list") from None
+    else:
+        node[last] = value
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any], source: str = "--set") -> dict:
+    """``["phases.0.epochs=2", "data.limit=500"]`` (values parsed as YAML) -> new dict."""
+    data = copy.deepcopy(data)
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o, source) for o in overrides]
+    for key, value in items:
+        _set_path(data, key, value, source)
+    return data
+
+
+def _split_override(text: str, source: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"{source} {text!r} is not KEY=VALUE (e.g. phases.0.epochs=2)")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> Recipe:
+    """Read, override and validate a recipe; a one-line RecipeError on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a mapping of recipe keys")
+    return recipe_from_dict(data, overrides, quick, source=str(path))
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | None = None, quick: bool = False,
+                     source: str = "recipe") -> Recipe:  # fmt: skip
+    if quick:
+        data = apply_overrides(data, data.get("quick") or {}, source=f"{source} (quick)")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

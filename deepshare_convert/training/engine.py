@@ -1,0 +1,310 @@
+"""The one training loop of the project (retraining phases and the SNL search share it).
+
+A :class:`Trainer` runs *phases*: a fixed number of epochs (or steps) with one
+optimizer, a per-step learning-rate schedule, CE + optional KD from a teacher,
+and :class:`PhaseHooks` for what differs between jobs (the gate-switch
+schedule, SNL's mask penalty and lambda updates).  It owns the long-run safety:
+
+* a checkpoint at the end of every epoch, written atomically;
+* Ctrl-C saves a mid-epoch checkpoint (with the batch position) and exits cleanly;
+* resume restores model, optimizer, hook state and RNG, skips the batches
+  already done, and continues bit-for-bit as an uninterrupted run would;
+* a non-finite loss stops with one line naming phase, epoch and step, keeping
+  the last good checkpoint;
+* metrics go to ``metrics.jsonl``; under ``torchrun`` only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.nn as nn
+
+from ..errors import DeepShareError
+from ..evaluate import evaluate
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import DistContext
+from .losses import kd_loss, task_loss
+from .schedules import lr_at
+
+__all__ = ["Trainer", "PhaseSpec", "PhaseHooks", "TrainingError", "Interrupted", "Reporter"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(DeepShareError):
+    """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class Interrupted(DeepShareError):
+    """Ctrl-C: progress was saved; ``--resume`` continues."""
+
+    exit_code = 130
+
+
+@dataclass
+class PhaseSpec:
+    """What the loop needs to know about one phase (recipes map onto this)."""
+
+    name: str
+    epochs: int | None = None
+    steps: int | None = None
+    lr_start: float = 0.1
+    lr_end: float | None = None
+    scheduler: str = "none"
+    power: float = 0.9
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    temperature: float = 4.0
+    params: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
+
+
+class PhaseHooks:
+    """Per-job behaviour inside the loop; every method is optional."""
+
+    def on_phase_start(self, model: nn.Module) -> None: ...
+
+    def before_step(self, model: nn.Module, step: int, total_steps: int, epoch: int, epochs: int) -> None: ...
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> bool:
+        """Return True to end the phase early (e.g. SNL reached its budget)."""
+        return False
+
+    def on_phase_end(self, model: nn.Module) -> None: ...
+
+    def metrics(self, model: nn.Module) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Reporter(Protocol):
+    def start(self, name: str, total: int, done: int = 0) -> None: ...
+
+    def advance(self, info: dict[str, Any]) -> None: ...
+
+    def epoch(self, info: dict[str, Any]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class _NullReporter:
+    def start(self, name, total, done=0):
+        pass
+
+    def advance(self, info):
+        pass
+
+    def epoch(self, info):
+        pass
+
+    def stop(self):
+        pass
+
+
+@dataclass
+class Trainer:
+    """Runs phases on ``model`` with checkpoints under ``out``."""
+
+    model: nn.Module
+    train_loader: Any
+    test_loader: Any | None
+    out: Path
+    dist: DistContext = field(default_factory=DistContext)
+    reporter: Reporter = field(default_factory=_NullReporter)
+    fail_at_step: int | None = None  # tests: raise KeyboardInterrupt when this global step starts
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.global_step = 0
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def _save(self, phase_index: int, epoch: int, batch: int, optimizer, hooks: PhaseHooks, extra,
+              rng: dict[str, Any] | None = None) -> None:  # fmt: skip
+        if not self.dist.is_main:
+            return
+        state = {
+            "phase": phase_index,
+            "epoch": epoch,
+            "batch": batch,
+            "global_step": self.global_step,
+            "model": self._bare().state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "hooks": hooks.state_dict(),
+            "rng": rng or rng_state(),
+            "extra": extra or {},
+        }
+        save_checkpoint(self.checkpoint_path, state)
+
+    def _bare(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run_phase(
+        self,
+        phase_index: int,
+        spec: PhaseSpec,
+        hooks: PhaseHooks | None = None,
+        teacher: nn.Module | None = None,
+        resume: dict[str, Any] | None = None,
+        extra_state: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Train one phase; ``resume`` is a checkpoint dict of this phase. Returns final metrics."""
+        hooks = hooks or PhaseHooks()
+        model = self.model
+        steps_per_epoch = len(self.train_loader)
+        if steps_per_epoch == 0:
+            raise TrainingError("the training loader is empty")
+        epochs = spec.epochs or math.ceil(spec.steps / steps_per_epoch)
+        total_steps = spec.steps or epochs * steps_per_epoch
+        params = list(spec.params(self._bare()) if spec.params else self._bare().parameters())
+        optimizer = _make_optimizer(spec, params)
+        start_epoch, start_batch, phase_step0 = 0, 0, self.global_step
+        hooks.on_phase_start(self._bare())
+        if resume is not None:
+            self._bare().load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            hooks.load_state_dict(resume["hooks"])
+            set_rng_state(resume["rng"])
+            start_epoch, start_batch = resume["epoch"], resume["batch"]
+            self.global_step = resume["global_step"]
+            phase_step0 = resume["extra"].get("phase_step0", self.global_step)
+        if teacher is not None:
+            teacher.eval()
+        extra = dict(extra_state or {}, phase_step0=phase_step0)
+        self.reporter.start(spec.name, total_steps, self.global_step - phase_step0)
+        metrics: dict[str, Any] = {}
+        try:
+            for epoch in range(start_epoch, epochs):
+                metrics = self._epoch(
+                    phase_index, spec, hooks, teacher, optimizer, epoch, epochs, total_steps,
+                    start_batch if epoch == start_epoch else 0, phase_step0, extra,
+                )  # fmt: skip
+                stop = hooks.on_epoch_end(self._bare(), epoch, metrics)
+                metrics.update(hooks.metrics(self._bare()))
+                self.log_metrics(metrics)
+                self.reporter.epoch(metrics)
+                self._save(phase_index, epoch + 1, 0, optimizer, hooks, extra)
+                if stop or self.global_step - phase_step0 >= total_steps:
+                    break
+        finally:
+            self.reporter.stop()
+        hooks.on_phase_end(self._bare())
+        return metrics
+
+    def _epoch(self, phase_index, spec, hooks, teacher, optimizer, epoch, epochs, total_steps,
+               skip, phase_step0, extra) -> dict[str, Any]:  # fmt: skip
+        model = self.model
+        model.train()
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        seen, correct, loss_sum = 0, 0, 0.0
+        lr = spec.lr_start
+        for batch_index, (x, y) in enumerate(self.train_loader):
+            if batch_index < skip:
+                continue  # resumed mid-epoch: these batches were done before the interruption
+            step_in_phase = self.global_step - phase_step0
+            if step_in_phase >= total_steps:
+                break
+            step_rng = rng_state()  # an interrupted step restarts from exactly here
+            try:
+                if self.fail_at_step is not None and self.global_step == self.fail_at_step:
+                    self.fail_at_step = None
+                    raise KeyboardInterrupt
+                lr = lr_at(step_in_phase, total_steps, spec.lr_start, spec.lr_end if spec.lr_end is not None
+                           else spec.lr_start, spec.scheduler, spec.power)  # fmt: skip
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                hooks.before_step(self._bare(), step_in_phase, total_steps, epoch, epochs)
+                logits = model(x)
+                loss = spec.ce_weight * task_loss(logits, y) if spec.ce_weight else logits.new_zeros(())
+                if teacher is not None and spec.kd_weight:
+                    with torch.no_grad():
+                        target = teacher(x)
+                    loss = loss + spec.kd_weight * kd_loss(logits, target, spec.temperature)
+                penalty = hooks.extra_loss(self._bare())
+                if penalty is not None:
+                    loss = loss + penalty
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) in phase {phase_index} ({spec.name}), epoch {epoch}, "
+                        f"step {self.global_step}; the last good checkpoint is kept at {self.checkpoint_path}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            except KeyboardInterrupt:
+                self._save(phase_index, epoch, batch_index, optimizer, hooks, extra, rng=step_rng)
+                raise Interrupted(
+                    f"interrupted in phase {phase_index} ({spec.name}), epoch {epoch}; progress saved -- "
+                    f"resume with --resume {self.out}"
+                ) from None
+            self.global_step += 1
+            n = y.shape[0]
+            seen += n
+            loss_sum += float(loss.detach()) * n
+            correct += _correct(logits.detach(), y)
+            self.reporter.advance({"loss": loss_sum / seen, "lr": lr})
+        metrics = {
+            "phase": phase_index,
+            "kind": spec.name,
+            "epoch": epoch,
+            "step": self.global_step,
+            "lr": lr,
+            "loss": loss_sum / max(seen, 1),
+            "train_acc": 100.0 * correct / max(seen, 1),
+            "epoch_seconds": round(time.perf_counter() - t0, 3),
+        }
+        if self.test_loader is not None and self.dist.is_main:
+            result = evaluate(self._bare(), self.test_loader)
+            metrics.update(test_acc=result.top1, test_loss=result.loss)
+        self.dist.barrier()
+        return metrics
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    if logits.shape[-1] == 1:
+        return int(((logits[:, 0] > 0).long() == y).sum())
+    return int((logits.argmax(-1) == y).sum())
+
+
+def _make_optimizer(spec: PhaseSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr_start, momentum=spec.momentum,
+                               weight_decay=spec.weight_decay, nesterov=spec.nesterov and spec.momentum > 0)  # fmt: skip
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr_start, weight_decay=spec.weight_decay)
+    raise TrainingError(f"unknown optimizer {spec.optimizer!r}")
+
+
+def read_resume_state(out: str | Path) -> dict[str, Any]:
+    return load_checkpoint(Path(out) / CHECKPOINT)

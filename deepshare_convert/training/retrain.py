@@ -1,0 +1,263 @@
+"""``deepshare retrain``: run a recipe's phases end to end, resumably.
+
+Layout of the output directory (it *is* a converted-model directory at the end)::
+
+    OUT/recipe.yaml          the resolved recipe (overrides applied)
+    OUT/plan.json            the conversion plan (written as soon as it exists)
+    OUT/model.safetensors    the final converted model
+    OUT/pretrained.safetensors  original weights trained by a `pretrain` phase
+    OUT/phases/phaseN.safetensors  weights at the end of each phase (teachers)
+    OUT/checkpoint.pt        the last checkpoint (resume point)
+    OUT/metrics.jsonl        one line per epoch
+    OUT/results.json         accuracies and DReLU counts
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..data import load_dataset, make_loader
+from ..errors import DeepShareError
+from ..evaluate import evaluate
+from ..models import load_model
+from ..plan import Plan, write_json_atomic
+from ..recipes import Phase, Recipe, dump_recipe, load_recipe
+from ..rewrite import apply_plan, convert, save, set_gate_mode
+from ..tracing import census
+from .distributed import DistContext, init_from_env, wrap_ddp
+from .engine import CHECKPOINT, PhaseSpec, Reporter, Trainer, read_resume_state
+from .phases import hooks_for
+
+__all__ = ["retrain", "resume", "RetrainResult"]
+
+RECIPE_FILE = "recipe.yaml"
+PRETRAINED = "pretrained.safetensors"
+
+
+@dataclass
+class RetrainResult:
+    out: Path
+    results: dict[str, Any]
+
+
+def _phase_spec(phase: Phase, teacher: nn.Module | None) -> PhaseSpec:
+    return PhaseSpec(
+        name=phase.kind, epochs=phase.epochs, steps=phase.steps, lr_start=phase.lr.start, lr_end=phase.lr.end,
+        scheduler=phase.lr.scheduler, power=phase.lr.power, optimizer=phase.optimizer.name,
+        momentum=phase.optimizer.momentum, weight_decay=phase.optimizer.weight_decay,
+        nesterov=phase.optimizer.nesterov, ce_weight=phase.kd.ce_weight,
+        kd_weight=phase.kd.weight if teacher is not None else 0.0, temperature=phase.kd.temperature,
+    )  # fmt: skip
+
+
+def _save_tensors(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(tmp))
+    tmp.replace(path)
+
+
+def _load_tensors(model: nn.Module, path: Path) -> nn.Module:
+    from safetensors.torch import load_model as st_load
+
+    if not path.is_file():
+        raise DeepShareError(f"{path} is missing; the run directory is incomplete")
+    st_load(model, str(path), strict=False)
+    return model
+
+
+class _Run:
+    """State of one retraining run (kept small: everything else is rebuilt on resume)."""
+
+    def __init__(self, recipe: Recipe, out: Path, reporter: Reporter | None, fail_at_step: int | None):
+        self.recipe, self.out = recipe, out
+        self.dist: DistContext = init_from_env()
+        torch.manual_seed(recipe.seed)
+        self.info, self.train_split, self.test_split = load_dataset(recipe.data.spec)
+        m = recipe.model
+        if m.converted:
+            self._from_converted(Path(m.converted))
+        else:
+            size = tuple(m.input_size) if m.input_size else None
+            self.loaded = load_model(m.name, weights=m.weights, num_classes=m.num_classes, input_size=size)
+        self.mean, self.std = self.loaded.mean or self.info.mean, self.loaded.std or self.info.std
+        self.original: nn.Module = self.loaded.model
+        self.student: nn.Module | None = None
+        self.plan: Plan | None = None
+        self.reporter, self.fail_at_step = reporter, fail_at_step
+        self.results: dict[str, Any] = {"recipe": recipe.name, "data": recipe.data.spec}
+        if (out / "results.json").is_file():  # a resumed run keeps what it measured before
+            import json
+
+            self.results.update(json.loads((out / "results.json").read_text()))
+
+    def _from_converted(self, directory: Path) -> None:
+        from ..rewrite import load as load_converted
+
+        conv = load_converted(directory)
+        spec = conv.plan.model
+        name = f"timm:{spec['name']}" if spec.get("source") == "timm" else spec["name"]
+        self.loaded = load_model(name, weights=spec.get("weights"), num_classes=spec.get("num_classes"),
+                                 input_size=tuple(conv.plan.input_size))  # fmt: skip
+        self.plan = conv.plan
+        self.student = conv.model
+        self.has_original_weights = spec.get("weights") is not None
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def loader(self, split, *, train: bool, batch_size: int, augment: bool = True):
+        d = self.recipe.data
+        return make_loader(
+            split, self.info, train=train, batch_size=batch_size, mean=self.mean, std=self.std,
+            augment=augment if train else False, limit=d.limit if train else d.test_limit, seed=self.recipe.seed,
+            num_workers=d.workers, rank=self.dist.rank if train else 0, world_size=self.dist.world_size if train else 1,
+        )  # fmt: skip
+
+    def test_loader(self):
+        return self.loader(self.test_split, train=False, batch_size=self.recipe.data.eval_batch_size)
+
+    def accuracy(self, model: nn.Module) -> float:
+        return evaluate(model, self.test_loader()).top1
+
+    def note(self, **values: Any) -> None:
+        """Record results as soon as they are known (a resumed run keeps them)."""
+        self.results.update(values)
+        if self.dist.is_main:
+            write_json_atomic(self.out / "results.json", self.results)
+
+    def ensure_converted(self) -> None:
+        if self.student is not None:
+            return
+        c = self.recipe.conversion
+        input_size = self.loaded.input_size
+        if self.plan is None:
+            from ..budget import read_snl_counts
+
+            counts = read_snl_counts(c.snl_counts) if c.snl_counts else None
+            spec = self.loaded.spec.to_dict()
+            if (self.out / PRETRAINED).is_file():
+                spec["weights"] = str(self.out / PRETRAINED)
+            converted = convert(self.original, input_size, budget=c.budget, allocator=c.allocator,
+                                group_size=c.group_size, gamma=c.gamma, keep=c.keep, snl_counts=counts,
+                                spec=spec)  # fmt: skip
+            self.plan, self.student = converted.plan, converted.model
+            if self.dist.is_main:
+                self.plan.save(self.out)
+        else:
+            self.student = apply_plan(self.original, self.plan)
+
+    def teacher_for(self, index: int, phase: Phase) -> nn.Module | None:
+        kind = phase.kd.teacher
+        if kind == "none" or phase.kd.weight == 0:
+            return None
+        if kind == "original":
+            teacher = copy.deepcopy(self.original).eval()
+            return teacher
+        previous = self.recipe.phases[index - 1]
+        model = self.original if previous.kind == "pretrain" else self.student
+        teacher = _load_tensors(copy.deepcopy(model), self.out / "phases" / f"phase{index - 1}.safetensors")
+        if previous.kind != "pretrain":
+            set_gate_mode(teacher, {"gelu": "gelu"}.get(previous.kind, "step"))
+        return teacher.eval()
+
+    # ---- the run ------------------------------------------------------------------------------
+    def run(self, state: dict[str, Any] | None) -> dict[str, Any]:
+        phases = self.recipe.phases
+        start = state["phase"] if state else 0
+        if (self.out / PRETRAINED).is_file() and phases[0].kind == "pretrain" and start > 0:
+            _load_tensors(self.original, self.out / PRETRAINED)
+        if state is None and phases[0].kind != "pretrain":
+            self.note(original_acc=self.accuracy(self.original))
+        for index, phase in enumerate(phases):
+            if index < start:
+                if phase.kind != "pretrain":
+                    self.ensure_converted()
+                continue
+            if phase.kind == "pretrain":
+                model = self.original
+            else:
+                fresh = self.student is None and self.plan is None
+                self.ensure_converted()
+                model = self.student
+                if fresh and state is None:
+                    set_gate_mode(model, "step")
+                    self.note(converted_acc_before_retraining=self.accuracy(model))
+            self._run_phase(index, phase, model, state if index == start else None)
+            if phase.kind == "pretrain":
+                if self.dist.is_main:
+                    _save_tensors(self.original, self.out / PRETRAINED)
+                self.note(original_acc=self.accuracy(self.original))
+        return self.finish()
+
+    def _run_phase(self, index: int, phase: Phase, model: nn.Module, state) -> None:
+        teacher = self.teacher_for(index, phase)
+        trainer = Trainer(
+            wrap_ddp(model, self.dist), self.loader(self.train_split, train=True, batch_size=phase.batch_size,
+                                                    augment=phase.augment),
+            self.test_loader(), self.out, dist=self.dist, fail_at_step=self.fail_at_step,
+        )  # fmt: skip
+        if self.reporter is not None:
+            trainer.reporter = self.reporter
+        if state is not None:
+            trainer.global_step = state["global_step"]
+        trainer.run_phase(index, _phase_spec(phase, teacher), hooks_for(phase.kind, phase.switch_granularity),
+                          teacher, resume=state)  # fmt: skip
+        self.fail_at_step = trainer.fail_at_step
+        if self.dist.is_main:
+            _save_tensors(model, self.out / "phases" / f"phase{index}.safetensors")
+        self.dist.barrier()
+
+    def finish(self) -> dict[str, Any]:
+        if self.student is None:  # a pretrain-only recipe
+            return self.results
+        set_gate_mode(self.student, "step")
+        self.student.eval()
+        if self.dist.is_main:
+            save(self.student, self.out, plan=self.plan)
+        drelus = census(self.student, self.plan.input_size).total_relus
+        self.results.update(
+            final_acc=self.accuracy(self.student), drelus=drelus, total_relus=self.plan.total_relus,
+            budget=self.plan.budget,
+        )  # fmt: skip
+        if self.dist.is_main:
+            write_json_atomic(self.out / "results.json", self.results)
+        return self.results
+
+
+def retrain(
+    recipe: Recipe | str | Path,
+    out: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    quick: bool = False,
+    reporter: Reporter | None = None,
+    fail_at_step: int | None = None,
+) -> RetrainResult:
+    """Run a recipe from scratch into ``out`` (an existing checkpoint there is an error)."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides, quick)
+    out = Path(out)
+    if (out / CHECKPOINT).exists():
+        raise DeepShareError(f"{out} already holds a run; use --resume {out} or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE_FILE).write_text(dump_recipe(recipe))
+    run = _Run(recipe, out, reporter, fail_at_step)
+    return RetrainResult(out, run.run(None))
+
+
+def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: int | None = None) -> RetrainResult:
+    """Continue the run in ``out`` from its last checkpoint, with its resolved recipe."""
+    out = Path(out)
+    recipe = load_recipe(out / RECIPE_FILE)
+    state = read_resume_state(out)
+    run = _Run(recipe, out, reporter, fail_at_step)
+    if run.plan is None and (out / "plan.json").is_file():
+        run.plan = Plan.read(out)
+    return RetrainResult(out, run.run(state))
