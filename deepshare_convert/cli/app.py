@@ -153,6 +153,40 @@ def _default_out(name: str, budget: str) -> str:
 
 
 @app.command()
+def retrain(
+    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory "
+                                               "[default: out/RECIPE-NAME].")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: "
+                                                      "phases.0.epochs=2 (repeatable).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Apply the recipe's `quick` overrides.")] = False,
+    resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory "
+                                                      "from its last checkpoint.")] = None,
+    fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
+) -> None:
+    """Three-phase DeepShare retraining (GELU -> switch -> finetune) driven by a recipe."""
+    from ..training.retrain import resume, retrain as run_retrain
+    from .progress import TrainingReporter
+
+    reporter = TrainingReporter()
+    if resume_dir:
+        result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step)
+    else:
+        if recipe is None:
+            raise typer.BadParameter("give --recipe FILE (or --resume OUT)")
+        from ..recipes import load_recipe
+
+        resolved = load_recipe(recipe, set_ or [], quick)
+        target = out or f"out/{resolved.name}"
+        console.print(f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
+        result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
+    from .tables import results_table
+
+    console.print(results_table(result.results))
+    console.print(f"converted model in [bold]{result.out}/[/] (plan.json, model.safetensors, metrics.jsonl)")
+
+
+@app.command()
 def models(as_json: JsonOpt = False) -> None:
     """List the built-in architectures."""
     from ..models import get_entry, list_models

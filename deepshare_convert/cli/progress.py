@@ -26,3 +26,34 @@ def progress_bar(*extra_columns) -> Progress:
         console=err_console,
         transient=False,
     )
+
+
+class TrainingReporter:
+    """Rich progress for the training engine: one bar per phase, a line per epoch."""
+
+    def __init__(self):
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, name: str, total: int, done: int = 0) -> None:
+        self.progress = progress_bar(TextColumn("{task.fields[info]}"))
+        self.progress.start()
+        self.task = self.progress.add_task(name, total=total, completed=done, info="")
+
+    def advance(self, info: dict) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, info=f"loss {info['loss']:.3f} lr {info['lr']:.2g}")
+
+    def epoch(self, m: dict) -> None:
+        if self.progress is None:
+            return
+        extra = "".join(f" {k} {m[k]}" for k in ("switched", "live", "lambda") if k in m)
+        test = f" test {m['test_acc']:.2f}%" if "test_acc" in m else ""
+        self.progress.console.print(
+            f"  {m['kind']} epoch {m['epoch']}: loss {m['loss']:.4f} train {m['train_acc']:.2f}%{test}{extra}"
+        )
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -76,3 +76,21 @@ def summary_table(rows: list[dict]) -> Table:
         table.add_row(r["model"], r["budget"], f"{r['relus']:,}", f"{r['drelus']:,}", f"{r['reduction']:.1f}x",
                       str(r["groups"]), "identical" if r["reload_identical"] else "DIFFERENT")
     return table
+
+
+def results_table(results: dict) -> Table:
+    table = Table(title=f"retraining results: {results.get('recipe', '')} on {results.get('data', '')}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("ReLUs of the original", results.get("total_relus"), "{:,}"),
+        ("DReLUs after conversion", results.get("drelus"), "{:,}"),
+        ("budget", results.get("budget"), "{:,}"),
+        ("top-1 original", results.get("original_acc"), "{:.2f}%"),
+        ("top-1 converted, before retraining", results.get("converted_acc_before_retraining"), "{:.2f}%"),
+        ("top-1 after retraining", results.get("final_acc"), "{:.2f}%"),
+    ]
+    for label, value, fmt in rows:
+        if value is not None:
+            table.add_row(label, fmt.format(value))
+    return table

@@ -34,6 +34,24 @@ class DistContext:
         if self.enabled and dist.is_initialized():
             dist.barrier()
 
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Copy rank 0's buffers (BN running stats) to every rank.
+
+        DDP broadcasts buffers at the *start* of each forward, so after the last
+        step each rank holds running stats updated by its own batch.
+        """
+        if self.enabled:
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
+
+    def gather_floats(self, value: float) -> list[float]:
+        """Every rank's ``value`` (used to prove replicas ended identical)."""
+        if not self.enabled:
+            return [value]
+        out = [torch.zeros(1, dtype=torch.float64) for _ in range(self.world_size)]
+        dist.all_gather(out, torch.tensor([value], dtype=torch.float64))
+        return [float(t) for t in out]
+
 
 def init_from_env() -> DistContext:
     """Join the process group torchrun describes in the environment (no-op otherwise)."""

@@ -274,6 +274,7 @@ class Trainer:
             loss_sum += float(loss.detach()) * n
             correct += _correct(logits.detach(), y)
             self.reporter.advance({"loss": loss_sum / seen, "lr": lr})
+        self.dist.sync_buffers(self._bare())
         metrics = {
             "phase": phase_index,
             "kind": spec.name,

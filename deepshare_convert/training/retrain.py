@@ -93,6 +93,7 @@ class _Run:
         self.student: nn.Module | None = None
         self.plan: Plan | None = None
         self.reporter, self.fail_at_step = reporter, fail_at_step
+        self.global_step = 0  # steps across phases: names where a run failed or stopped
         self.results: dict[str, Any] = {"recipe": recipe.name, "data": recipe.data.spec}
         if (out / "results.json").is_file():  # a resumed run keeps what it measured before
             import json
@@ -205,11 +206,10 @@ class _Run:
         )  # fmt: skip
         if self.reporter is not None:
             trainer.reporter = self.reporter
-        if state is not None:
-            trainer.global_step = state["global_step"]
+        trainer.global_step = state["global_step"] if state is not None else self.global_step
         trainer.run_phase(index, _phase_spec(phase, teacher), hooks_for(phase.kind, phase.switch_granularity),
                           teacher, resume=state)  # fmt: skip
-        self.fail_at_step = trainer.fail_at_step
+        self.fail_at_step, self.global_step = trainer.fail_at_step, trainer.global_step
         if self.dist.is_main:
             _save_tensors(model, self.out / "phases" / f"phase{index}.safetensors")
         self.dist.barrier()
@@ -221,6 +221,8 @@ class _Run:
         self.student.eval()
         if self.dist.is_main:
             save(self.student, self.out, plan=self.plan)
+        if self.dist.enabled:  # data-parallel replicas must have ended identical
+            self.results["replica_checksums"] = self.dist.gather_floats(_checksum(self.student))
         drelus = census(self.student, self.plan.input_size).total_relus
         self.results.update(
             final_acc=self.accuracy(self.student), drelus=drelus, total_relus=self.plan.total_relus,
@@ -229,6 +231,15 @@ class _Run:
         if self.dist.is_main:
             write_json_atomic(self.out / "results.json", self.results)
         return self.results
+
+
+def _checksum(model: nn.Module) -> float:
+    """A weight fingerprint: sum of |w| * (1 + position) over all parameters and buffers."""
+    total = 0.0
+    for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+        flat = t.detach().double().flatten()
+        total += float((flat.abs() * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum())
+    return total
 
 
 def retrain(
