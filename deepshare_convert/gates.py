@@ -116,6 +116,31 @@ class PrototypeGate(nn.Module):
         self._identity = bool(torch.equal(self.mapping, torch.arange(self.channels)))
 
 
+class _SharedGateFn(torch.autograd.Function):
+    """y = x * (alpha * g + beta), saving only x and the (group-shared) gate for backward.
+
+    Plain autograd would also keep the per-site product ``alpha*g + beta`` (a full
+    activation-sized tensor per site); recomputing it in backward brings the
+    activation memory of a converted model back to that of the original.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, alpha, beta):
+        ctx.save_for_backward(x, gate, alpha, beta)
+        return x * torch.addcmul(beta, alpha, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate, alpha, beta = ctx.saved_tensors
+        dims = [d for d in range(grad.dim()) if d != 1]
+        grad_x = grad * torch.addcmul(beta, alpha, gate) if ctx.needs_input_grad[0] else None
+        gx = grad * x
+        grad_gate = gx * alpha if ctx.needs_input_grad[1] else None
+        grad_alpha = (gx * gate).sum(dims, keepdim=True) if ctx.needs_input_grad[2] else None
+        grad_beta = gx.sum(dims, keepdim=True) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_gate, grad_alpha, grad_beta
+
+
 @register_leaf_module
 class SharedGate(nn.Module):
     """y = x * (alpha * g + beta) per channel, with g the group's replicated gate.
@@ -138,6 +163,8 @@ class SharedGate(nn.Module):
             gate = gate.index_select(1, torch.where(self.switched, c, c + self.channels))
         alpha = _channel_view(self.alpha, x.dim())
         beta = _channel_view(self.beta, x.dim())
+        if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            return _SharedGateFn.apply(x, gate, alpha, beta)
         return x * torch.addcmul(beta, alpha, gate)
 
     def extra_repr(self) -> str:

@@ -87,7 +87,10 @@ class LearningRate(_Strict):
 
 
 class KD(_Strict):
-    teacher: Literal["original", "previous-phase", "none"] = "none"
+    teacher: Literal["original", "previous-phase", "gelu-phase", "none"] = Field(
+        "none", description="original model, the model at the end of the previous phase, or of the "
+        "last GELU phase (the paper's teacher for switch and finetune)"
+    )
     temperature: float = Field(4.0, gt=0)
     weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0)
@@ -133,6 +136,9 @@ class Recipe(_Strict):
             raise ValueError("a pretrain phase must come first")
         if self.phases[0].kd.teacher == "previous-phase":
             raise ValueError("the first phase has no previous phase to distil from")
+        for i, phase in enumerate(self.phases):
+            if phase.kd.teacher == "gelu-phase" and "gelu" not in kinds[:i]:
+                raise ValueError(f"phases.{i}.kd.teacher is gelu-phase but no gelu phase comes before it")
         return self
 
 

@@ -187,6 +187,47 @@ def retrain(
 
 
 @app.command()
+def xor(
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Settings YAML "
+                                                  "(recipes/xor.yaml); defaults are the paper's.")] = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "out/xor",
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer seeds and epochs.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: epochs=1000.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The paper's XOR experiment: four one-comparison networks on the 2x2 checkerboard."""
+    from pathlib import Path
+
+    from ..plan import write_json_atomic
+    from ..plots import xor_maps
+    from ..xor import decision_map, load_xor_config, run_xor
+    from .progress import progress_bar
+    from .tables import xor_table
+
+    cfg = load_xor_config(config, quick, set_ or [])
+    runs, maps = [], []
+    with progress_bar() as bar:
+        task = bar.add_task("xor", total=len(cfg.methods) * cfg.seeds)
+        for method in cfg.methods:
+            for seed in range(cfg.seeds):
+                r = run_xor(method, seed, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                            n_train=cfg.n_train, n_test=cfg.n_test)  # fmt: skip
+                runs.append({"method": method, "seed": seed, "accuracy": r.accuracy})
+                if seed == 0:
+                    maps.append((f"{method}: {r.accuracy:.1f}%", decision_map(r.model)))
+                bar.advance(task)
+    root = Path(out)
+    summary = {"config": cfg.model_dump(), "runs": runs}
+    write_json_atomic(root / "xor.json", summary)
+    png = xor_maps(maps, root / "xor_maps.png")
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(xor_table(runs, cfg.methods))
+    console.print(f"wrote {root / 'xor.json'} and {png} (decision maps of seed 0)")
+
+
+@app.command()
 def models(as_json: JsonOpt = False) -> None:
     """List the built-in architectures."""
     from ..models import get_entry, list_models

@@ -94,3 +94,14 @@ def results_table(results: dict) -> Table:
         if value is not None:
             table.add_row(label, fmt.format(value))
     return table
+
+
+def xor_table(runs: list[dict], methods: list[str]) -> Table:
+    table = Table(title="XOR / 2x2 checkerboard, one comparison per network (test accuracy %)")
+    for col in ("method", "mean", "min", "max", "seeds >= 98%", "seeds < 90%"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for method in methods:
+        accs = [r["accuracy"] for r in runs if r["method"] == method]
+        table.add_row(method, f"{sum(accs) / len(accs):.1f}", f"{min(accs):.1f}", f"{max(accs):.1f}",
+                      f"{sum(a >= 98 for a in accs)}/{len(accs)}", f"{sum(a < 90 for a in accs)}/{len(accs)}")
+    return table

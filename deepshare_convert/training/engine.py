@@ -80,6 +80,11 @@ class PhaseHooks:
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
+    def after_step(self, model: nn.Module, steps_done: int) -> bool:
+        """Return True to end the epoch now (SNL checking its budget every K steps);
+        ``on_epoch_end`` still runs and decides whether the phase ends."""
+        return False
+
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> bool:
         """Return True to end the phase early (e.g. SNL reached its budget)."""
         return False
@@ -130,6 +135,8 @@ class Trainer:
     dist: DistContext = field(default_factory=DistContext)
     reporter: Reporter = field(default_factory=_NullReporter)
     fail_at_step: int | None = None  # tests: raise KeyboardInterrupt when this global step starts
+    checkpoints: bool = True  # False for seconds-long jobs (e.g. the XOR experiment)
+    write_metrics: bool = True
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -142,7 +149,7 @@ class Trainer:
 
     def _save(self, phase_index: int, epoch: int, batch: int, optimizer, hooks: PhaseHooks, extra,
               rng: dict[str, Any] | None = None) -> None:  # fmt: skip
-        if not self.dist.is_main:
+        if not self.dist.is_main or not self.checkpoints:
             return
         state = {
             "phase": phase_index,
@@ -161,7 +168,7 @@ class Trainer:
         return self.model.module if hasattr(self.model, "module") else self.model
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
+        if not self.dist.is_main or not self.write_metrics:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / METRICS, "a") as f:
@@ -235,7 +242,7 @@ class Trainer:
             step_in_phase = self.global_step - phase_step0
             if step_in_phase >= total_steps:
                 break
-            step_rng = rng_state()  # an interrupted step restarts from exactly here
+            step_rng = rng_state() if self.checkpoints else None  # an interrupted step restarts from here
             try:
                 if self.fail_at_step is not None and self.global_step == self.fail_at_step:
                     self.fail_at_step = None
@@ -274,6 +281,8 @@ class Trainer:
             loss_sum += float(loss.detach()) * n
             correct += _correct(logits.detach(), y)
             self.reporter.advance({"loss": loss_sum / seen, "lr": lr})
+            if hooks.after_step(self._bare(), self.global_step - phase_step0):
+                break
         self.dist.sync_buffers(self._bare())
         metrics = {
             "phase": phase_index,

@@ -161,9 +161,12 @@ class _Run:
         if kind == "original":
             teacher = copy.deepcopy(self.original).eval()
             return teacher
-        previous = self.recipe.phases[index - 1]
+        source = index - 1
+        if kind == "gelu-phase":
+            source = max(i for i, p in enumerate(self.recipe.phases[:index]) if p.kind == "gelu")
+        previous = self.recipe.phases[source]
         model = self.original if previous.kind == "pretrain" else self.student
-        teacher = _load_tensors(copy.deepcopy(model), self.out / "phases" / f"phase{index - 1}.safetensors")
+        teacher = _load_tensors(copy.deepcopy(model), self.out / "phases" / f"phase{source}.safetensors")
         if previous.kind != "pretrain":
             set_gate_mode(teacher, {"gelu": "gelu"}.get(previous.kind, "step"))
         return teacher.eval()

@@ -1,0 +1,58 @@
+"""PNG figures (matplotlib, Agg backend; imported only by the commands that draw)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["xor_maps", "pareto"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def xor_maps(maps: Sequence[tuple[str, "object"]], path: str | Path) -> Path:
+    """Decision maps of the XOR methods side by side (paper Fig. 7)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4))
+    for ax, (title, grid) in zip(axes, maps):
+        ax.imshow(grid.float().numpy(), extent=(-1, 1, -1, 1), cmap="coolwarm", vmin=0, vmax=1)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([-1, 0, 1])
+        ax.set_yticks([-1, 0, 1])
+    fig.suptitle("2x2 checkerboard with one comparison: decision maps (red = class 1)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pareto(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str) -> Path:
+    """Accuracy vs ReLU/DReLU count (log x), one line per method (paper Fig. 1)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("ReLUs / DReLUs per image")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
