@@ -10,7 +10,7 @@ import pytest
 
 from deepshare_convert.cli.app import run
 
-from .conftest import RESNET20_WEIGHTS, needs
+from .conftest import CIFAR10_JPG, RESNET20_WEIGHTS, needs
 
 
 def _json(capsys, argv):
@@ -71,3 +71,12 @@ def test_console_script_subprocess(tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout)["total_relus"] == 2
     bad = subprocess.run([*exe, "inspect", "nosuch"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("deepshare: error: unknown model")
+
+
+@needs(RESNET20_WEIGHTS)
+@needs(CIFAR10_JPG)
+def test_evaluate_shared_resnet20_on_shared_cifar10(capsys):
+    """The third-party weights load strictly and score what their README says (81.0%)."""
+    d = _json(capsys, ["evaluate", "resnet20", "--weights", str(RESNET20_WEIGHTS), "--data", "cifar10-jpg", "--json"])
+    assert d["n"] == 10_000
+    assert 80.5 < d["top1"] < 81.5
