@@ -54,6 +54,10 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def train_step_ratio(model_name: str, budget: str, batch: int, repeats: int) -> dict:
+    """Train-step time (fwd + bwd + SGD) of the converted model in each phase's gate mode vs the original."""
+    from deepshare_convert.rewrite import set_gate_mode
+    from deepshare_convert.training.phases import apply_switch_fraction
+
     loaded = load_model(model_name)
     original = loaded.model.train()
     converted = convert(original, loaded.input_size, budget=budget).model.train()
@@ -61,20 +65,33 @@ def train_step_ratio(model_name: str, budget: str, batch: int, repeats: int) -> 
     y = torch.randint(0, 10, (batch,))
 
     def step(m):
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
         def run():
-            m.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
 
         return run
 
-    times = {"original": [], "converted": []}
-    for _ in range(repeats):  # interleaved, so background load hits both alike
+    def set_mode(mode):
+        set_gate_mode(converted, mode)
+        if mode == "mixed":
+            apply_switch_fraction(converted, 0.5)
+
+    modes = ("step", "gelu", "mixed")
+    times: dict[str, list[float]] = {k: [] for k in ("original", *modes)}
+    for _ in range(repeats):  # interleaved, so background load hits all alike
         times["original"].append(median_time(step(original), repeats=1))
-        times["converted"].append(median_time(step(converted), repeats=1))
-    t_orig, t_conv = sorted(times["original"])[repeats // 2], sorted(times["converted"])[repeats // 2]
+        for mode in modes:
+            set_mode(mode)
+            times[mode].append(median_time(step(converted), repeats=1))
+    med = {k: sorted(v)[repeats // 2] for k, v in times.items()}
+    set_mode("step")
     m_orig, m_conv = saved_activation_bytes(original, x), saved_activation_bytes(converted, x)
-    return {"model": model_name, "budget": budget, "batch": batch, "original_s": round(t_orig, 4),
-            "converted_s": round(t_conv, 4), "time_ratio": round(t_conv / t_orig, 3),
+    return {"model": model_name, "budget": budget, "batch": batch,
+            "images_per_s": {k: round(batch / v, 1) for k, v in med.items()},
+            "time_ratio": {m: round(med[m] / med["original"], 3) for m in modes},
             "original_saved_MB": round(m_orig / 2**20, 1), "converted_saved_MB": round(m_conv / 2**20, 1),
             "memory_ratio": round(m_conv / m_orig, 3)}  # fmt: skip
 
@@ -100,10 +117,14 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {c['model']} | {c['input_size']} | {c['budget']} | {c['relus']:,} -> {c['drelus']:,} | "
               f"{c['census_and_allocate_s']} | {c['rewrite_and_check_s']} | {c['save_s']} | {c['total_s']} |" for c in conv]
-    lines += ["", "| model | budget | batch | fwd+bwd original s | converted s | time ratio | saved-activation MB orig / conv | memory ratio |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {t['model']} | {t['budget']} | {t['batch']} | {t['original_s']} | {t['converted_s']} | {t['time_ratio']} | "
-              f"{t['original_saved_MB']} / {t['converted_saved_MB']} | {t['memory_ratio']} |" for t in train]
+    lines += ["", "Train step (forward + backward + SGD), images/s; ratio = converted time / original time:", "",
+              "| model | budget | batch | original | step gates | GELU gates | mixed (switch) | ratio step / gelu / mixed | saved-activation MB orig / conv | memory ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for t in train:
+        ips, r = t["images_per_s"], t["time_ratio"]
+        lines.append(f"| {t['model']} | {t['budget']} | {t['batch']} | {ips['original']} | {ips['step']} | {ips['gelu']} | "
+                     f"{ips['mixed']} | {r['step']} / {r['gelu']} / {r['mixed']} | "
+                     f"{t['original_saved_MB']} / {t['converted_saved_MB']} | {t['memory_ratio']} |")
     if not args.quick:
         update_docs_section("overhead", "\n".join(lines))
     print("\n".join(lines))

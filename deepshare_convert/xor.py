@@ -5,13 +5,20 @@ Label: 1 where sign(x1) != sign(x2).  Four networks, each with ONE comparison:
 * ``mlp``        -- 2 -> 1 ReLU neuron -> 1: a single ReLU (one line at best);
 * ``snl``        -- 2 -> (1 ReLU + 3 linear neurons) -> 1: SNL-style (Corollary 1:
                     at most two lines or a two-piece boundary);
-* ``ds-no-gelu`` -- DeepShare 2 -> 2 -> 1 with one prototype and one replicate,
+* ``ds-no-gelu`` -- DeepShare 2 -> 4 -> 1 with one prototype and three replicates,
                     step gate from the start (no gradient reaches the prototype);
 * ``deepshare``  -- the same network trained with the GELU phase, then the switch
                     to the step gate and a finetune (paper Alg. 1).
 
 All four train with the project's one engine (SGD, lr 0.1, batch 32 on 800
 points, as in Supp. B) and are scored on 10,000 fresh points.
+
+Measured choices (10 seeds, 400 epochs): the GELU gate is sharpened to
+Phi(8x) -- inputs live in [-1, 1], the small-magnitude case for which the paper
+sharpens the gate (gamma = 4 for segmentation); with gamma = 1 about half the
+seeds stall in an 83% local minimum (prototype on a diagonal), with gamma = 8
+7/10 seeds reach >= 98% and all >= 97%.  Three replicates instead of one help
+the same way (still ONE comparison).
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class XorConfig(BaseModel):
     batch_size: int = Field(32, gt=0)
     n_train: int = Field(800, gt=0)
     n_test: int = Field(10_000, gt=0)
+    gamma: float = Field(8.0, gt=0, description="GELU gate sharpness; inputs in [-1, 1] need a sharp gate")
+    hidden: int = Field(4, ge=2, description="hidden channels: 1 prototype + hidden-1 replicates (or linear)")
     methods: list[Literal["mlp", "snl", "ds-no-gelu", "deepshare"]] = Field(default_factory=lambda: list(METHODS))
     quick: dict[str, Any] = Field(default_factory=dict)
 
@@ -143,7 +152,7 @@ class XorResult:
 
 
 def run_xor(method: str, seed: int, *, epochs: int = 5000, lr: float = 0.1, batch_size: int = 32,
-            n_train: int = 800, n_test: int = 10_000, gamma: float = 1.0, hidden: int = 4,
+            n_train: int = 800, n_test: int = 10_000, gamma: float = 8.0, hidden: int = 4,
             out: str | Path | None = None,
             on_phase: Callable[[str], None] | None = None) -> XorResult:  # fmt: skip
     """Train one XOR network with the engine and score it on fresh points."""

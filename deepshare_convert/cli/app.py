@@ -211,8 +211,8 @@ def xor(
         for method in cfg.methods:
             for seed in range(cfg.seeds):
                 r = run_xor(method, seed, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                            n_train=cfg.n_train, n_test=cfg.n_test)  # fmt: skip
-                runs.append({"method": method, "seed": seed, "accuracy": r.accuracy})
+                            n_train=cfg.n_train, n_test=cfg.n_test, gamma=cfg.gamma, hidden=cfg.hidden)  # fmt: skip
+                runs.append({"method": method, "seed": seed, "accuracy": r.accuracy, "phases": r.phase_accuracy})
                 if seed == 0:
                     maps.append((f"{method}: {r.accuracy:.1f}%", decision_map(r.model)))
                 bar.advance(task)
@@ -354,3 +354,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+from . import mpc_commands as _mpc  # noqa: E402
+
+_mpc.register(app)
+
+from . import snl_commands as _snl  # noqa: E402
+_snl.register(app)
