@@ -16,16 +16,14 @@ from typing import Iterable, Sequence
 from .errors import DeepShareError
 from .tracing import ActivationSite
 
-__all__ = ["Group", "group_sites", "select_kept"]
+__all__ = ["Group", "GroupShape", "group_sites", "select_kept"]
 
 
-@dataclass(frozen=True)
-class Group:
-    """Sites that share one gate; ``spatial`` is H*W (1 for (N, C) activations)."""
+class GroupShape:
+    """Numbers derived from a group's ``sites`` and activation ``shape`` (C, H, W)."""
 
-    index: int
-    sites: tuple[str, ...]
-    shape: tuple[int, ...]
+    sites: Sequence[str]
+    shape: Sequence[int]
 
     @property
     def leader(self) -> str:
@@ -46,6 +44,15 @@ class Group:
     def relus(self) -> int:
         """ReLUs the group's sites had before conversion."""
         return len(self.sites) * self.channels * self.spatial
+
+
+@dataclass(frozen=True)
+class Group(GroupShape):
+    """Sites that share one gate; ``spatial`` is H*W (1 for (N, C) activations)."""
+
+    index: int
+    sites: tuple[str, ...]
+    shape: tuple[int, ...]
 
 
 def select_kept(sites: Sequence[ActivationSite], patterns: Iterable[str]) -> set[str]:

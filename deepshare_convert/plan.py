@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
+from .grouping import GroupShape
 
 __all__ = ["Plan", "GroupPlan", "PLAN_FORMAT", "PLAN_FILE", "WEIGHTS_FILE", "write_json_atomic"]
 
 PLAN_FORMAT = "deepshare-plan/1"
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
+PLAN_KINDS = ("deepshare", "snl")  # shared-gate conversion | SNL-linearised baseline (deepshare_convert.snl)
 
 
 @dataclass
-class GroupPlan:
+class GroupPlan(GroupShape):
     index: int
     sites: list[str]
     shape: list[int]
@@ -34,27 +36,8 @@ class GroupPlan:
     mapping: list[int]
 
     @property
-    def leader(self) -> str:
-        return self.sites[0]
-
-    @property
-    def channels(self) -> int:
-        return self.shape[0]
-
-    @property
-    def spatial(self) -> int:
-        n = 1
-        for d in self.shape[1:]:
-            n *= d
-        return n
-
-    @property
     def drelus(self) -> int:
         return self.prototypes * self.spatial
-
-    @property
-    def relus(self) -> int:
-        return len(self.sites) * self.channels * self.spatial
 
 
 @dataclass
@@ -73,6 +56,8 @@ class Plan:
     kept: list[str] = field(default_factory=list)
     hidden_relus: int = 0
     leaf_modules: list[str] = field(default_factory=list)
+    kind: str = "deepshare"  # "snl": an SNL-linearised model (no groups; ``snl_kept`` ReLUs per site)
+    snl_kept: dict[str, int] = field(default_factory=dict)
     format: str = PLAN_FORMAT
 
     # --- derived numbers -------------------------------------------------------------------
@@ -86,8 +71,8 @@ class Plan:
 
     @property
     def achieved(self) -> int:
-        """Comparisons per example after conversion: gates + kept ReLUs + hidden ReLUs."""
-        return self.gate_drelus + self.kept_relus + self.hidden_relus
+        """Comparisons per example after conversion: gates + kept ReLUs + SNL's kept ReLUs + hidden ReLUs."""
+        return self.gate_drelus + self.kept_relus + sum(self.snl_kept.values()) + self.hidden_relus
 
     @property
     def reduction(self) -> float:
@@ -106,6 +91,8 @@ class Plan:
             raise PlanError(f"unsupported plan format {d.get('format')!r} (expected {PLAN_FORMAT})")
         d = dict(d)
         d.pop("achieved_drelus", None)
+        if d.get("kind", "deepshare") not in PLAN_KINDS:
+            raise PlanError(f"unsupported plan kind {d['kind']!r} (expected one of {', '.join(PLAN_KINDS)})")
         try:
             d["groups"] = [GroupPlan(**{k: v for k, v in g.items() if k != "drelus"}) for g in d["groups"]]
             return cls(**d)

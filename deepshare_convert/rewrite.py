@@ -26,7 +26,7 @@ from .grouping import group_sites, select_kept
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
 from .tracing import census, example_input, find_sites, propagate_shapes, trace
 
-__all__ = ["convert", "apply_plan", "build_plan", "set_gate_mode", "save", "load", "Converted"]
+__all__ = ["convert", "apply_plan", "build_plan", "set_gate_mode", "save", "load", "Converted", "swap_relu"]
 
 GATES_ATTR = "deepshare_gates"
 SITES_ATTR = "deepshare_sites"
@@ -134,7 +134,11 @@ def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
-    """Trace a copy of ``model`` and replace the plan's sites by shared gates."""
+    """Trace a copy of ``model`` and replace the plan's sites by shared gates (or SNL masks)."""
+    if plan.kind == "snl":
+        from .snl import apply_snl_plan
+
+        return apply_snl_plan(model, plan)
     gm = trace(copy.deepcopy(model), plan.leaf_modules)
     gm.eval()
     propagate_shapes(gm, example_input(plan.input_size, gm))
@@ -165,20 +169,30 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
 
 def _replace_site(gm, node: fx.Node, gate: fx.Node, channels: int, mode: str, modules) -> None:
     """Swap one ReLU node for a SharedGate call; honour in-place semantics for later readers."""
-    x = _relu_input(node)
     shared = SharedGate(channels)
     shared.mode = mode
     getattr(gm, SITES_ATTR).add_module(node.name, shared)
+    swap_relu(gm, node, f"{SITES_ATTR}.{node.name}", modules, extra_args=(gate,))
+
+
+def swap_relu(gm: fx.GraphModule, node: fx.Node, target: str, modules: dict[str, nn.Module],
+              extra_args: tuple = ()) -> fx.Node:  # fmt: skip
+    """Replace ReLU ``node`` by a call of submodule ``target`` on its input (and ``extra_args``).
+
+    An in-place ReLU also rewrote its input x: readers of x after it must now read
+    the new value, or they would see the un-rectified tensor.
+    """
+    x = _relu_input(node)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(f"{SITES_ATTR}.{node.name}", (x, gate))
+        new = gm.graph.call_module(target, (x, *extra_args))
     if _is_inplace(node, modules):
-        # an in-place ReLU also rewrote x: readers of x after it must now read the new value
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for user in list(x.users):
-            if user not in (new, gate) and order[user] > order[node]:
+            if user is not new and user not in extra_args and order[user] > order[node]:
                 user.replace_input_with(x, new)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return new
 
 
 def _check_sites_match(gm: fx.GraphModule, plan: Plan) -> None:
@@ -256,6 +270,10 @@ def load(out: str | os.PathLike, *, trust_pickle: bool = False) -> Converted:
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise PlanError(f"{weights} does not fit the plan's model: {what}")
+    if plan.kind == "snl":  # which ReLUs stay is in the weights (bool masks): check them against the plan
+        from .snl import check_kept
+
+        check_kept(gm, plan, weights)
     for g in plan.groups:
         if getattr(gm, GATES_ATTR).get_submodule(f"g{g.index}").mapping.tolist() != g.mapping:
             raise PlanError(f"{weights} does not fit the plan: group {g.index} was saved with another mapping")

@@ -355,7 +355,7 @@ def is_relu_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 def _other_op(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     if node.op == "call_module":
         m = modules.get(node.target)
-        if m is None or isinstance(m, nn.ReLU):
+        if m is None or isinstance(m, nn.ReLU) or hasattr(m, "drelus_per_example"):  # counted as sites
             return None
         if isinstance(m, OTHER_MODULE_TYPES):
             return type(m).__name__
@@ -420,13 +420,20 @@ def find_sites(gm: fx.GraphModule) -> list[ActivationSite]:
 
 
 def _gate_site(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationSite | None:
-    """A converted model's group gate: its comparisons are the prototype DReLUs."""
+    """A converted model's comparison module (it has ``drelus_per_example``).
+
+    A group gate compares its P prototype channels; any other such module (an SNL
+    mask, kind ``site_kind``) reports how many of its input's neurons it compares.
+    """
     module = modules.get(node.target) if node.op == "call_module" else None
     if module is None or not hasattr(module, "drelus_per_example"):
         return None
     in_shape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
     if in_shape is None:
         raise TraceError(f"no shape recorded for gate node {node.name!r}")
+    if not hasattr(module, "prototypes"):
+        drelus = int(module.drelus_per_example(_numel(in_shape[1:])))
+        return ActivationSite(node.name, str(node.target), getattr(module, "site_kind", "gate"), in_shape, drelus)
     shape = (module.prototypes, *in_shape[1:])
     return ActivationSite(node.name, str(node.target), "gate", shape, _numel(shape))
 

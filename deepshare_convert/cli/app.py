@@ -290,50 +290,28 @@ def evaluate(
 
 @app.command()
 def demo(
+    which: Annotated[str, typer.Argument(help="digits (built-in data, ~1 min) or cifar (shared ResNet-20 "
+                                         "and CIFAR-10, --quick subset, a few minutes).")] = "digits",
     out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "out/demo",
+    num_private: Annotated[Optional[int], typer.Option("--num-private", help="Test images for the "
+                                                       "two-party run.")] = None,
 ) -> None:
-    """The built-in end-to-end demo (no downloads): census of the built-ins, then conversions.
+    """End to end: train -> convert -> retrain -> two-party inference -> latency, with a summary."""
+    from ..demo import run_demo
+    from .progress import TrainingReporter
+    from .tables import demo_summary_table
 
-    Converts the paper's ResNet-18 at its three budgets (Table 1: 49.9K, 12.9K, 6K DReLUs)
-    and the digits CNN at 10%, saves each converted model and reloads it to check it.
-    """
-    from pathlib import Path
+    summary = run_demo(which, out, reporter=TrainingReporter(), num_private=num_private,
+                       log=lambda msg: console.print(f"[bold]{msg}[/]"))  # fmt: skip
+    console.print(demo_summary_table(summary))
+    console.print(f"wrote {out}/summary_{which}.json and {summary['png']} ({summary['seconds']:.0f} s)")
 
-    import torch
 
-    from ..models import list_models, load_model
-    from ..plan import write_json_atomic
-    from ..rewrite import convert as run_convert
-    from ..rewrite import load as load_converted
-    from ..rewrite import save
-    from ..tracing import census
-    from .tables import demo_table, summary_table
+# commands that live in their own modules (private inference, SNL)
+from . import mpc_commands, snl_commands  # noqa: E402
 
-    root = Path(out)
-    rows = []
-    with console.status("tracing the built-in models", spinner="dots"):
-        for name in list_models():
-            loaded = load_model(name)
-            rows.append(census(loaded.model, loaded.input_size, name=name))
-    console.print(demo_table(rows))
-    results = []
-    for name, budget in [("resnet18_cifar", "49.9k"), ("resnet18_cifar", "12.9k"), ("resnet18_cifar", "6k"),
-                         ("digits_cnn", "10%")]:  # fmt: skip
-        loaded = load_model(name)
-        with console.status(f"converting {name} at {budget}", spinner="dots"):
-            converted = run_convert(loaded.model, loaded.input_size, budget=budget, spec=loaded.spec.to_dict())
-            target = save(converted, root / f"{name}-{budget.replace('%', 'pct')}")
-            again = load_converted(target)
-            x = loaded.example_input(4)
-            same = bool(torch.equal(again.model(x), converted.model.eval()(x)))
-            drelus = census(again.model, loaded.input_size).total_relus
-        results.append({"model": name, "budget": budget, "relus": converted.plan.total_relus,
-                        "drelus": drelus, "reduction": converted.plan.reduction, "groups": len(converted.plan.groups),
-                        "reload_identical": same, "out": str(target)})  # fmt: skip
-    console.print(summary_table(results))
-    write_json_atomic(root / "census.json", [r.to_dict() for r in rows])
-    write_json_atomic(root / "conversions.json", results)
-    console.print(f"wrote {root}/census.json, {root}/conversions.json and the converted models")
+mpc_commands.register(app)
+snl_commands.register(app)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -355,9 +333,3 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-from . import mpc_commands as _mpc  # noqa: E402
-
-_mpc.register(app)
-
-from . import snl_commands as _snl  # noqa: E402
-_snl.register(app)

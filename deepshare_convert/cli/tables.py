@@ -34,7 +34,7 @@ def census_table(c: Census) -> Table:
     return table
 
 
-def demo_table(rows: list[Census]) -> Table:
+def census_summary_table(rows: list[Census]) -> Table:
     table = Table(title="deepshare demo: ReLU census of the built-in models")
     for col in ("model", "input", "sites", "ReLUs", "other nonlinearities"):
         table.add_column(col, justify="right" if col in ("sites", "ReLUs") else "left")
@@ -104,4 +104,30 @@ def xor_table(runs: list[dict], methods: list[str]) -> Table:
         accs = [r["accuracy"] for r in runs if r["method"] == method]
         table.add_row(method, f"{sum(accs) / len(accs):.1f}", f"{min(accs):.1f}", f"{max(accs):.1f}",
                       f"{sum(a >= 98 for a in accs)}/{len(accs)}", f"{sum(a < 90 for a in accs)}/{len(accs)}")
+    return table
+
+
+def demo_summary_table(s: dict) -> Table:
+    table = Table(title=f"deepshare demo: {s['demo']} ({s['recipe']})")
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("converted", justify="right")
+    p, e = s["private"], s["estimate"]
+    rows = [
+        ("ReLU / DReLU comparisons per image", f"{s['relus_original']:,}", f"{s['drelus_converted']:,}"),
+        ("test top-1 (%)", f"{s['accuracy_original']:.2f}",
+         f"{s['accuracy_converted_before_retraining']:.2f} -> {s['accuracy_after_retraining']:.2f} (retrained)"),
+        (f"2PC top-1 agreement with plaintext ({s['private_images']} images)",
+         f"{p['original']['top1_agreement']:.0%}", f"{p['converted']['top1_agreement']:.0%}"),
+        ("2PC max logit error", f"{p['original']['max_logit_error']:.1e}", f"{p['converted']['max_logit_error']:.1e}"),
+        ("2PC bytes (party 0, measured)", f"{p['original']['parties'][0]['bytes']:,}",
+         f"{p['converted']['parties'][0]['bytes']:,}"),
+        ("2PC rounds (measured)", str(p["original"]["parties"][0]["rounds"]), str(p["converted"]["parties"][0]["rounds"])),
+        ("est. network latency / image @1Gbps, 1ms", f"{e['original']['network_s'] * 1e3:.1f} ms",
+         f"{e['converted']['network_s'] * 1e3:.1f} ms ({s['speedup_network']:.1f}x faster)"),
+        ("est. latency incl. compute", f"{e['original']['latency_s'] * 1e3:.1f} ms",
+         f"{e['converted']['latency_s'] * 1e3:.1f} ms ({s['speedup_latency']:.1f}x faster)"),
+    ]  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
     return table

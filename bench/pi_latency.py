@@ -1,0 +1,151 @@
+"""Private-inference cost of ResNet-18-CIFAR at the paper's three budgets vs the original.
+
+    python bench/pi_latency.py [--quick] [--bandwidth 1Gbps] [--rtt 1ms]
+
+For the original model and DeepShare conversions at 49.9K / 12.9K / 6K DReLUs (batch 1), in
+both weight modes: bytes, rounds, estimated latency (compute + bytes/bandwidth + rounds*RTT,
+from deepshare_convert/mpc/cost_table.json) and the speedup over the original, next to the
+paper's Table 6.  Measured two-party loopback runs (bytes, rounds, wall time, agreement):
+every configuration, or with --quick the original and 6K in public mode only.
+
+Writes bench/results/pi_latency.json and bench/results/pi_latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from common import RESULTS, write_results  # noqa: E402
+from deepshare_convert import load_model  # noqa: E402
+from deepshare_convert.mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration  # noqa: E402
+from deepshare_convert.rewrite import convert  # noqa: E402
+
+BUDGETS = ("49.9k", "12.9k", "6k")
+PAPER_TABLE6 = {  # latency speedup over the original ResNet-18 (paper Table 6)
+    "DeepShare": {"49.9k": 4.78, "12.9k": 6.76, "6k": 7.64},
+    "AutoReP": {"49.9k": 4.92, "12.9k": 7.30, "6k": 8.01},
+}
+
+
+def _bn_from_data(model: nn.Module, input_size) -> nn.Module:
+    """Untrained weights, BatchNorm statistics from random data: O(1) activations, sane logits."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn((32, *input_size), generator=torch.Generator().manual_seed(0)))
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="measure only the original and 6K, public mode")
+    ap.add_argument("--bandwidth", default="1Gbps")
+    ap.add_argument("--rtt", default="1ms")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the existing JSON")
+    args = ap.parse_args()
+    if args.replot:
+        import json
+
+        data = json.loads((RESULTS / "pi_latency.json").read_text())
+        print(_plot(data["rows"], RESULTS / "pi_latency.png", args.bandwidth, args.rtt))
+        return
+    bw, rtt = parse_bandwidth(args.bandwidth), parse_duration(args.rtt)
+    table = CostTable.load()
+
+    torch.manual_seed(0)
+    loaded = load_model("resnet18_cifar")
+    original = _bn_from_data(loaded.model, loaded.input_size)
+    models = {"original": original}
+    drelus = {"original": None}
+    for b in BUDGETS:
+        conv = convert(original, loaded.input_size, budget=b, spec=loaded.spec.to_dict())
+        models[b], drelus[b] = conv.model, conv.plan.achieved
+    x = torch.randn((1, *loaded.input_size), generator=torch.Generator().manual_seed(1))
+
+    rows = []
+    for mode in ("public", "private"):
+        base = estimate(original, loaded.input_size, weights_mode=mode, table=table, bandwidth=bw, rtt=rtt)
+        for name, net in models.items():
+            est = base if name == "original" else estimate(net, loaded.input_size, weights_mode=mode, table=table,
+                                                           bandwidth=bw, rtt=rtt)  # fmt: skip
+            row = {
+                "model": name, "weights_mode": mode, "drelus": drelus[name] or base.comparisons,
+                "est_bytes": est.bytes, "est_rounds": est.rounds, "est_compute_s": est.compute_s,
+                "est_network_s": est.network_s, "est_latency_s": est.latency_s,
+                "speedup": base.latency_s / est.latency_s, "speedup_network": base.network_s / est.network_s,
+                "paper_deepshare": PAPER_TABLE6["DeepShare"].get(name), "paper_autorep": PAPER_TABLE6["AutoReP"].get(name),
+            }  # fmt: skip
+            if not args.quick or (mode == "public" and name in ("original", "6k")):
+                from deepshare_convert.mpc.launcher import run_two_party
+
+                t0 = time.perf_counter()
+                r = run_two_party(net, x, weights_mode=mode, timeout=900)
+                p0 = r.parties[0]
+                row.update(measured_bytes=p0.bytes, measured_rounds=p0.rounds, measured_wall_s=p0.wall_s,
+                           measured_comm_s=p0.comm_s, comparisons=p0.comparisons, max_logit_error=r.max_logit_error,
+                           top1_agreement=r.top1_agreement, run_s=time.perf_counter() - t0,
+                           bytes_deviation=(est.bytes - p0.bytes) / p0.bytes,
+                           rounds_deviation=(est.rounds - p0.rounds) / p0.rounds)  # fmt: skip
+            rows.append(row)
+            print(_line(row), flush=True)
+
+    path = write_results("pi_latency", {"quick": args.quick, "bandwidth_bps": bw, "rtt_s": rtt, "batch": 1,
+                                        "cost_table": table.source, "rows": rows})  # fmt: skip
+    png = _plot(rows, RESULTS / "pi_latency.png", args.bandwidth, args.rtt)
+    print(f"wrote {path} and {png}")
+
+
+def _line(r: dict) -> str:
+    s = (f"{r['weights_mode']:7s} {r['model']:8s} DReLUs {r['drelus']:>8,}  est {r['est_bytes'] / 1e6:8.2f} MB "
+         f"{r['est_rounds']:4d} rounds  net {r['est_network_s'] * 1e3:7.1f} ms  total {r['est_latency_s'] * 1e3:8.1f} ms"
+         f"  speedup {r['speedup']:5.2f}x (net {r['speedup_network']:5.2f}x)")  # fmt: skip
+    if "measured_bytes" in r:
+        s += (f" | measured {r['measured_bytes'] / 1e6:8.2f} MB {r['measured_rounds']:4d} rounds "
+              f"{r['measured_wall_s'] * 1e3:7.0f} ms, logit err {r['max_logit_error']:.1e}")  # fmt: skip
+    return s
+
+
+def _plot(rows: list[dict], path: Path, bandwidth: str, rtt: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.16
+    xs = range(len(BUDGETS))
+    series = [
+        ("paper: DeepShare", [PAPER_TABLE6["DeepShare"][b] for b in BUDGETS]),
+        ("paper: AutoReP", [PAPER_TABLE6["AutoReP"][b] for b in BUDGETS]),
+    ]
+    for mode in ("public", "private"):
+        by = {r["model"]: r for r in rows if r["weights_mode"] == mode}
+        series.append((f"ours, {mode}: network", [by[b]["speedup_network"] for b in BUDGETS]))
+        series.append((f"ours, {mode}: + compute", [by[b]["speedup"] for b in BUDGETS]))
+    for i, (label, vals) in enumerate(series):
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in xs], vals, width, label=label)
+    ax.set_xticks(list(xs), [f"{b.upper()} DReLUs" for b in BUDGETS])
+    ax.set_ylabel("latency speedup over original")
+    ax.set_title(f"ResNet-18-CIFAR, batch 1, {bandwidth} / {rtt} RTT (estimated)")
+    ax.set_ylim(0, 1.3 * max(max(v) for _, v in series))
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()

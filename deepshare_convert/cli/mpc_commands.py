@@ -1,0 +1,295 @@
+"""``deepshare private-infer | estimate-latency | calibrate | export``: private inference commands.
+
+Registered on the main app by :func:`register` (one line at the bottom of ``app.py``).  Heavy
+imports (torch, crypten, onnx) stay inside the command bodies, like every other command.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from .console import console
+
+WeightsModeOpt = Annotated[
+    str,
+    typer.Option("--weights-mode", help="private: weights, α, β secret-shared by the server (hidden from the "
+                 "client); public: weights known to both (only the client's data is private)."),
+]  # fmt: skip
+ModelOrOutArg = Annotated[
+    str,
+    typer.Argument(help="A converted-model directory (OUT/) or any MODEL form `deepshare inspect` accepts.",
+                   show_default=False),
+]  # fmt: skip
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _load(model: str, weights, input_size, num_classes, trust_pickle):
+    from .app import _load as load
+
+    return load(model, weights, input_size, num_classes, trust_pickle)
+
+
+def _original_of(path: str):
+    """The unconverted architecture a converted directory came from (weights do not change costs)."""
+    from pathlib import Path
+
+    if not Path(path).is_dir():
+        return None
+    from ..models import ModelSpec, load_model
+    from ..plan import Plan
+
+    plan = Plan.read(path)
+    spec = ModelSpec.from_dict(plan.model) if "source" in plan.model else None
+    if spec is None or spec.source == "python":
+        return None
+    name = f"timm:{spec.name}" if spec.source == "timm" else spec.name
+    return load_model(name, num_classes=spec.num_classes, input_size=tuple(plan.input_size)).model
+
+
+def _architecture_only(path: str):
+    """A converted model rebuilt from plan.json alone (no weights read): what party 1 may hold."""
+    from ..models import ModelSpec, load_model
+    from ..plan import Plan
+    from ..rewrite import apply_plan
+
+    plan = Plan.read(path)
+    spec = ModelSpec.from_dict(plan.model)
+    name = f"timm:{spec.name}" if spec.source == "timm" else spec.name
+    loaded = load_model(name, num_classes=spec.num_classes, input_size=tuple(plan.input_size))
+    return apply_plan(loaded.model, plan), tuple(plan.input_size)
+
+
+def _normalisation(path: str):
+    """The input normalisation of a converted directory's built-in model (None if unknown)."""
+    from ..errors import DeepShareError
+    from ..models import get_entry
+    from ..plan import Plan
+
+    try:
+        entry = get_entry(Plan.read(path).model.get("name", ""))
+    except DeepShareError:
+        return None, None
+    return entry.mean, entry.std
+
+
+def _first_batch(data: str, num: int, mean, std):
+    from ..data import load_dataset, make_loader
+
+    with console.status(f"reading {data}", spinner="dots"):
+        info, _, test = load_dataset(data)
+    loader = make_loader(test, info, train=False, batch_size=num, mean=mean, std=std, limit=num)
+    return next(iter(loader))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the private-inference commands to ``app``."""
+
+    @app.command("private-infer")
+    def private_infer(
+        model: ModelOrOutArg,
+        data: Annotated[Optional[str], typer.Option("--data", help="Dataset spec (party 1's inputs: the first "
+                                                     "--num test images).")] = None,
+        num: Annotated[int, typer.Option("--num", "-n", help="Number of test images (the batch).")] = 4,
+        weights_mode: WeightsModeOpt = "public",
+        rank: Annotated[Optional[int], typer.Option("--rank", help="Run one party only: 0 holds the model, "
+                                                    "1 the inputs (two-host deployment).")] = None,
+        master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address (with --rank).")] = "127.0.0.1",
+        master_port: Annotated[int, typer.Option("--master-port", help="Party 0's port (with --rank).")] = 29500,
+        weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="State dict for a non-converted "
+                                                       "MODEL.")] = None,
+        trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module.")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Two-party CrypTen inference: party 0 holds the model, party 1 the inputs and gets the output.
+
+        Without --rank both parties run here as separate processes (gloo on 127.0.0.1) and the
+        result is compared with plaintext inference.  With --rank, this process is one party
+        of a two-host run; party 0 needs no --data.
+        """
+        from pathlib import Path
+
+        from ..errors import DeepShareError
+
+        if num < 1:
+            raise DeepShareError("--num must be at least 1")
+        if rank is not None:
+            _one_party(model, data, num, weights_mode, rank, master_addr, master_port, weights, trust_pickle, as_json)
+            return
+        if data is None:
+            raise DeepShareError("--data is required (party 1's inputs)")
+        from ..mpc.launcher import run_two_party
+
+        loaded = _load(model, weights, None, None, trust_pickle)
+        x, y = _first_batch(data, num, loaded.mean, loaded.std)
+        if tuple(x.shape[1:]) != tuple(loaded.input_size):
+            raise DeepShareError(f"{data} images are {tuple(x.shape[1:])}, the model expects {tuple(loaded.input_size)}")
+        with console.status(f"two-party inference ({weights_mode} weights) on {len(x)} images", spinner="dots"):
+            run = run_two_party(loaded.model, x, weights_mode=weights_mode)
+        acc = float((run.logits.argmax(1) == y.numpy()).mean())
+        name = str(Path(model)) if Path(model).is_dir() else loaded.spec.display
+        if as_json:
+            print(json.dumps({"model": name, "data": data, "top1_labels": acc, **run.to_dict()}, indent=2))
+            return
+        from .mpc_tables import private_run_table
+
+        console.print(private_run_table(run, name))
+        console.print(f"private predictions: {100 * acc:.1f}% correct on {len(y)} {data} test images; "
+                      f"{run.parties[0].comparisons:,} comparisons (plan: {run.comparisons_expected:,})")  # fmt: skip
+
+    @app.command("estimate-latency")
+    def estimate_latency(
+        model: ModelOrOutArg,
+        bandwidth: Annotated[str, typer.Option("--bandwidth", help="Link bandwidth: 1Gbps, 100Mbps, 1GB/s.")] = "1Gbps",
+        rtt: Annotated[str, typer.Option("--rtt", help="Round-trip time: 1ms, 200us, 0.05s.")] = "1ms",
+        weights_mode: WeightsModeOpt = "public",
+        batch: Annotated[int, typer.Option("--batch", help="Images per inference.")] = 1,
+        measure: Annotated[bool, typer.Option("--measure", help="Also run the real two-party execution "
+                                              "(random inputs) and show measured next to predicted.")] = False,
+        table_path: Annotated[Optional[str], typer.Option("--table", help="Cost table JSON [default: the "
+                                                          "package's cost_table.json].")] = None,
+        weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="State dict for a non-converted "
+                                                       "MODEL (only needed with --measure).")] = None,
+        input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W.")] = None,
+        trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module.")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Bytes, rounds and latency of private inference per layer, and the speedup over the original.
+
+        latency = compute + bytes*8/bandwidth + rounds*RTT, with per-operation costs measured
+        on CrypTen (`deepshare calibrate`).  For a converted OUT/ the original architecture is
+        rebuilt from its plan and estimated under the same settings.
+        """
+        from ..errors import DeepShareError
+        from ..mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration
+
+        if batch < 1:
+            raise DeepShareError("--batch must be at least 1")
+        bw, rt = parse_bandwidth(bandwidth), parse_duration(rtt)
+        table = CostTable.load(table_path)
+        loaded = _load(model, weights, input_size, None, trust_pickle)
+        kw = dict(batch=batch, weights_mode=weights_mode, table=table, bandwidth=bw, rtt=rt)
+        with console.status("lowering and costing", spinner="dots"):
+            est = estimate(loaded.model, loaded.input_size, name=loaded.spec.display, **kw)
+            orig_model = _original_of(model)
+            orig = estimate(orig_model, loaded.input_size, name="original", **kw) if orig_model is not None else None
+        measured = run = None
+        if measure:
+            import torch
+
+            from ..mpc.launcher import run_two_party
+
+            x = torch.randn((batch, *loaded.input_size), generator=torch.Generator().manual_seed(0))
+            with console.status(f"two-party run ({weights_mode} weights)", spinner="dots"):
+                run = run_two_party(loaded.model, x, weights_mode=weights_mode)
+            measured = run.parties[0].per_node
+        if as_json:
+            out = {"estimate": est.to_dict(), "original": orig.to_dict() if orig else None}
+            if orig:
+                out["speedup"] = orig.latency_s / est.latency_s
+                out["speedup_network"] = orig.network_s / est.network_s
+            if run is not None:
+                p0 = run.parties[0]
+                out["measured"] = {"bytes": p0.bytes, "rounds": p0.rounds, "wall_s": p0.wall_s,
+                                   "bytes_deviation": (est.bytes - p0.bytes) / max(p0.bytes, 1),
+                                   "rounds_deviation": (est.rounds - p0.rounds) / max(p0.rounds, 1),
+                                   "max_logit_error": run.max_logit_error}  # fmt: skip
+            print(json.dumps(out, indent=2))
+            return
+        from .mpc_tables import estimate_table
+
+        console.print(estimate_table(est, orig, measured))
+        if run is not None:
+            p0 = run.parties[0]
+            console.print(
+                f"measured (loopback, party 0): {p0.bytes / 1e6:,.2f} MB, {p0.rounds} rounds, {p0.wall_s * 1e3:,.0f} ms; "
+                f"predicted {est.bytes / 1e6:,.2f} MB ({100 * (est.bytes - p0.bytes) / max(p0.bytes, 1):+.2f}%), "
+                f"{est.rounds} rounds ({100 * (est.rounds - p0.rounds) / max(p0.rounds, 1):+.2f}%); "
+                f"max logit error {run.max_logit_error:.2e}"
+            )
+
+    @app.command()
+    def calibrate(
+        out: Annotated[Optional[str], typer.Option("--out", "-o", help="Where to write the table [default: the "
+                                                   "package's cost_table.json].")] = None,
+        quick: Annotated[bool, typer.Option("--quick", help="Smaller micro-benchmarks.")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Re-measure the per-operation MPC cost table on CrypTen (two local processes)."""
+        from dataclasses import asdict
+
+        from ..mpc.costs import TABLE_PATH
+        from ..mpc.costs import calibrate as run_calibrate
+
+        with console.status("measuring CrypTen operations (two parties on 127.0.0.1)", spinner="dots"):
+            table = run_calibrate(out, quick=quick)
+        if as_json:
+            print(json.dumps(asdict(table), indent=2))
+            return
+        from .mpc_tables import cost_table_table
+
+        console.print(cost_table_table(table, out or str(TABLE_PATH)))
+
+    @app.command()
+    def export(
+        model: ModelOrOutArg,
+        onnx: Annotated[str, typer.Option("--onnx", help="Output .onnx file.", show_default=False)],
+        batch: Annotated[int, typer.Option("--batch", help="Batch size of the exported graph.")] = 1,
+        opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
+        weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="State dict for a non-converted "
+                                                       "MODEL.")] = None,
+        trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module.")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Export MODEL (converted or not) to ONNX with the shared gate as standard ops; checked with onnxruntime."""
+        from ..export_onnx import export_onnx
+
+        loaded = _load(model, weights, None, None, trust_pickle)
+        with console.status("exporting and checking with onnxruntime", spinner="dots"):
+            report = export_onnx(loaded.model, loaded.input_size, onnx, batch=batch, opset=opset)
+        if as_json:
+            print(json.dumps(report.to_dict(), indent=2))
+            return
+        console.print(
+            f"wrote [bold]{report.path}[/] (opset {report.opset}, {report.nodes} nodes: "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(report.op_counts.items()) if k in ('Cast', 'Gather', 'GreaterOrEqual', 'Mul', 'Add'))}); "
+            f"onnx.checker ok; onnxruntime vs PyTorch max abs error {report.max_abs_error:.1e}"
+        )
+
+
+def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, weights, trust_pickle, as_json):
+    """One party of a two-host deployment (``--rank``)."""
+    from pathlib import Path
+
+    from ..errors import DeepShareError
+    from ..mpc.launcher import run_party
+
+    x = None
+    if rank == 1 and weights_mode == "private" and Path(model).is_dir():
+        net, input_size = _architecture_only(model)  # the client never reads the weights file
+        mean, std = _normalisation(model)
+    else:
+        loaded = _load(model, weights, None, None, trust_pickle)
+        net, input_size, mean, std = loaded.model, tuple(loaded.input_size), loaded.mean, loaded.std
+    if rank == 1:
+        if data is None:
+            raise DeepShareError("party 1 holds the inputs: pass --data")
+        x, _ = _first_batch(data, num, mean, std)
+    shape = (num, *input_size) if x is None else tuple(x.shape)
+    with console.status(f"party {rank}: waiting for / running with {master_addr}:{master_port}", spinner="dots"):
+        rep = run_party(rank, net, x, shape, weights_mode=weights_mode, master_addr=master_addr,
+                        master_port=master_port)  # fmt: skip
+    result = {"rank": rank, "weights_mode": weights_mode, "bytes": rep.bytes, "rounds": rep.rounds,
+              "wall_s": rep.wall_s, "comparisons": rep.comparisons}  # fmt: skip
+    if rep.output is not None:
+        result["predictions"] = rep.output.argmax(1).tolist()
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"party {rank} ({weights_mode} weights): {rep.bytes / 1e6:,.2f} MB, {rep.rounds} rounds, "
+        f"{rep.wall_s * 1e3:,.0f} ms, {rep.comparisons:,} comparisons"
+        + (f"; predictions {result['predictions']}" if "predictions" in result else "")
+    )

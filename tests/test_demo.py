@@ -1,0 +1,24 @@
+"""A reduced `make demo`: the numbers in the summary are real."""
+
+from __future__ import annotations
+
+import json
+
+from deepshare_convert.demo import run_demo
+
+
+def test_reduced_demo_end_to_end(tmp_path):
+    s = run_demo("digits", tmp_path, num_private=4, quick=True, log=lambda m: None)
+    assert s["relus_original"] == 6144
+    assert s["drelus_converted"] == 608 <= 614  # 10% budget
+    assert s["accuracy_after_retraining"] > s["accuracy_converted_before_retraining"] + 50
+    for name in ("original", "converted"):
+        p = s["private"][name]
+        assert p["top1_agreement"] == 1.0 and p["max_logit_error"] < 1e-2
+        assert p["comparisons"] == p["comparisons_expected"]
+    assert s["private"]["converted"]["comparisons"] == 4 * 608
+    assert s["private"]["converted"]["parties"][0]["bytes"] < s["private"]["original"]["parties"][0]["bytes"] / 5
+    assert s["speedup_network"] > 1
+    saved = json.loads((tmp_path / "summary_digits.json").read_text())
+    assert saved["drelus_converted"] == 608
+    assert (tmp_path / "summary_digits.png").read_bytes()[:4] == b"\x89PNG"
