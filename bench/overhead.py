@@ -106,7 +106,7 @@ def main() -> None:
         steps = [("resnet20", "15k", 32, 3)]
     else:
         conversions = [("timm:resnet50", "3,224,224", "50k"), ("timm:resnet18", "3,224,224", "50k"),
-                       ("timm:densenet121", "3,224,224", "50k"), ("timm:regnetx_002", "3,224,224", "20k"),
+                       ("timm:densenet121", "3,224,224", "200k"), ("timm:regnetx_002", "3,224,224", "50k"),
                        ("resnet18_cifar", "3,32,32", "12.9k"), ("wrn22_8", "3,32,32", "120k")]  # fmt: skip
         steps = [("resnet18_cifar", "12.9k", 64, 7), ("resnet20", "15k", 64, 7)]
     conv = [conversion_breakdown(*c) for c in conversions]
