@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-cifar test clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/deepshare demo
+
+demo-cifar: install
+	$(BIN)/deepshare demo cifar
 
 test: install
 	$(BIN)/python -m pytest -q
