@@ -121,6 +121,7 @@ def _plot(s: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     axes[0].bar(["original\nReLUs", "converted\nDReLUs"], [s["relus_original"], s["drelus_converted"]], color=["grey", "C0"])
     axes[0].set_yscale("log")
+    axes[0].set_ylim(bottom=1)
     axes[0].set_title("comparisons per image")
     accs = [s["accuracy_original"], s["accuracy_converted_before_retraining"], s["accuracy_after_retraining"]]
     axes[1].bar(["original", "converted,\nbefore", "after\nretraining"], accs, color=["grey", "C3", "C0"])

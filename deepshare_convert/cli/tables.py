@@ -34,16 +34,6 @@ def census_table(c: Census) -> Table:
     return table
 
 
-def census_summary_table(rows: list[Census]) -> Table:
-    table = Table(title="deepshare demo: ReLU census of the built-in models")
-    for col in ("model", "input", "sites", "ReLUs", "other nonlinearities"):
-        table.add_column(col, justify="right" if col in ("sites", "ReLUs") else "left")
-    for c in rows:
-        others = ", ".join(sorted({o.op for o in c.other_nonlinearities})) or "-"
-        table.add_row(c.model, _shape(c.input_size), str(len(c.sites)), f"{c.total_relus:,}", others)
-    return table
-
-
 def plan_table(plan: Plan) -> Table:
     name = plan.model.get("name", "model")
     table = Table(title=f"DeepShare plan: {name} @ {_shape(plan.input_size)}, budget {plan.budget:,} "
@@ -65,16 +55,6 @@ def plan_table(plan: Plan) -> Table:
         table.add_row("hidden", "(inside leaf modules)", "", "", "", f"{plan.hidden_relus:,}", f"{plan.hidden_relus:,}")
     table.caption = (f"{plan.total_relus:,} ReLUs -> {plan.achieved:,} DReLUs "
                      f"({plan.reduction:.1f}x fewer; budget {plan.budget:,})")
-    return table
-
-
-def summary_table(rows: list[dict]) -> Table:
-    table = Table(title="DeepShare conversions (before retraining)")
-    for col in ("model", "budget", "ReLUs", "DReLUs", "fewer", "groups", "reload"):
-        table.add_column(col, justify="right" if col in ("ReLUs", "DReLUs", "fewer", "groups") else "left")
-    for r in rows:
-        table.add_row(r["model"], r["budget"], f"{r['relus']:,}", f"{r['drelus']:,}", f"{r['reduction']:.1f}x",
-                      str(r["groups"]), "identical" if r["reload_identical"] else "DIFFERENT")
     return table
 
 
