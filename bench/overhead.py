@@ -81,11 +81,11 @@ def train_step_ratio(model_name: str, budget: str, batch: int, repeats: int) -> 
 
     modes = ("step", "gelu", "mixed")
     times: dict[str, list[float]] = {k: [] for k in ("original", *modes)}
-    for _ in range(repeats):  # interleaved, so background load hits all alike
-        times["original"].append(median_time(step(original), repeats=1))
-        for mode in modes:
+    for _ in range(repeats):  # blocks interleaved, so background load hits all alike
+        times["original"].append(median_time(step(original), repeats=3, warmup=1))
+        for mode in modes:  # steady state within a block: a training phase runs one mode for many steps
             set_mode(mode)
-            times[mode].append(median_time(step(converted), repeats=1))
+            times[mode].append(median_time(step(converted), repeats=3, warmup=1))
     med = {k: sorted(v)[repeats // 2] for k, v in times.items()}
     set_mode("step")
     m_orig, m_conv = saved_activation_bytes(original, x), saved_activation_bytes(converted, x)
@@ -108,7 +108,7 @@ def main() -> None:
         conversions = [("timm:resnet50", "3,224,224", "50k"), ("timm:resnet18", "3,224,224", "50k"),
                        ("timm:densenet121", "3,224,224", "200k"), ("timm:regnetx_002", "3,224,224", "50k"),
                        ("resnet18_cifar", "3,32,32", "12.9k"), ("wrn22_8", "3,32,32", "120k")]  # fmt: skip
-        steps = [("resnet18_cifar", "12.9k", 64, 7), ("resnet20", "15k", 64, 7)]
+        steps = [("resnet18_cifar", "12.9k", 64, 3), ("resnet20", "15k", 64, 5)]
     conv = [conversion_breakdown(*c) for c in conversions]
     train = [train_step_ratio(*s) for s in steps]
     path = write_results("overhead" + ("_quick" if args.quick else ""), {"conversion": conv, "train_step": train})
