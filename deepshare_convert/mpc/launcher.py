@@ -210,6 +210,7 @@ def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0) -> list[
                 p.terminate()
             p.join(5)
         queue.close()
+        queue.join_thread()
     return [reports[0], reports[1]]
 
 
