@@ -2,7 +2,7 @@
 
     python bench/overhead.py [--quick]
 
-Writes bench/results/overhead.json + overhead.png and a section of docs/results.md.
+Writes bench/results/overhead.json and the `overhead` section of docs/results.md.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import torch.nn as nn  # noqa: E402
 
 from common import RESULTS, write_results  # noqa: E402
 from deepshare_convert import load_model  # noqa: E402
+from deepshare_convert.models.batchnorm import recalibrate_batchnorm  # noqa: E402
 from deepshare_convert.mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration  # noqa: E402
 from deepshare_convert.rewrite import convert  # noqa: E402
 
@@ -37,14 +38,7 @@ PAPER_TABLE6 = {  # latency speedup over the original ResNet-18 (paper Table 6)
 
 def _bn_from_data(model: nn.Module, input_size) -> nn.Module:
     """Untrained weights, BatchNorm statistics from random data: O(1) activations, sane logits."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(torch.randn((32, *input_size), generator=torch.Generator().manual_seed(0)))
-    return model.eval()
+    return recalibrate_batchnorm(model, input_size, batch=32, seed=0)
 
 
 def main() -> None:

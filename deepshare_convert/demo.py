@@ -115,7 +115,7 @@ def run_demo(which: str = "digits", out: str | Path = "out/demo", *, reporter: R
 
 
 def _plot(s: dict[str, Any], path: Path) -> Path:
-    from .plots import _plt
+    from .plots import _plt, save_figure
 
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -131,8 +131,4 @@ def _plot(s: dict[str, Any], path: Path) -> Path:
     axes[2].bar(["original", "converted"], mb, color=["grey", "C0"])
     axes[2].set_title(f"2PC bytes for {s['private_images']} images (MB)")
     fig.suptitle(f"deepshare demo ({s['demo']}): {s['speedup_network']:.1f}x less network latency")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

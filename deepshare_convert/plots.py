@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["xor_maps", "pareto"]
+__all__ = ["xor_maps", "save_figure"]
 
 
 def _plt():
@@ -15,6 +15,17 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
+    plt = _plt()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def xor_maps(maps: Sequence[tuple[str, "object"]], path: str | Path) -> Path:
@@ -29,30 +40,4 @@ def xor_maps(maps: Sequence[tuple[str, "object"]], path: str | Path) -> Path:
         ax.set_xticks([-1, 0, 1])
         ax.set_yticks([-1, 0, 1])
     fig.suptitle("2x2 checkerboard with one comparison: decision maps (red = class 1)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def pareto(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str) -> Path:
-    """Accuracy vs ReLU/DReLU count (log x), one line per method (paper Fig. 1)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, points in series.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("ReLUs / DReLUs per image")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from deepshare_convert.errors import DeepShareError
 from deepshare_convert.gates import SharedGate
+from deepshare_convert.models.batchnorm import recalibrate_batchnorm
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("crypten") is None, reason="crypten not installed")
 
@@ -26,15 +27,7 @@ CROSSCHECK_BYTES_PER_COMPARISON = 432  # CrypTen 0.4.1's DReLU, measured (the is
 # ---- models ------------------------------------------------------------------------------------
 def _realistic(model: nn.Module, input_size, seed: int) -> nn.Module:
     """Untrained weights, but BatchNorm statistics from data so activations and logits are O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(torch.randn((64, *input_size), generator=g))
-    return model.eval()
+    return recalibrate_batchnorm(model, input_size, batch=64, seed=seed)
 
 
 def _random_gates(gm: nn.Module, seed: int) -> nn.Module:
