@@ -8,7 +8,7 @@ from deepshare_convert/mpc/cost_table.json) and the speedup over the original, n
 paper's Table 6.  Measured two-party loopback runs (bytes, rounds, wall time, agreement):
 every configuration, or with --quick the original and 6K in public mode only.
 
-Writes bench/results/pi_latency.json and bench/results/pi_latency.png.
+Writes bench/results/pi_latency.json and .png (pi_latency_quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -94,9 +94,10 @@ def main() -> None:
             rows.append(row)
             print(_line(row), flush=True)
 
-    path = write_results("pi_latency", {"quick": args.quick, "bandwidth_bps": bw, "rtt_s": rtt, "batch": 1,
+    name = "pi_latency_quick" if args.quick else "pi_latency"  # --quick never overwrites the full results
+    path = write_results(name, {"quick": args.quick, "bandwidth_bps": bw, "rtt_s": rtt, "batch": 1,
                                         "cost_table": table.source, "rows": rows})  # fmt: skip
-    png = _plot(rows, RESULTS / "pi_latency.png", args.bandwidth, args.rtt)
+    png = _plot(rows, RESULTS / f"{name}.png", args.bandwidth, args.rtt)
     print(f"wrote {path} and {png}")
 
 

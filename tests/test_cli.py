@@ -80,3 +80,13 @@ def test_evaluate_shared_resnet20_on_shared_cifar10(capsys):
     d = _json(capsys, ["evaluate", "resnet20", "--weights", str(RESNET20_WEIGHTS), "--data", "cifar10-jpg", "--json"])
     assert d["n"] == 10_000
     assert 80.5 < d["top1"] < 81.5
+
+
+def test_cli_reference_is_current():
+    """docs/cli.md is generated from the app; regenerate with python -m deepshare_convert.cli.reference."""
+    from pathlib import Path
+
+    from deepshare_convert.cli.reference import render
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert committed == render(), "docs/cli.md is stale: python -m deepshare_convert.cli.reference > docs/cli.md"
