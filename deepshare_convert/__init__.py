@@ -2,10 +2,14 @@
 
 Public API (the CLI is a thin layer over these)::
 
-    from deepshare_convert import load_model, inspect
-    loaded = load_model("resnet20", weights="resnet20.th")
-    report = inspect(loaded.model, loaded.input_size)
-    print(report.total_relus)
+    import deepshare_convert as ds
+    loaded = ds.load_model("resnet20", weights="resnet20.th")
+    print(ds.inspect(loaded.model, loaded.input_size).total_relus)        # 188416
+    conv = ds.convert(loaded.model, loaded.input_size, budget="15k", spec=loaded.spec.to_dict())
+    ds.save(conv, "out/r20")                     # plan.json + model.safetensors
+    again = ds.load("out/r20")                   # the same outputs
+    ds.retrain("recipes/digits_demo.yaml", "out/digits")
+    print(ds.estimate_latency(again.model, (3, 32, 32)).latency_s)
 
 Attributes are imported lazily so that ``deepshare --help`` does not pay for torch.
 """
@@ -18,6 +22,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "convert": ".rewrite",
+    "load": ".rewrite",
+    "save": ".rewrite",
+    "set_gate_mode": ".rewrite",
+    "retrain": ".training.retrain",
     "DeepShareError": ".errors",
     "LoadedModel": ".models",
     "ModelSpec": ".models",
@@ -27,7 +36,7 @@ _LAZY = {
     "census": ".tracing",
 }
 
-__all__ = sorted([*_LAZY, "inspect"])
+__all__ = sorted([*_LAZY, "inspect", "estimate_latency"])
 
 
 def inspect(model, input_size, **kwargs):
@@ -35,6 +44,13 @@ def inspect(model, input_size, **kwargs):
     from .tracing import census
 
     return census(model, input_size, **kwargs)
+
+
+def estimate_latency(model, input_size, **kwargs):
+    """Private-inference bytes, rounds and latency (see :func:`deepshare_convert.mpc.costs.estimate`)."""
+    from .mpc.costs import estimate
+
+    return estimate(model, input_size, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
@@ -46,4 +62,6 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # pragma: no cover
     from .errors import DeepShareError
     from .models import LoadedModel, ModelSpec, list_models, load_model
+    from .rewrite import convert, load, save, set_gate_mode
     from .tracing import Census, census
+    from .training.retrain import retrain

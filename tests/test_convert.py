@@ -290,3 +290,17 @@ def test_shared_gate_gradients_match_autograd(mode, monkeypatch):
     for c, p in zip(custom, plain):
         torch.testing.assert_close(c, p)
     assert any(c.abs().sum() > 0 for c in custom[-4:])
+
+
+def test_top_level_api(tmp_path):
+    """The documented entry points: deepshare_convert.convert / save / load / estimate_latency."""
+    import deepshare_convert as ds
+
+    loaded = ds.load_model("digits_cnn")
+    conv = ds.convert(loaded.model, loaded.input_size, budget="10%", spec=loaded.spec.to_dict())
+    ds.save(conv, tmp_path / "out")
+    again = ds.load(tmp_path / "out")
+    x = loaded.example_input(2)
+    torch.testing.assert_close(again.model(x), conv.model.eval()(x), rtol=0, atol=0)
+    assert ds.estimate_latency(again.model, loaded.input_size).comparisons == conv.plan.achieved
+    assert callable(ds.retrain) and "convert" in ds.__all__
