@@ -31,8 +31,8 @@ def save_figure(fig, path: str | Path) -> Path:
 def xor_maps(maps: Sequence[tuple[str, "object"]], path: str | Path) -> Path:
     """Decision maps of the XOR methods side by side (paper Fig. 7)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4))
-    for ax, (title, grid) in zip(axes, maps):
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4), squeeze=False)
+    for ax, (title, grid) in zip(axes[0], maps):
         ax.imshow(grid.float().numpy(), extent=(-1, 1, -1, 1), cmap="coolwarm", vmin=0, vmax=1)
         ax.axhline(0, color="k", lw=0.5)
         ax.axvline(0, color="k", lw=0.5)

@@ -57,3 +57,8 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     png = Path(out / "xor_maps.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "deepshare" in capsys.readouterr().out
+
+
+def test_cli_single_method(tmp_path):
+    assert run(["xor", "--set", "epochs=2", "--set", "seeds=1", "--set", "methods=[deepshare]", "-o", str(tmp_path)]) == 0
+    assert (tmp_path / "xor_maps.png").is_file()
