@@ -344,7 +344,7 @@ class Census:
 
 def is_relu_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return type(modules.get(node.target)) is nn.ReLU or isinstance(modules.get(node.target), nn.ReLU)
+        return isinstance(modules.get(node.target), nn.ReLU)
     if node.op == "call_function":
         return node.target in RELU_FUNCTIONS
     if node.op == "call_method":

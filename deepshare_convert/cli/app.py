@@ -10,6 +10,7 @@ import typer
 
 from . import errors as cli_errors
 from .console import console
+from .options import InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustPickleOpt, WeightsOpt
 
 app = typer.Typer(
     name="deepshare",
@@ -19,34 +20,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-# ---- shared options -------------------------------------------------------------------------
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        help="Built-in name (see `deepshare models`), timm:NAME, package.module:factory, "
-        "or a pickled nn.Module file (with --trust-pickle).",
-        show_default=False,
-    ),
-]
-WeightsOpt = Annotated[
-    Optional[str],
-    typer.Option("--weights", "-w", help="State dict (.safetensors/.pt/.pth/.th/.bin) to load."),
-]
-InputSizeOpt = Annotated[
-    Optional[str], typer.Option("--input-size", help="C,H,W without the batch, e.g. 3,32,32.")
-]
-NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Classifier outputs.")]
-TrustPickleOpt = Annotated[
-    bool,
-    typer.Option("--trust-pickle", help="Allow unpickling a full nn.Module (this runs code from the file)."),
-]
-LeafOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--leaf", help="Module class name that tracing must treat as opaque (repeatable)."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
 
 def _load(model, weights, input_size, num_classes, trust_pickle):
     """A model from any MODEL form, converted-model directories (OUT/) included."""

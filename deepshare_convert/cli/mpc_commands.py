@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console
+from .options import InputSizeOpt, JsonOpt, TrustPickleOpt, WeightsOpt
 
 WeightsModeOpt = Annotated[
     str,
@@ -23,7 +24,6 @@ ModelOrOutArg = Annotated[
     typer.Argument(help="A converted-model directory (OUT/) or any MODEL form `deepshare inspect` accepts.",
                    show_default=False),
 ]  # fmt: skip
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _load(model: str, weights, input_size, num_classes, trust_pickle):
@@ -98,9 +98,8 @@ def register(app: typer.Typer) -> None:
                                                     "1 the inputs (two-host deployment).")] = None,
         master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address (with --rank).")] = "127.0.0.1",
         master_port: Annotated[int, typer.Option("--master-port", help="Party 0's port (with --rank).")] = 29500,
-        weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="State dict for a non-converted "
-                                                       "MODEL.")] = None,
-        trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module.")] = False,
+        weights: WeightsOpt = None,
+        trust_pickle: TrustPickleOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Two-party CrypTen inference: party 0 holds the model, party 1 the inputs and gets the output.
@@ -152,8 +151,8 @@ def register(app: typer.Typer) -> None:
                                                           "package's cost_table.json].")] = None,
         weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="State dict for a non-converted "
                                                        "MODEL (only needed with --measure).")] = None,
-        input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W.")] = None,
-        trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module.")] = False,
+        input_size: InputSizeOpt = None,
+        trust_pickle: TrustPickleOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Bytes, rounds and latency of private inference per layer, and the speedup over the original.
@@ -238,9 +237,8 @@ def register(app: typer.Typer) -> None:
         onnx: Annotated[str, typer.Option("--onnx", help="Output .onnx file.", show_default=False)],
         batch: Annotated[int, typer.Option("--batch", help="Batch size of the exported graph.")] = 1,
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
-        weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="State dict for a non-converted "
-                                                       "MODEL.")] = None,
-        trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module.")] = False,
+        weights: WeightsOpt = None,
+        trust_pickle: TrustPickleOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Export MODEL (converted or not) to ONNX with the shared gate as standard ops; checked with onnxruntime."""

@@ -186,7 +186,6 @@ class Trainer:
     ) -> dict[str, Any]:
         """Train one phase; ``resume`` is a checkpoint dict of this phase. Returns final metrics."""
         hooks = hooks or PhaseHooks()
-        model = self.model
         steps_per_epoch = len(self.train_loader)
         if steps_per_epoch == 0:
             raise TrainingError("the training loader is empty")
