@@ -64,6 +64,16 @@ class Conversion(_Strict):
     group_size: int = Field(2, ge=1)
     gamma: float = Field(1.0, gt=0)
     keep: list[str] = Field(default_factory=list)
+    affine: Literal["learned", "frozen"] = Field(
+        "learned", description="ablation: frozen keeps alpha=1, beta=0 (replicates copy the gate as is)")
+    replicates: Literal["shared", "none"] = Field(
+        "shared", description="ablation: none switches replicate channels off (prototypes only; group_size 1)")
+
+    @model_validator(mode="after")
+    def _replicates_need_own_gates(self):
+        if self.replicates == "none" and self.group_size != 1:
+            raise ValueError("replicates: none needs group_size: 1 (a shared site has no prototypes of its own)")
+        return self
 
 
 class Optimizer(_Strict):

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import CIFAR10_JPG, RESNET20_WEIGHTS, needs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
     "script,result",
     [("overhead.py", "overhead_quick.json"), ("pi_latency.py", "pi_latency_quick.json"),
-     ("snl_search.py", "snl_search_quick.json")],
+     ("snl_search.py", "snl_search_quick.json"), ("xor.py", "xor_quick.json")],
 )  # fmt: skip
 def test_bench_quick(script, result):
     path = ROOT / "bench" / "results" / result
@@ -25,3 +27,41 @@ def test_bench_quick(script, result):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(path.read_text())
     assert data["bench"] == result[:-5] and data["command"].endswith("--quick")
+    if script == "xor.py":
+        assert list(data["summary"]) == ["mlp", "snl", "ds-no-gelu", "deepshare"]
+        assert {r["method"] for r in data["runs"]} == set(data["summary"])
+        assert (path.parent / "xor_quick.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def cifar_runs(tmp_path_factory):
+    """One run cache for both CIFAR scripts: the ablations' full-method row reuses the sweep's run."""
+    return tmp_path_factory.mktemp("bench-runs")
+
+
+@needs(CIFAR10_JPG)
+@needs(RESNET20_WEIGHTS)
+@pytest.mark.parametrize("script", ["accuracy_vs_budget.py", "ablations.py"])
+def test_cifar_bench_quick(script, cifar_runs):
+    """Quick CIFAR-10 benches: every method/row ran, under its budget, and wrote JSON + PNG."""
+    name = script[:-3] + "_quick"
+    for ext in ("json", "png"):
+        (ROOT / "bench" / "results" / f"{name}.{ext}").unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--runs", str(cifar_runs)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+    assert (ROOT / "bench" / "results" / f"{name}.png").is_file()
+    rows = data["rows"]
+    if script == "accuracy_vs_budget.py":
+        assert [(r["method"], r["budget"]) for r in rows] == [
+            ("original", "100%"), ("SNL", "8%"), ("DeepShare", "8%"), ("SNL", "3%"), ("DeepShare", "3%")]
+        assert rows[0]["relus"] == 188_416 and rows[0]["acc"] > 70
+        budgets = {"8%": 15_073, "3%": 5_652}
+        assert all(r["relus"] <= budgets[r["budget"]] for r in rows if r["method"] == "DeepShare")
+        assert all(r["allocator"] == "snl" for r in rows if r["method"] == "DeepShare")
+    else:
+        assert [r["name"] for r in rows] == ["deepshare", "no_affine", "no_layer_sharing", "no_budget", "no_gelu",
+                                             "no_replicates"]  # fmt: skip
+        assert all(9_088 <= r["drelus"] <= 15_073 for r in rows)
+        assert all(0 <= r["acc"] <= 100 for r in rows)

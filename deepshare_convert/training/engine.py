@@ -191,7 +191,7 @@ class Trainer:
             raise TrainingError("the training loader is empty")
         epochs = spec.epochs or math.ceil(spec.steps / steps_per_epoch)
         total_steps = spec.steps or epochs * steps_per_epoch
-        params = list(spec.params(self._bare()) if spec.params else self._bare().parameters())
+        params = [p for p in (spec.params(self._bare()) if spec.params else self._bare().parameters()) if p.requires_grad]
         optimizer = _make_optimizer(spec, params)
         start_epoch, start_batch, phase_step0 = 0, 0, self.global_step
         hooks.on_phase_start(self._bare())

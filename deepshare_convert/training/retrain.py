@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..ablation import apply_ablation
 from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
@@ -153,6 +154,8 @@ class _Run:
                 self.plan.save(self.out)
         else:
             self.student = apply_plan(self.original, self.plan)
+        if c is not None:
+            apply_ablation(self.student, self.plan, affine=c.affine, replicates=c.replicates)
 
     def teacher_for(self, index: int, phase: Phase) -> nn.Module | None:
         kind = phase.kd.teacher

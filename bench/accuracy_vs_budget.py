@@ -1,0 +1,139 @@
+"""Accuracy vs DReLU budget on CIFAR-10: DeepShare vs the SNL baseline vs the original (paper Fig. 1).
+
+    python bench/accuracy_vs_budget.py [--quick] [--models resnet20,resnet56]
+                                       [--budgets 8%,4%,2%] [--scale N] [--runs out/bench]
+
+For each model (the shared pretrained ResNet-20 / ResNet-56) and each budget: the SNL
+search + finetune (the baseline, whose per-layer counts also set the DeepShare
+allocation), then DeepShare retrained from the same pretrained weights with the same
+number of training epochs (see bench/cifar_runs.py for the schedule).  The full mode
+trains on a fixed 5,000-image subset of the shared CIFAR-10 (a CPU budget: about 5 min
+per DeepShare run and 10 min per SNL run for ResNet-20 on 2 cores; ResNet-56 costs
+about 3x) and reports top-1 on all 10,000 test images.  ``--quick`` is a smoke run
+(256 images, one epoch per phase, two budgets) whose numbers mean nothing.  ``--scale N``
+trains every run N times longer (DeepShare's phases and SNL's finetune alike) into its
+own results file and docs section: does the gap between the methods move with training?
+
+Budgets are percentages of the model's ReLUs.  DeepShare shares each gate across groups
+of 4 consecutive same-shape layers (``group_size``), so that one prototype channel per
+group fits the 2% budget (ResNet-20: 2,688 DReLUs at the minimum).
+
+Writes bench/results/accuracy_vs_budget.json and .png (a Pareto plot: ReLU count, log
+scale, vs top-1) and, in full mode, the table into docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cifar_runs import Schedule, final_accuracy, original_accuracy, require_shared, run_deepshare, run_snl_baseline  # noqa: E402
+from common import RESULTS, ROOT, update_docs_section, write_results  # noqa: E402
+
+
+def measure(models: list[str], budgets: list[str], sched: Schedule, runs: Path) -> list[dict]:
+    rows = []
+    for model in models:
+        orig_acc, relus = original_accuracy(model, sched)
+        rows.append({"model": model, "method": "original", "budget": "100%", "relus": relus, "acc": orig_acc})
+        for budget in budgets:
+            snl = run_snl_baseline(model, budget, sched, runs)
+            snl_acc = final_accuracy(snl["dir"], sched) if snl.get("snl_acc") is not None else None
+            rows.append({"model": model, "method": "SNL", "budget": budget, "relus": snl.get("snl_relus"),
+                         "acc": snl_acc, "wall_s": snl.get("bench_wall_seconds"), "reached": snl_acc is not None})  # fmt: skip
+            counts = snl["counts_file"] if Path(snl["counts_file"]).is_file() else None  # also when not reached
+            ds = run_deepshare(model, budget, sched, runs, snl_counts=counts)
+            rows.append({"model": model, "method": "DeepShare", "budget": budget, "relus": ds["drelus"],
+                         "acc": final_accuracy(ds["dir"], sched), "acc_before_retraining": ds.get("converted_acc_before_retraining"),
+                         "allocator": "snl" if counts else "uniform", "wall_s": ds.get("bench_wall_seconds")})  # fmt: skip
+            print(f"[{model}] {budget}: SNL {snl_acc} ({rows[-2]['relus']}) | DeepShare {rows[-1]['acc']} "
+                  f"({rows[-1]['relus']})", flush=True)  # fmt: skip
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from deepshare_convert.plots import _plt, save_figure
+
+    plt = _plt()
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method, style in [("DeepShare", "o-"), ("SNL", "s--")]:
+            pts = sorted((r["relus"], r["acc"]) for r in rows if r["model"] == model and r["method"] == method
+                         and r["acc"] is not None)  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts), style, label=method)
+        orig = next(r for r in rows if r["model"] == model and r["method"] == "original")
+        ax.axhline(orig["acc"], color="gray", ls=":", label=f"original ({orig['relus']:,} ReLUs)")
+        ax.set_xscale("log")
+        ax.set_xlabel("DReLUs (log scale)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{model}, CIFAR-10")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+
+
+def table(rows: list[dict], sched: Schedule) -> str:
+    lines = ["| model | budget | DReLUs DeepShare / SNL | DeepShare top-1 | SNL top-1 | DeepShare − SNL | original |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for model in dict.fromkeys(r["model"] for r in rows):
+        orig = next(r for r in rows if r["model"] == model and r["method"] == "original")
+        for budget in dict.fromkeys(r["budget"] for r in rows if r["model"] == model and r["method"] != "original"):
+            ds = next(r for r in rows if r["model"] == model and r["budget"] == budget and r["method"] == "DeepShare")
+            snl = next(r for r in rows if r["model"] == model and r["budget"] == budget and r["method"] == "SNL")
+            gap = f"{ds['acc'] - snl['acc']:+.2f}" if snl["acc"] is not None else "—"
+            snl_acc = f"{snl['acc']:.2f}" if snl["acc"] is not None else "not reached"
+            lines.append(f"| {model} | {budget} | {ds['relus']:,} / {snl['relus'] or 0:,} | {ds['acc']:.2f} | {snl_acc} "
+                         f"| {gap} | {orig['acc']:.2f} ({orig['relus']:,}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny subset, one epoch per phase, two budgets")
+    p.add_argument("--models", default="resnet20,resnet56", help="comma-separated: resnet20, resnet56")
+    p.add_argument("--budgets", default="8%,4%,2%", help="comma-separated budgets (percent of the ReLUs or counts)")
+    p.add_argument("--scale", type=int, default=1, help="train every run N times longer (own results file)")
+    p.add_argument("--runs", default=str(ROOT / "out" / "bench"), help="run directories (resumable cache)")
+    args = p.parse_args()
+    require_shared()
+    sched = Schedule.quick() if args.quick else Schedule().scaled(args.scale)
+    models = ["resnet20"] if args.quick else args.models.split(",")
+    budgets = ["8%", "3%"] if args.quick else args.budgets.split(",")
+    suffix = f"_x{args.scale}" if args.scale > 1 else ""
+    runs = Path(args.runs) / ("quick" if args.quick else "full" + suffix)
+    rows = measure(models, budgets, sched, runs)
+    name = "accuracy_vs_budget_quick" if args.quick else "accuracy_vs_budget" + suffix
+    write_results(name, {"schedule": vars(sched), "rows": rows})
+    plot(rows, RESULTS / f"{name}.png")
+    md = table(rows, sched)
+    print(md)
+    if not args.quick:
+        update_docs_section("accuracy_vs_budget" + suffix, _docs(md, sched, args, name))
+
+
+def _docs(md: str, sched: Schedule, args, name: str) -> str:
+    scale = f" --scale {args.scale}" if args.scale > 1 else ""
+    longer = f", every phase {args.scale}x longer" if args.scale > 1 else ""
+    return f"""## Accuracy vs DReLU budget, CIFAR-10{longer} (bench/accuracy_vs_budget.py)
+
+Command: `python bench/accuracy_vs_budget.py --models {args.models} --budgets {args.budgets}{scale}` (JSON +
+Pareto PNG in `bench/results/{name}.*`). A CPU schedule: every run trains on the same fixed
+{sched.limit:,}-image subset of the shared CIFAR-10; DeepShare {sched.gelu_epochs} GELU + {sched.switch_epochs} switch +
+{sched.finetune_epochs} finetune epochs (Adam, batch {sched.batch_size}, KD from the pretrained model, group size
+{sched.group_size}, SNL allocation); SNL searches from λ = {sched.snl_lambda:g} and then finetunes for
+{sched.total_epochs} epochs. Top-1 on all 10,000 test images. The paper trains for hundreds of full-data epochs;
+these numbers compare the methods at equal (small) training, not the paper's absolute accuracy.
+
+{md}
+
+![accuracy vs budget](../bench/results/{name}.png)
+"""
+
+
+if __name__ == "__main__":
+    main()
