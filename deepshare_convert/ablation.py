@@ -17,6 +17,7 @@ The other rows (no layer sharing, no budget, no GELU phase) are recipe settings:
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .errors import PlanError
@@ -37,13 +38,17 @@ def _sites(model: nn.Module) -> dict[str, SharedGate]:
     return {name: m for name, m in holder.named_children() if isinstance(m, SharedGate)}
 
 
+def _fix(site: SharedGate, alpha: torch.Tensor | float, beta: float) -> None:
+    """Set a site's affine and take it out of training."""
+    for param, value in ((site.alpha, alpha), (site.beta, beta)):
+        param.data.copy_(torch.as_tensor(value, dtype=param.dtype).expand_as(param))
+        param.requires_grad_(False)
+
+
 def freeze_affine(model: nn.Module) -> None:
     """alpha = 1, beta = 0 at every site, excluded from training (the 'no affine' row)."""
     for site in _sites(model).values():
-        site.alpha.data.fill_(1.0)
-        site.beta.data.fill_(0.0)
-        site.alpha.requires_grad_(False)
-        site.beta.requires_grad_(False)
+        _fix(site, 1.0, 0.0)
 
 
 def drop_replicates(model: nn.Module, plan: Plan) -> None:
@@ -57,11 +62,7 @@ def drop_replicates(model: nn.Module, plan: Plan) -> None:
     sites = _sites(model)
     for g in plan.groups:
         site = sites[g.sites[0]]
-        keep = (site.alpha.new_tensor(range(site.channels)) < g.prototypes).to(site.alpha.dtype)
-        site.alpha.data.copy_(keep)
-        site.beta.data.fill_(0.0)
-        site.alpha.requires_grad_(False)
-        site.beta.requires_grad_(False)
+        _fix(site, torch.arange(site.channels) < g.prototypes, 0.0)  # prototypes: plain ReLU; replicates: 0
 
 
 def apply_ablation(model: nn.Module, plan: Plan, *, affine: str = "learned", replicates: str = "shared") -> None:
