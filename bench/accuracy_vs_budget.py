@@ -4,12 +4,13 @@
                                        [--budgets 8%,4%,2%] [--scale N] [--runs out/bench]
 
 For each model (the shared pretrained ResNet-20 / ResNet-56) and each budget: the SNL
-search + finetune (the baseline, whose per-layer counts also set the DeepShare
-allocation), then DeepShare retrained from the same pretrained weights with the same
-number of training epochs (see bench/cifar_runs.py for the schedule).  The full mode
-trains on a fixed 5,000-image subset of the shared CIFAR-10 (a CPU budget: about 5 min
-per DeepShare run and 10 min per SNL run for ResNet-20 on 2 cores; ResNet-56 costs
-about 3x) and reports top-1 on all 10,000 test images.  ``--quick`` is a smoke run
+search + finetune (the baseline), then DeepShare retrained from the same pretrained
+weights for the same total number of optimizer steps (search included; see
+bench/cifar_runs.py for the accounting).  The full mode trains on a fixed 5,000-image
+subset of the shared CIFAR-10 (a CPU budget: about 12 min per DeepShare run and 10 min
+per SNL run for ResNet-20 on one thread; ResNet-56 costs about 3x) and reports top-1 on
+all 10,000 test images, plus each run's learning curve (test top-1 on 2,000 images every
+half epoch) and its lowest point.  ``--quick`` is a smoke run
 (256 images, one epoch per phase, two budgets) whose numbers mean nothing.  ``--scale N``
 trains every run N times longer (DeepShare's phases and SNL's finetune alike) into its
 own results file and docs section: does the gap between the methods move with training?
@@ -19,7 +20,8 @@ of 4 consecutive same-shape layers (``group_size``), so that one prototype chann
 group fits the 2% budget (ResNet-20: 2,688 DReLUs at the minimum).
 
 Writes bench/results/accuracy_vs_budget.json and .png (a Pareto plot: ReLU count, log
-scale, vs top-1) and, in full mode, the table into docs/results.md.
+scale, vs top-1), ``*_curves.png`` (top-1 against optimizer steps for both methods at
+the lowest budget) and, in full mode, the table into docs/results.md.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ def measure(models: list[str], budgets: list[str], sched: Schedule, runs: Path) 
             snl = run_snl_baseline(model, budget, sched, runs)
             snl_acc = final_accuracy(snl["dir"], sched) if snl.get("snl_acc") is not None else None
             rows.append({"model": model, "method": "SNL", "budget": budget, "relus": snl.get("snl_relus"),
-                         "acc": snl_acc, "wall_s": snl.get("bench_wall_seconds"), "reached": snl_acc is not None})  # fmt: skip
-            counts = snl["counts_file"] if Path(snl["counts_file"]).is_file() else None  # also when not reached
-            ds = run_deepshare(model, budget, sched, runs, snl_counts=counts)
+                         "acc": snl_acc, "wall_s": snl.get("bench_wall_seconds"), "reached": snl_acc is not None,
+                         "steps": snl["steps"], "search_steps": snl.get("search_steps"), "curve": snl["curve"],
+                         "min_acc": min((a for _, a in snl["curve"]), default=None)})  # fmt: skip
+            ds = run_deepshare(model, budget, sched, runs, steps=snl["steps"])
             rows.append({"model": model, "method": "DeepShare", "budget": budget, "relus": ds["drelus"],
                          "acc": final_accuracy(ds["dir"], sched), "acc_before_retraining": ds.get("converted_acc_before_retraining"),
-                         "allocator": "snl" if counts else "uniform", "wall_s": ds.get("bench_wall_seconds")})  # fmt: skip
+                         "wall_s": ds.get("bench_wall_seconds"), "steps": ds["steps"], "curve": ds["curve"],
+                         "min_acc": min((a for _, a in ds["curve"]), default=None), "recipe": ds["recipe"],
+                         "overrides": ds["overrides"]})  # fmt: skip
             print(f"[{model}] {budget}: SNL {snl_acc} ({rows[-2]['relus']}) | DeepShare {rows[-1]['acc']} "
                   f"({rows[-1]['relus']})", flush=True)  # fmt: skip
     return rows
@@ -77,9 +82,37 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Test top-1 against optimizer steps, both methods, at each model's lowest budget."""
+    from deepshare_convert.plots import _plt, save_figure
+
+    plt = _plt()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model and r["method"] != "original"]
+        budget = min(mine, key=lambda r: float(r["budget"].rstrip("%")) if r["budget"].endswith("%") else 0)["budget"]
+        for r in mine:
+            if r["budget"] == budget and r.get("curve"):
+                steps, accs = zip(*r["curve"])
+                ax.plot(steps, accs, "o-" if r["method"] == "DeepShare" else "s--", ms=3,
+                        label=f"{r['method']} ({r['relus'] or 0:,} ReLUs): final {r['acc']}")  # fmt: skip
+                if r["method"] == "SNL" and r.get("search_steps"):
+                    ax.axvline(r["search_steps"], color="gray", ls=":", lw=1)
+                    ax.text(r["search_steps"], 5, " SNL search ends", color="gray", fontsize=8)
+        ax.set_xlabel("optimizer steps (batch 32)")
+        ax.set_ylabel("test top-1 (%, 2,000 images)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{model}, CIFAR-10, {budget} of the ReLUs")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, path)
+
+
 def table(rows: list[dict], sched: Schedule) -> str:
-    lines = ["| model | budget | DReLUs DeepShare / SNL | DeepShare top-1 | SNL top-1 | DeepShare − SNL | original |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| model | budget | DReLUs DeepShare / SNL | steps DeepShare / SNL | DeepShare top-1 (lowest) "
+             "| SNL top-1 | DeepShare − SNL | original |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for model in dict.fromkeys(r["model"] for r in rows):
         orig = next(r for r in rows if r["model"] == model and r["method"] == "original")
         for budget in dict.fromkeys(r["budget"] for r in rows if r["model"] == model and r["method"] != "original"):
@@ -87,7 +120,8 @@ def table(rows: list[dict], sched: Schedule) -> str:
             snl = next(r for r in rows if r["model"] == model and r["budget"] == budget and r["method"] == "SNL")
             gap = f"{ds['acc'] - snl['acc']:+.2f}" if snl["acc"] is not None else "—"
             snl_acc = f"{snl['acc']:.2f}" if snl["acc"] is not None else "not reached"
-            lines.append(f"| {model} | {budget} | {ds['relus']:,} / {snl['relus'] or 0:,} | {ds['acc']:.2f} | {snl_acc} "
+            lines.append(f"| {model} | {budget} | {ds['relus']:,} / {snl['relus'] or 0:,} | {ds['steps']:,} / "
+                         f"{snl['steps']:,} | {ds['acc']:.2f} ({ds['min_acc']}) | {snl_acc} "
                          f"| {gap} | {orig['acc']:.2f} ({orig['relus']:,}) |")  # fmt: skip
     return "\n".join(lines)
 
@@ -110,6 +144,7 @@ def main() -> None:
     name = "accuracy_vs_budget_quick" if args.quick else "accuracy_vs_budget" + suffix
     write_results(name, {"schedule": vars(sched), "rows": rows})
     plot(rows, RESULTS / f"{name}.png")
+    plot_curves(rows, RESULTS / f"{name}_curves.png")
     md = table(rows, sched)
     print(md)
     if not args.quick:
@@ -123,15 +158,20 @@ def _docs(md: str, sched: Schedule, args, name: str) -> str:
 
 Command: `python bench/accuracy_vs_budget.py --models {args.models} --budgets {args.budgets}{scale}` (JSON +
 Pareto PNG in `bench/results/{name}.*`). A CPU schedule: every run trains on the same fixed
-{sched.limit:,}-image subset of the shared CIFAR-10; DeepShare {sched.gelu_epochs} GELU + {sched.switch_epochs} switch +
-{sched.finetune_epochs} finetune epochs (Adam, batch {sched.batch_size}, KD from the pretrained model, group size
-{sched.group_size}, SNL allocation); SNL searches from λ = {sched.snl_lambda:g} and then finetunes for
-{sched.total_epochs} epochs. Top-1 on all 10,000 test images. The paper trains for hundreds of full-data epochs;
-these numbers compare the methods at equal (small) training, not the paper's absolute accuracy.
+{sched.limit:,}-image subset of the shared CIFAR-10 with batch {sched.batch_size}. SNL searches from λ =
+{sched.snl_lambda:g} and then finetunes for {sched.total_epochs} epochs; DeepShare (`recipes/resnet20_cifar10.yaml`:
+proportional allocation, π and affine fitted on 256 train images, one progressive phase that shares every channel
+over its first 30% and then trains the converted network, straight-through step gates γ = 4, KD from the original,
+Adam with one cosine decay; group size {sched.group_size}) trains for exactly as many optimizer steps as SNL's
+search and finetune together. Top-1 on all 10,000 test images; "lowest" is the lowest test top-1 (2,000 images) measured
+during DeepShare's training, every half epoch. The paper trains for hundreds of full-data epochs; these numbers
+compare the methods at equal (small) training, not the paper's absolute accuracy.
 
 {md}
 
 ![accuracy vs budget](../bench/results/{name}.png)
+
+![accuracy against steps](../bench/results/{name}_curves.png)
 """
 
 

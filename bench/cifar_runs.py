@@ -1,15 +1,17 @@
 """The CIFAR-10 runs behind accuracy_vs_budget.py and ablations.py: DeepShare and the SNL baseline.
 
-One schedule for every run, so that rows differ only in what they claim to differ:
+Fair accounting: every method gets the same **total optimizer steps** on the same data.
 
-* **DeepShare** is ``recipes/resnet20_cifar10.yaml`` (Adam, batch 32, KD) with the
-  bench's overrides: the budget, the allocator (``snl`` from the SNL run at the same
-  budget, as in the paper), ``group_size``, and a short schedule on a fixed train
-  subset (``Schedule``).  An ablation adds its own overrides.
 * **SNL** is the SNL search (lambda from 1e-2 so it reaches the budget within a CPU
-  budget; see docs/snl.md) followed by SNL's own finetune (SGD, cosine) for as many
-  epochs as DeepShare trains in all its phases.  Its per-site counts are the
-  DeepShare budget allocation.
+  budget; see docs/snl.md) followed by SNL's own finetune (SGD, cosine) for
+  ``Schedule.total_epochs`` epochs.  Its total -- search steps + finetune steps -- is
+  the step budget of every DeepShare run at that budget.
+* **DeepShare** is ``recipes/resnet20_cifar10.yaml`` (progressive sharing, straight-
+  through step gates, KD from the original) with the bench's overrides: the budget,
+  ``group_size``, the train subset, and phase lengths in steps that add up to SNL's
+  total.  A run that uses SNL's per-site counts as its allocation (``snl_counts``,
+  the paper's Sec. 3.2) has already spent the search's steps, so it trains only for
+  the rest.  An ablation adds its own overrides (or another recipe).
 
 Every run lives in its own directory under ``--runs`` (default ``out/bench``); a
 finished run is read back rather than redone, and an interrupted one resumes from
@@ -31,6 +33,7 @@ from common import ROOT
 
 SHARED = Path(os.environ.get("DEEPSHARE_SHARED", ROOT.parent / "shared"))
 RECIPE = ROOT / "recipes" / "resnet20_cifar10.yaml"
+PAPER_RECIPE = ROOT / "recipes" / "resnet20_cifar10_paper.yaml"
 WEIGHTS = {"resnet20": SHARED / "models" / "resnet20-12fca82f.th", "resnet56": SHARED / "models" / "resnet56-4bfd9763.th"}
 DATA = "cifar10-jpg"
 
@@ -48,8 +51,11 @@ class Schedule:
     snl_max_epochs: int = 20
     snl_max_steps: int | None = None
     snl_lambda: float = 1e-2
+    snl_lr: float = 1e-3  # SNL search's Adam lr (the quick smoke run raises it so that its search ends in 16 steps)
     batch_size: int = 32
     group_size: int = 4
+    progressive_share: float = 0.7  # DeepShare: fraction of the steps in the progressive phase (rest: finetune)
+    eval_every: int | None = 78  # DeepShare: a test-accuracy point every half epoch (5,000 images, batch 32)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,7 +72,7 @@ class Schedule:
     @classmethod
     def quick(cls) -> "Schedule":
         return cls(limit=256, run_test_limit=256, test_limit=500, gelu_epochs=1, switch_epochs=1, finetune_epochs=1,
-                   snl_max_epochs=2, snl_max_steps=16, snl_lambda=5e-2)  # fmt: skip
+                   snl_max_epochs=2, snl_max_steps=16, snl_lambda=5e-2, snl_lr=0.08, eval_every=4)  # fmt: skip
 
 
 def _slug(budget: str) -> str:
@@ -91,7 +97,7 @@ def run_snl_baseline(model: str, budget: str, sched: Schedule, runs: Path) -> di
     if results is None:
         config = SNLConfig(model=model, weights=str(WEIGHTS[model]), data=DATA, budget=budget,
                            batch_size=sched.batch_size, limit=sched.limit, test_limit=sched.run_test_limit,
-                           lam=sched.snl_lambda, warmup_epochs=0, max_epochs=sched.snl_max_epochs,
+                           lam=sched.snl_lambda, lr=sched.snl_lr, warmup_epochs=0, max_epochs=sched.snl_max_epochs,
                            max_steps=sched.snl_max_steps, check_every=20, finetune_epochs=sched.total_epochs)  # fmt: skip
         print(f"[{model}] SNL at {budget} -> {out}", flush=True)
         t0 = time.perf_counter()
@@ -101,32 +107,74 @@ def run_snl_baseline(model: str, budget: str, sched: Schedule, runs: Path) -> di
             results["snl_acc"] = None
     results["counts_file"] = str(out / "snl_counts.json")
     results["dir"] = str(out)
+    if (out / "metrics.jsonl").is_file():
+        results["steps"] = trained_steps(out)
+        results["curve"] = learning_curve(out)
     return results
 
 
-def run_deepshare(model: str, budget: str, sched: Schedule, runs: Path, *, name: str = "deepshare",
-                  snl_counts: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """One DeepShare retraining from the shared recipe with the bench schedule and ``overrides``."""
+def trained_steps(run_dir: str | Path) -> int:
+    """Optimizer steps a run took in all (its last global step in metrics.jsonl)."""
+    steps = [json.loads(line)["step"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return max(steps, default=0)
+
+
+def learning_curve(run_dir: str | Path) -> list[list[float]]:
+    """[step, test top-1] at every measured point of a run (epoch ends and mid-epoch eval points)."""
+    points = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line) if line else {}
+        if "test_acc" in m:
+            points[m["step"]] = round(m["test_acc"], 2)
+    return [[s, a] for s, a in sorted(points.items())]
+
+
+def phase_steps(recipe: Path, total: int, sched: Schedule) -> list[int]:
+    """Split ``total`` steps over the recipe's phases: all to a single phase, progressive/finetune by
+    ``progressive_share``, the paper's gelu/switch/finetune in the bench's epoch ratio (4:2:2)."""
+    import yaml
+
+    kinds = [p["kind"] for p in yaml.safe_load(recipe.read_text())["phases"]]
+    if len(kinds) == 1:
+        split = [1.0]
+    elif kinds == ["progressive", "finetune"]:
+        split = [sched.progressive_share, 1 - sched.progressive_share]
+    else:
+        weights = {"gelu": sched.gelu_epochs, "switch": sched.switch_epochs, "finetune": sched.finetune_epochs}
+        w = [weights.get(k, 1) for k in kinds]
+        split = [x / sum(w) for x in w]
+    steps = [int(total * f) for f in split]
+    steps[-1] += total - sum(steps)
+    return steps
+
+
+def run_deepshare(model: str, budget: str, sched: Schedule, runs: Path, *, steps: int, name: str = "deepshare",
+                  snl_counts: str | None = None, overrides: list[str] | None = None,
+                  recipe: Path = RECIPE) -> dict[str, Any]:  # fmt: skip
+    """One DeepShare retraining of ``steps`` optimizer steps in all, from ``recipe`` plus ``overrides``."""
     from deepshare_convert.training.retrain import resume, retrain
 
     out = runs / model / f"{name}_{_slug(budget)}"
     results = _done(out, "final_acc")
+    sets = [
+        f"model.name={model}", f"model.weights={WEIGHTS[model]}", f"conversion.budget={budget}",
+        f"conversion.group_size={sched.group_size}", f"data.limit={sched.limit}",
+        f"data.test_limit={sched.run_test_limit}",
+    ]  # fmt: skip
+    if snl_counts:
+        sets += ["conversion.allocator=snl", f"conversion.snl_counts={snl_counts}"]
+    sets += overrides or []  # before the phase lengths: an override may add a phase
+    for i, n in enumerate(phase_steps(recipe, steps, sched)):
+        sets += [f"phases.{i}.epochs=null", f"phases.{i}.steps={n}"]
+        if sched.eval_every:
+            sets.append(f"phases.{i}.eval_every={sched.eval_every}")
     if results is None:
-        sets = [
-            f"model.name={model}", f"model.weights={WEIGHTS[model]}", f"conversion.budget={budget}",
-            f"conversion.group_size={sched.group_size}", f"data.limit={sched.limit}",
-            f"data.test_limit={sched.run_test_limit}", f"phases.0.epochs={sched.gelu_epochs}",
-            f"phases.1.epochs={sched.switch_epochs}", f"phases.2.epochs={sched.finetune_epochs}",
-            "phases.1.switch_granularity=step",
-        ]  # fmt: skip
-        if snl_counts:
-            sets += ["conversion.allocator=snl", f"conversion.snl_counts={snl_counts}"]
-        sets += overrides or []
-        print(f"[{model}] {name} at {budget} -> {out}", flush=True)
+        print(f"[{model}] {name} at {budget}, {steps:,} steps -> {out}", flush=True)
         t0 = time.perf_counter()
-        result = resume(out) if (out / "checkpoint.pt").is_file() else retrain(RECIPE, out, overrides=sets)
+        result = resume(out) if (out / "checkpoint.pt").is_file() else retrain(recipe, out, overrides=sets)
         results = dict(result.results, bench_wall_seconds=round(time.perf_counter() - t0, 1))
-    results["dir"] = str(out)
+    results.update(dir=str(out), steps=trained_steps(out), curve=learning_curve(out),
+                   recipe=str(recipe.relative_to(ROOT)), overrides=sets)  # fmt: skip
     return results
 
 

@@ -104,6 +104,7 @@ def run_demo(which: str = "digits", out: str | Path = "out/demo", *, reporter: R
         "private": {k: v.to_dict() for k, v in private.items()},
         "estimate": {k: {f: v.to_dict()[f] for f in ("bytes", "rounds", "comparisons", "network_s", "compute_s", "latency_s")}
                      for k, v in est.items()},  # fmt: skip
+        "curve": _curve(run_dir),
         "speedup_network": est["original"].network_s / est["converted"].network_s,
         "speedup_latency": est["original"].latency_s / est["converted"].latency_s,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -114,11 +115,24 @@ def run_demo(which: str = "digits", out: str | Path = "out/demo", *, reporter: R
     return summary
 
 
+def _curve(run_dir: Path) -> list[list[float]]:
+    """[optimizer step, test top-1] of the converted model over retraining (pretraining left out)."""
+    import json
+
+    points: dict[int, float] = {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        m = json.loads(line)
+        if "test_acc" in m and m.get("kind") != "pretrain":
+            points[m["step"]] = round(m["test_acc"], 2)
+    return [[step, acc] for step, acc in sorted(points.items())]
+
+
 def _plot(s: dict[str, Any], path: Path) -> Path:
     from .plots import _plt, save_figure
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     axes[0].bar(["original\nReLUs", "converted\nDReLUs"], [s["relus_original"], s["drelus_converted"]], color=["grey", "C0"])
     axes[0].set_yscale("log")
     axes[0].set_ylim(bottom=1)
@@ -130,5 +144,13 @@ def _plot(s: dict[str, Any], path: Path) -> Path:
     mb = [s["private"][k]["parties"][0]["bytes"] / 2**20 for k in ("original", "converted")]
     axes[2].bar(["original", "converted"], mb, color=["grey", "C0"])
     axes[2].set_title(f"2PC bytes for {s['private_images']} images (MB)")
+    if s.get("curve"):
+        steps, accs = zip(*s["curve"])
+        axes[3].plot(steps, accs, "o-", ms=3, color="C0")
+        axes[3].axhline(s["accuracy_original"], color="grey", ls=":", label="original")
+        axes[3].set_xlabel("optimizer step")
+        axes[3].set_ylim(0, 100)
+        axes[3].legend(loc="lower right")
+    axes[3].set_title("converted model's test top-1 during retraining")
     fig.suptitle(f"deepshare demo ({s['demo']}): {s['speedup_network']:.1f}x less network latency")
     return save_figure(fig, path)

@@ -15,10 +15,18 @@ Two modules implement it, so that the fx graph shows where comparisons happen:
 * :class:`SharedGate` -- one per site: the per-channel affine and the product.
 
 Gate functions: ``step`` (DReLU: 1 if x >= 0 else 0, zero gradient, exactly as in
-the paper) and ``gelu`` (Phi(gamma*x), the Gaussian CDF, which lets gradients
-reach the prototypes).  During the progressive switch (mode ``mixed``) both are
-computed and every site picks, channel by channel, which one to use through its
-``switched`` mask (Supp. B: replicates switch independently of their prototype).
+the paper), ``gelu`` (Phi(gamma*x), the Gaussian CDF, which lets gradients
+reach the prototypes) and ``ste`` (the step forward, Phi(gamma*x)'s derivative
+backward: a straight-through estimator, so the model that trains is the step
+model and prototypes still learn from their replicates).  During the paper's
+switch (mode ``mixed``) both step and GELU are computed and every site picks,
+channel by channel, which one to use through its ``switched`` mask (Supp. B).
+
+Progressive sharing (training only): a site with ``blending`` on computes
+``x * ((1 - t_c) * DReLU(x_c) + t_c * (alpha_c * g_pi(c) + beta_c))`` with a
+per-channel ``blend`` t_c in [0, 1]: t = 0 is the original ReLU, t = 1 the
+shared gate.  The progressive phase moves every t to 1 (see training/phases.py),
+so conversion never falls from the intact network to chance at once.
 """
 
 from __future__ import annotations
@@ -30,9 +38,9 @@ import torch.nn as nn
 
 from .tracing import register_leaf_module
 
-__all__ = ["PrototypeGate", "SharedGate", "balanced_mapping", "GATE_MODES", "step_gate", "gelu_gate"]
+__all__ = ["PrototypeGate", "SharedGate", "balanced_mapping", "GATE_MODES", "step_gate", "gelu_gate", "ste_gate"]
 
-GATE_MODES = ("step", "gelu", "mixed")
+GATE_MODES = ("step", "gelu", "mixed", "ste")
 
 
 def balanced_mapping(channels: int, prototypes: int) -> torch.Tensor:
@@ -54,6 +62,30 @@ def step_gate(x: torch.Tensor) -> torch.Tensor:
 def gelu_gate(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """Phi(gamma * x): the gate factor of GELU, sharpened by gamma."""
     return 0.5 * (1.0 + torch.erf(x * (gamma / math.sqrt(2.0))))
+
+
+class _StraightThroughStep(torch.autograd.Function):
+    """Forward: DReLU.  Backward: d/dx Phi(gamma*x) = gamma * phi(gamma*x), a smooth surrogate."""
+
+    @staticmethod
+    def forward(ctx, x, gamma):
+        ctx.save_for_backward(x)
+        ctx.gamma = gamma
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        g = ctx.gamma
+        density = torch.exp(-0.5 * (g * x) ** 2) * (g / math.sqrt(2.0 * math.pi))
+        return grad * density, None
+
+
+def ste_gate(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """DReLU forward, gamma*phi(gamma*x) backward (straight-through with a Gaussian surrogate)."""
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return step_gate(x)
+    return _StraightThroughStep.apply(x, float(gamma))
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -101,6 +133,8 @@ class PrototypeGate(nn.Module):
             return self._replicate(step_gate(proto))
         if self._mode == "gelu":
             return self._replicate(gelu_gate(proto, self.gamma))
+        if self._mode == "ste":
+            return self._replicate(ste_gate(proto, self.gamma))
         both = torch.cat([step_gate(proto), gelu_gate(proto, self.gamma)], dim=1)
         index = torch.cat([self.mapping, self.mapping + self.prototypes])
         return both.index_select(1, index)
@@ -146,7 +180,10 @@ class SharedGate(nn.Module):
     """y = x * (alpha * g + beta) per channel, with g the group's replicated gate.
 
     ``switched`` (bool per channel) selects the step gate over the GELU gate
-    when the group runs in ``mixed`` mode; it is ignored otherwise.
+    when the group runs in ``mixed`` mode; it is ignored otherwise.  ``blending``
+    (off outside the progressive phase) mixes in the channel's own DReLU with
+    weight ``1 - blend``; ``blend`` is not saved: the phase sets it every step and
+    leaves it at 1 (no own comparisons) when it ends.
     """
 
     def __init__(self, channels: int):
@@ -155,6 +192,8 @@ class SharedGate(nn.Module):
         self.alpha = nn.Parameter(torch.ones(channels))
         self.beta = nn.Parameter(torch.zeros(channels))
         self.register_buffer("switched", torch.zeros(channels, dtype=torch.bool), persistent=True)
+        self.register_buffer("blend", torch.ones(channels), persistent=False)
+        self.blending = False
         self.mode = "step"
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -163,6 +202,10 @@ class SharedGate(nn.Module):
             gate = gate.index_select(1, torch.where(self.switched, c, c + self.channels))
         alpha = _channel_view(self.alpha, x.dim())
         beta = _channel_view(self.beta, x.dim())
+        if self.blending:
+            own = step_gate(x.detach())
+            t = _channel_view(self.blend, x.dim())
+            return x * (own + t * (torch.addcmul(beta, alpha, gate) - own))
         if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
             return _SharedGateFn.apply(x, gate, alpha, beta)
         return x * torch.addcmul(beta, alpha, gate)

@@ -68,6 +68,10 @@ class Conversion(_Strict):
         "learned", description="ablation: frozen keeps alpha=1, beta=0 (replicates copy the gate as is)")
     replicates: Literal["shared", "none"] = Field(
         "shared", description="ablation: none switches replicate channels off (prototypes only; group_size 1)")
+    init: Literal["naive", "data"] = Field(
+        "naive", description="naive: pi(c) = (c - P) mod P, alpha = 1, beta = 0; data: pi and (alpha, beta) "
+        "fitted to the original network's gates on calibration images (deepshare_convert.calibration)")
+    calibration_images: int = Field(256, gt=0, description="train images used by init: data and order: distortion")
 
     @model_validator(mode="after")
     def _replicates_need_own_gates(self):
@@ -88,6 +92,8 @@ class LearningRate(_Strict):
     end: Optional[float] = Field(None, ge=0)
     scheduler: Literal["linear", "cosine", "poly", "none"] = "none"
     power: float = 0.9
+    decay_end: float = Field(1.0, gt=0, le=1, description="linear: fraction of the phase at which lr reaches "
+                             "end (the paper's Table 7 uses 0.75)")
 
     @model_validator(mode="after")
     def _end(self):
@@ -104,10 +110,29 @@ class KD(_Strict):
     temperature: float = Field(4.0, gt=0)
     weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0)
+    feature_weight: float = Field(0.0, ge=0, description="per-site feature distillation (normalised MSE of every "
+                                  "site's output to the original ReLU's); needs teacher: original")
+
+    @model_validator(mode="after")
+    def _features_from_original(self):
+        if self.feature_weight > 0 and self.teacher != "original":
+            raise ValueError("feature_weight needs teacher: original (its ReLU outputs are the targets)")
+        return self
+
+
+class Progressive(_Strict):
+    ramp_end: float = Field(0.6, ge=0, le=1, description="fraction of the phase by which every channel is shared "
+                            "(0: abrupt conversion, every channel shared from the first step)")
+    order: Literal["together", "distortion"] = Field(
+        "together", description="together: all channels ramp at once; distortion: least distorted channels first")
+    window: float = Field(0.25, gt=0, le=1, description="distortion: each channel's ramp, as a fraction of ramp_end")
+    easing: Literal["linear", "quadratic"] = Field(
+        "linear", description="t against ramp progress u: linear t = u, or quadratic t = 1 - (1 - u)^2 (slows "
+        "down as t nears 1, where accuracy is most sensitive)")
 
 
 class Phase(_Strict):
-    kind: Literal["pretrain", "gelu", "switch", "finetune"]
+    kind: Literal["pretrain", "gelu", "switch", "finetune", "progressive"]
     epochs: Optional[int] = Field(None, gt=0)
     steps: Optional[int] = Field(None, gt=0)
     batch_size: int = Field(128, gt=0)
@@ -118,11 +143,23 @@ class Phase(_Strict):
     switch_granularity: Literal["epoch", "step"] = Field(
         "epoch", description="switch: advance the switched fraction once per epoch (paper) or every step"
     )
+    gate: Optional[Literal["step", "ste", "gelu"]] = Field(
+        None, description="gate of a progressive (default ste) or finetune (default step) phase; ste = step "
+        "forward, gamma*phi(gamma*x) backward")
+    gamma: Optional[float] = Field(None, gt=0, description="sharpness of the GELU / ste surrogate in this phase "
+                                   "(default: conversion.gamma)")
+    progressive: Optional[Progressive] = Field(None, description="schedule of a progressive phase")
+    eval_every: Optional[int] = Field(None, gt=0, description="also measure test accuracy every N steps")
 
     @model_validator(mode="after")
     def _length(self):
         if (self.epochs is None) == (self.steps is None):
             raise ValueError("give exactly one of epochs or steps")
+        if self.progressive is not None and self.kind != "progressive":
+            raise ValueError("progressive settings belong to a phase of kind progressive")
+        allowed = {"progressive": ("step", "ste", "gelu"), "finetune": ("step", "ste")}.get(self.kind, ())
+        if self.gate is not None and self.gate not in allowed:
+            raise ValueError(f"gate {self.gate!r} does not apply to a {self.kind} phase")
         return self
 
 
@@ -177,7 +214,11 @@ def _set_path(data: dict, dotted: str, value: Any, source: str) -> None:
     last = keys[-1]
     if isinstance(node, list):
         try:
-            node[int(last)] = value
+            index = int(last)
+            if index == len(node):  # one past the end appends (e.g. --set 'phases.2={kind: finetune, ...}')
+                node.append(value)
+            else:
+                node[index] = value
         except (ValueError, IndexError):
             raise RecipeError(f"{source}: {dotted!r} is not an index of the list") from None
     else:

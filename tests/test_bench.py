@@ -59,9 +59,16 @@ def test_cifar_bench_quick(script, cifar_runs):
         assert rows[0]["relus"] == 188_416 and rows[0]["acc"] > 70
         budgets = {"8%": 15_073, "3%": 5_652}
         assert all(r["relus"] <= budgets[r["budget"]] for r in rows if r["method"] == "DeepShare")
-        assert all(r["allocator"] == "snl" for r in rows if r["method"] == "DeepShare")
+        for snl, ds in [(rows[1], rows[2]), (rows[3], rows[4])]:  # equal total optimizer steps, search included
+            assert ds["steps"] == snl["steps"] > snl["search_steps"] > 0
+            assert ds["recipe"] == "recipes/resnet20_cifar10.yaml" and ds["curve"] and snl["curve"]
+            assert ds["min_acc"] == min(a for _, a in ds["curve"])
+        assert (ROOT / "bench" / "results" / f"{name}_curves.png").is_file()
     else:
-        assert [r["name"] for r in rows] == ["deepshare", "no_affine", "no_layer_sharing", "no_budget", "no_gelu",
-                                             "no_replicates"]  # fmt: skip
-        assert all(9_088 <= r["drelus"] <= 15_073 for r in rows)
+        assert [r["name"] for r in rows] == ["deepshare", "abrupt", "no_ste", "no_kd", "naive_init", "distortion_order",
+                                             "feature_kd", "quadratic_easing", "snl_alloc", "paper"]  # fmt: skip
+        assert all(r["drelus"] <= 15_073 for r in rows)
         assert all(0 <= r["acc"] <= 100 for r in rows)
+        full = rows[0]["steps"]
+        assert all(r["steps"] == full for r in rows if r["name"] != "snl_alloc")
+        assert 0 < rows[-2]["steps"] < full  # the SNL allocation's search steps count against it

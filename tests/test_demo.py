@@ -19,6 +19,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert s["private"]["converted"]["comparisons"] == 4 * 608
     assert s["private"]["converted"]["parties"][0]["bytes"] < s["private"]["original"]["parties"][0]["bytes"] / 5
     assert s["speedup_network"] > 1
+    assert len(s["curve"]) >= 3 and all(0 <= acc <= 100 for _, acc in s["curve"])  # the retraining curve
     saved = json.loads((tmp_path / "summary_digits.json").read_text())
     assert saved["drelus_converted"] == 608
     assert (tmp_path / "summary_digits.png").read_bytes()[:4] == b"\x89PNG"

@@ -137,7 +137,7 @@ def retrain(
                                                       "from its last checkpoint.")] = None,
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
-    """Three-phase DeepShare retraining (GELU -> switch -> finetune) driven by a recipe."""
+    """DeepShare retraining driven by a recipe (progressive sharing, or the paper's GELU -> switch -> finetune)."""
     from ..training.retrain import resume, retrain as run_retrain
     from .progress import TrainingReporter
 

@@ -47,7 +47,7 @@ class TrainingReporter:
     def epoch(self, m: dict) -> None:
         if self.progress is None:
             return
-        extra = "".join(f" {k} {m[k]}" for k in ("switched", "live", "lambda") if k in m)
+        extra = "".join(f" {k} {m[k]}" for k in ("switched", "shared", "live", "lambda") if k in m)
         test = f" test {m['test_acc']:.2f}%" if "test_acc" in m else ""
         self.progress.console.print(
             f"  {m['kind']} epoch {m['epoch']}: loss {m['loss']:.4f} train {m['train_acc']:.2f}%{test}{extra}"

@@ -108,6 +108,12 @@ def demo_summary_table(s: dict) -> Table:
         ("est. latency incl. compute", f"{e['original']['latency_s'] * 1e3:.1f} ms",
          f"{e['converted']['latency_s'] * 1e3:.1f} ms ({s['speedup_latency']:.1f}x faster)"),
     ]  # fmt: skip
+    curve = s.get("curve") or []
+    if curve:
+        lowest = min(acc for _, acc in curve)
+        shown = curve[:: max(1, len(curve) // 8)][:8] + ([curve[-1]] if len(curve) > 8 else [])
+        rows.insert(2, ("top-1 during retraining (step: %)", f"lowest {lowest:.1f}",
+                        " ".join(f"{step}:{acc:.0f}" for step, acc in dict.fromkeys(map(tuple, shown)))))  # fmt: skip
     for row in rows:
         table.add_row(*row)
     return table

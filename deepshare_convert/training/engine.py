@@ -67,6 +67,8 @@ class PhaseSpec:
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     temperature: float = 4.0
+    decay_end: float = 1.0  # linear schedule: fraction of the phase at which lr reaches its end value
+    eval_every: int | None = None  # also measure test accuracy every N steps (a curve, not only epoch ends)
     params: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
 
 
@@ -247,16 +249,17 @@ class Trainer:
                     self.fail_at_step = None
                     raise KeyboardInterrupt
                 lr = lr_at(step_in_phase, total_steps, spec.lr_start, spec.lr_end if spec.lr_end is not None
-                           else spec.lr_start, spec.scheduler, spec.power)  # fmt: skip
+                           else spec.lr_start, spec.scheduler, spec.power, spec.decay_end)  # fmt: skip
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 hooks.before_step(self._bare(), step_in_phase, total_steps, epoch, epochs)
                 logits = model(x)
                 loss = spec.ce_weight * task_loss(logits, y) if spec.ce_weight else logits.new_zeros(())
-                if teacher is not None and spec.kd_weight:
+                if teacher is not None:  # also run for its side effects (feature distillation's taps)
                     with torch.no_grad():
                         target = teacher(x)
-                    loss = loss + spec.kd_weight * kd_loss(logits, target, spec.temperature)
+                    if spec.kd_weight:
+                        loss = loss + spec.kd_weight * kd_loss(logits, target, spec.temperature)
                 penalty = hooks.extra_loss(self._bare())
                 if penalty is not None:
                     loss = loss + penalty
@@ -280,6 +283,8 @@ class Trainer:
             loss_sum += float(loss.detach()) * n
             correct += _correct(logits.detach(), y)
             self.reporter.advance({"loss": loss_sum / seen, "lr": lr})
+            if spec.eval_every and (self.global_step - phase_step0) % spec.eval_every == 0:
+                self._eval_point(phase_index, spec, epoch, hooks)
             if hooks.after_step(self._bare(), self.global_step - phase_step0):
                 break
         self.dist.sync_buffers(self._bare())
@@ -298,6 +303,15 @@ class Trainer:
             metrics.update(test_acc=result.top1, test_loss=result.loss)
         self.dist.barrier()
         return metrics
+
+    def _eval_point(self, phase_index: int, spec: PhaseSpec, epoch: int, hooks: PhaseHooks) -> None:
+        """A mid-epoch test-accuracy point for the learning curve (metrics.jsonl, ``"eval": true``)."""
+        if self.test_loader is None or not self.dist.is_main:
+            return
+        result = evaluate(self._bare(), self.test_loader)
+        record = {"phase": phase_index, "kind": spec.name, "epoch": epoch, "step": self.global_step, "eval": True,
+                  "test_acc": result.top1, "test_loss": result.loss, **hooks.metrics(self._bare())}  # fmt: skip
+        self.log_metrics(record)
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:

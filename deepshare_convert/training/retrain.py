@@ -54,6 +54,7 @@ def _phase_spec(phase: Phase, teacher: nn.Module | None) -> PhaseSpec:
         momentum=phase.optimizer.momentum, weight_decay=phase.optimizer.weight_decay,
         nesterov=phase.optimizer.nesterov, ce_weight=phase.kd.ce_weight,
         kd_weight=phase.kd.weight if teacher is not None else 0.0, temperature=phase.kd.temperature,
+        decay_end=phase.lr.decay_end, eval_every=phase.eval_every,
     )  # fmt: skip
 
 
@@ -125,6 +126,13 @@ class _Run:
     def test_loader(self):
         return self.loader(self.test_split, train=False, batch_size=self.recipe.data.eval_batch_size)
 
+    def calibration_images(self) -> torch.Tensor:
+        """The first N train images, unaugmented (the same on every rank and on resume)."""
+        n = self.recipe.conversion.calibration_images if self.recipe.conversion else 256
+        loader = make_loader(self.train_split, self.info, train=False, batch_size=n, mean=self.mean, std=self.std,
+                             augment=False, limit=n)  # fmt: skip
+        return next(iter(loader))[0]
+
     def accuracy(self, model: nn.Module) -> float:
         return evaluate(model, self.test_loader()).top1
 
@@ -150,6 +158,10 @@ class _Run:
                                 group_size=c.group_size, gamma=c.gamma, keep=c.keep, snl_counts=counts,
                                 spec=spec)  # fmt: skip
             self.plan, self.student = converted.plan, converted.model
+            if c.init == "data":
+                from ..calibration import fit_sharing
+
+                self.note(sharing_fit=fit_sharing(self.student, self.plan, self.calibration_images()))
             if self.dist.is_main:
                 self.plan.save(self.out)
         else:
@@ -159,9 +171,13 @@ class _Run:
 
     def teacher_for(self, index: int, phase: Phase) -> nn.Module | None:
         kind = phase.kd.teacher
-        if kind == "none" or phase.kd.weight == 0:
+        if kind == "none" or (phase.kd.weight == 0 and phase.kd.feature_weight == 0):
             return None
         if kind == "original":
+            if phase.kd.feature_weight > 0 and phase.kind != "pretrain":
+                from .features import tapped_teacher
+
+                return tapped_teacher(self.original, self.plan)
             teacher = copy.deepcopy(self.original).eval()
             return teacher
         source = index - 1
@@ -213,8 +229,14 @@ class _Run:
         if self.reporter is not None:
             trainer.reporter = self.reporter
         trainer.global_step = state["global_step"] if state is not None else self.global_step
-        trainer.run_phase(index, _phase_spec(phase, teacher), hooks_for(phase.kind, phase.switch_granularity),
-                          teacher, resume=state)  # fmt: skip
+        progressive = phase.progressive.model_dump() if phase.progressive else None
+        hooks = hooks_for(phase.kind, phase.switch_granularity, gate=phase.gate, gamma=phase.gamma,
+                          progressive=progressive, calibration=self.calibration_images)  # fmt: skip
+        if teacher is not None and phase.kd.feature_weight > 0 and phase.kind != "pretrain":
+            from .features import FeatureDistillation
+
+            hooks = FeatureDistillation(hooks, teacher, phase.kd.feature_weight)
+        trainer.run_phase(index, _phase_spec(phase, teacher), hooks, teacher, resume=state)
         self.fail_at_step, self.global_step = trainer.fail_at_step, trainer.global_step
         if self.dist.is_main:
             _save_tensors(model, self.out / "phases" / f"phase{index}.safetensors")

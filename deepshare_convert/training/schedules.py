@@ -1,7 +1,7 @@
 """Per-step learning-rate schedules: lr(step) from ``start`` to ``end`` over a phase.
 
-* ``linear`` -- linear decay reaching ``end`` at 75% of the phase, flat after
-  (the paper's Table 7 convention);
+* ``linear`` -- linear decay reaching ``end`` at ``decay_end`` of the phase (1.0 by
+  default: the whole phase); the paper's Table 7 convention is 0.75, flat after;
 * ``cosine`` -- half-cosine from start to end;
 * ``poly``   -- (1 - t)^power decay (DeepLab's PolyLR), floored at ``end``;
 * ``none``   -- constant ``start``.
@@ -17,13 +17,13 @@ __all__ = ["SCHEDULERS", "lr_at"]
 
 
 def lr_at(step: int, total_steps: int, start: float, end: float, kind: str = "none", power: float = 0.9,
-          linear_end_fraction: float = 0.75) -> float:  # fmt: skip
+          decay_end: float = 1.0) -> float:  # fmt: skip
     """Learning rate for ``step`` in [0, total_steps)."""
     if kind == "none" or total_steps <= 1:
         return start
     t = min(max(step / (total_steps - 1), 0.0), 1.0)
     if kind == "linear":
-        return start + (end - start) * min(t / linear_end_fraction, 1.0)
+        return start + (end - start) * min(t / max(decay_end, 1e-9), 1.0)
     if kind == "cosine":
         return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
     if kind == "poly":
