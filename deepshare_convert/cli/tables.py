@@ -112,8 +112,8 @@ def demo_summary_table(s: dict) -> Table:
     if curve:
         lowest = min(acc for _, acc in curve)
         shown = curve[:: max(1, len(curve) // 8)][:8] + ([curve[-1]] if len(curve) > 8 else [])
-        rows.insert(2, ("top-1 during retraining (step: %)", f"lowest {lowest:.1f}",
-                        " ".join(f"{step}:{acc:.0f}" for step, acc in dict.fromkeys(map(tuple, shown)))))  # fmt: skip
+        points = " ".join(f"{step}:{acc:.0f}" for step, acc in dict.fromkeys(map(tuple, shown)))
+        rows.insert(2, ("top-1 during retraining (step:%)", "", f"lowest {lowest:.1f}; {points}"))
     for row in rows:
         table.add_row(*row)
     return table
