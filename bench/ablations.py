@@ -160,7 +160,8 @@ Command: `python bench/ablations.py --rows {args.rows} --model {args.model} --bu
 `bench/results/{name}.*`): {what}. Same CPU schedule and the same total optimizer steps as the SNL
 baseline at this budget (a row that uses the SNL search's allocation trains only for the steps the search left);
 original top-1 {orig_acc:.2f}% with {relus:,} ReLUs. Top-1 on all 10,000 test images; "lowest" on 2,000 images,
-every half epoch.
+every half epoch for the first row and at epoch ends for the others (a run that converts abruptly starts near 10%,
+before its first point).
 
 {md}
 

@@ -99,13 +99,13 @@ def plot_curves(rows: list[dict], path: Path) -> None:
                         label=f"{r['method']} ({r['relus'] or 0:,} ReLUs): final {r['acc']}")  # fmt: skip
                 if r["method"] == "SNL" and r.get("search_steps"):
                     ax.axvline(r["search_steps"], color="gray", ls=":", lw=1)
-                    ax.text(r["search_steps"], 5, " SNL search ends", color="gray", fontsize=8)
+                    ax.text(r["search_steps"], 92, " SNL search ends", color="gray", fontsize=8)
         ax.set_xlabel("optimizer steps (batch 32)")
         ax.set_ylabel("test top-1 (%, 2,000 images)")
         ax.set_ylim(0, 100)
         ax.set_title(f"{model}, CIFAR-10, {budget} of the ReLUs")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="lower left", fontsize=8)
     save_figure(fig, path)
 
 
