@@ -31,6 +31,8 @@ from typing import Any
 
 from common import ROOT
 
+from deepshare_convert.training.engine import learning_curve
+
 SHARED = Path(os.environ.get("DEEPSHARE_SHARED", ROOT.parent / "shared"))
 RECIPE = ROOT / "recipes" / "resnet20_cifar10.yaml"
 PAPER_RECIPE = ROOT / "recipes" / "resnet20_cifar10_paper.yaml"
@@ -117,16 +119,6 @@ def trained_steps(run_dir: str | Path) -> int:
     """Optimizer steps a run took in all (its last global step in metrics.jsonl)."""
     steps = [json.loads(line)["step"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     return max(steps, default=0)
-
-
-def learning_curve(run_dir: str | Path) -> list[list[float]]:
-    """[step, test top-1] at every measured point of a run (epoch ends and mid-epoch eval points)."""
-    points = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line) if line else {}
-        if "test_acc" in m:
-            points[m["step"]] = round(m["test_acc"], 2)
-    return [[s, a] for s, a in sorted(points.items())]
 
 
 def phase_steps(recipe: Path, total: int, sched: Schedule) -> list[int]:

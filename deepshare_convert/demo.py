@@ -20,7 +20,7 @@ from .models import load_model
 from .plan import write_json_atomic
 from .recipes import load_recipe
 from .rewrite import load as load_converted
-from .training.engine import Reporter
+from .training.engine import Reporter, learning_curve
 from .training.retrain import PRETRAINED, retrain
 
 __all__ = ["RECIPES_DIR", "run_demo"]
@@ -117,15 +117,7 @@ def run_demo(which: str = "digits", out: str | Path = "out/demo", *, reporter: R
 
 def _curve(run_dir: Path) -> list[list[float]]:
     """[optimizer step, test top-1] of the converted model over retraining (pretraining left out)."""
-    import json
-
-    points: dict[int, float] = {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        m = json.loads(line)
-        if "test_acc" in m and m.get("kind") != "pretrain":
-            points[m["step"]] = round(m["test_acc"], 2)
-    return [[step, acc] for step, acc in sorted(points.items())]
+    return learning_curve(run_dir, skip_kinds=("pretrain",)) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 def _plot(s: dict[str, Any], path: Path) -> Path:

@@ -329,5 +329,15 @@ def _make_optimizer(spec: PhaseSpec, params: list[nn.Parameter]) -> torch.optim.
     raise TrainingError(f"unknown optimizer {spec.optimizer!r}")
 
 
+def learning_curve(run_dir: str | Path, skip_kinds: tuple[str, ...] = ()) -> list[list[float]]:
+    """[step, test top-1] at every measured point of a run (epoch ends and ``eval_every`` points), by step."""
+    points: dict[int, float] = {}
+    for line in (Path(run_dir) / METRICS).read_text().splitlines():
+        m = json.loads(line) if line else {}
+        if "test_acc" in m and m.get("kind") not in skip_kinds:
+            points[m["step"]] = round(m["test_acc"], 2)
+    return [[step, acc] for step, acc in sorted(points.items())]
+
+
 def read_resume_state(out: str | Path) -> dict[str, Any]:
     return load_checkpoint(Path(out) / CHECKPOINT)

@@ -151,14 +151,10 @@ class ProgressivePhase(PhaseHooks):
     def on_phase_start(self, model):
         set_gate_mode(model, self.gate)
         set_gamma(model, self.gamma)
-        sites = self._sites(model)
-        if self.starts is None:  # a fresh phase (a resumed one loaded its starts)
-            self.starts = self._schedule(model, sites)
         self.width = self.ramp_end if self.order == "together" else max(self.window * self.ramp_end, 1e-9)
         self._protos = self._leader_prototypes(model)
-        for m in sites.values():
+        for m in self._sites(model).values():
             m.blending = True
-        self._apply(model, 0.0)
 
     def _schedule(self, model, sites) -> dict[str, torch.Tensor]:
         if self.order == "together" or self.ramp_end <= 0:
@@ -181,6 +177,8 @@ class ProgressivePhase(PhaseHooks):
         return starts
 
     def _apply(self, model, fraction: float) -> None:
+        if self.starts is None:  # first step of a fresh phase (a resumed one loaded its starts: no recalibration)
+            self.starts = self._schedule(model, self._sites(model))
         self.fraction = fraction
         for name, m in self._sites(model).items():
             if self.ramp_end <= 0:
