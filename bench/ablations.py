@@ -9,20 +9,23 @@ same run as accuracy_vs_budget.py's).
 
 ``--rows mechanisms`` (default, at 2%): what recipes/resnet20_cifar10.yaml adds to the paper.
 
-* full recipe -- progressive sharing, straight-through step gates (gamma 4), KD from the
-  original, pi and affine fitted from data, proportional allocation;
+* full recipe -- progressive sharing (quadratic easing), straight-through step gates
+  (gamma 4), KD from the original, pi and affine fitted from data, equal DReLUs per group;
 * abrupt conversion -- every channel on the shared gate from the first step (``ramp_end: 0``);
 * no straight-through -- plain step gates: prototypes get no gradient (``gate: step``);
 * no distillation -- cross-entropy only (``kd.weight: 0``);
 * naive pi / affine -- pi(c) = (c - P) mod P, alpha = 1, beta = 0 (``init: naive``);
+* linear easing -- t grows linearly along the ramp instead of t = 1 - (1 - u)^2 (slower
+  near t = 1, where accuracy is most sensitive);
+* proportional allocation -- DReLUs proportional to each group's ReLUs instead of equal
+  per group;
 * SNL allocation -- per-layer budgets from the SNL search, whose steps then count too;
 * paper procedure -- recipes/resnet20_cifar10_paper.yaml (abrupt conversion, GELU phase,
   switch, finetune, KD from the GELU phase) at the same steps.
 
-``--rows extras`` (2%): mechanisms built but not yet measured at full length -- + distortion
-order (least distorted channels shared first), + feature distillation (per-site normalised
-MSE to the original ReLU outputs, weight 1) and + quadratic easing (t = 1 - (1 - u)^2 along the
-ramp: slower near t = 1, where accuracy is most sensitive).
+``--rows extras`` (2%): mechanisms built but not in the recipe -- + distortion order (least
+distorted channels shared first), + feature distillation (per-site normalised MSE to the
+original ReLU outputs, weight 1).
 
 ``--rows table5`` (default 8%): the paper's Table 5 rows on the paper procedure (no affine,
 no layer sharing, no budget, no GELU phase, no replicates).  The budget must leave one
@@ -57,6 +60,9 @@ MECHANISMS = [
     ("no_ste", "no straight-through (plain step gates)", RECIPE, False, ["phases.0.gate=step"], None),
     ("no_kd", "no distillation (CE only)", RECIPE, False, ["phases.0.kd.weight=0"], None),
     ("naive_init", "naive pi / affine (no data fit)", RECIPE, False, ["conversion.init=naive"], None),
+    ("linear_easing", "linear easing of t (not quadratic)", RECIPE, False, ["phases.0.progressive.easing=linear"], None),
+    ("proportional", "proportional allocation (not equal per group)", RECIPE, False,
+     ["conversion.allocator=proportional"], None),
     ("snl_alloc", "SNL allocation (search steps count)", RECIPE, True, [], None),
     ("paper", "paper procedure (GELU, switch, finetune)", PAPER_RECIPE, False, PAPER, None),
 ]  # fmt: skip
@@ -75,8 +81,6 @@ EXTRAS = [
     ("distortion_order", "+ distortion order (least distorted first)", RECIPE, False,
      ["phases.0.progressive.order=distortion"], None),
     ("feature_kd", "+ feature distillation (weight 1)", RECIPE, False, ["phases.0.kd.feature_weight=1"], None),
-    ("quadratic_easing", "+ quadratic easing of t (slower near t = 1)", RECIPE, False,
-     ["phases.0.progressive.easing=quadratic"], None),
 ]  # fmt: skip
 ROW_SETS = {"mechanisms": (MECHANISMS, "2%"), "extras": (MECHANISMS[:1] + EXTRAS, "2%"), "table5": (TABLE5, "8%")}
 

@@ -7,6 +7,9 @@ channel granularity allows.
 
 * ``uniform``      -- the same fraction of channels everywhere;
 * ``proportional`` -- DReLUs proportional to the group's original ReLU count;
+* ``equal``        -- the same DReLUs in every group: deep groups, whose channels are
+                      cheap (small spatial size), get a larger fraction of prototypes --
+                      the direction the SNL search takes (docs/results.md);
 * ``snl``          -- proportional to the ReLUs SNL kept at the group's sites
                       (paper Sec. 3.2), scaled so the total fits.
 """
@@ -24,7 +27,7 @@ from .grouping import Group
 
 __all__ = ["parse_budget", "allocate", "ALLOCATORS", "read_snl_counts"]
 
-ALLOCATORS = ("uniform", "proportional", "snl")
+ALLOCATORS = ("uniform", "proportional", "equal", "snl")
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000}
 _BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kKmM%]?)\s*$")
 
@@ -91,6 +94,8 @@ def _target_weights(groups, allocator, snl_counts) -> list[float]:
         return [g.channels * g.spatial for g in groups]  # same fraction f of every group's channels
     if allocator == "proportional":
         return [float(g.relus) for g in groups]
+    if allocator == "equal":
+        return [1.0 for _ in groups]
     if allocator == "snl":
         if not snl_counts:
             raise BudgetError("--allocator snl needs --snl-counts FILE (written by `deepshare snl`)")

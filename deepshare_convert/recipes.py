@@ -59,7 +59,7 @@ class DataSection(_Strict):
 
 class Conversion(_Strict):
     budget: str
-    allocator: Literal["uniform", "proportional", "snl"] = "uniform"
+    allocator: Literal["uniform", "proportional", "equal", "snl"] = "uniform"
     snl_counts: Optional[str] = None
     group_size: int = Field(2, ge=1)
     gamma: float = Field(1.0, gt=0)

@@ -141,7 +141,7 @@ def test_parse_budget_errors(text, total):
         parse_budget(text, total)
 
 
-@pytest.mark.parametrize("allocator", ["uniform", "proportional", "snl"])
+@pytest.mark.parametrize("allocator", ["uniform", "proportional", "equal", "snl"])
 @pytest.mark.parametrize("budget", ["2%", "6k", "12.9k", "49.9k"])
 @pytest.mark.parametrize("group_size", [1, 2, 3])
 def test_allocators_respect_budget(allocator, budget, group_size):
@@ -166,6 +166,17 @@ def test_allocators_differ():
     snl = allocate(groups, 15_000, "snl", {s.name: (4000 if s.name.startswith("layer3") else 100) for s in c.sites})
     assert uni != snl
     assert snl[-1] / groups[-1].channels > uni[-1] / groups[-1].channels  # SNL's counts moved budget to layer3
+
+
+def test_equal_allocator_spends_alike_per_group():
+    """``equal`` gives every group the same DReLUs (up to one channel), so cheap deep channels get a larger share."""
+    loaded = load_model("resnet20")
+    groups = group_sites(census(loaded.model, loaded.input_size).sites, 2)
+    protos = allocate(groups, 15_000, "equal")
+    spent = [p * g.spatial for g, p in zip(groups, protos)]
+    deep = [s for g, s in zip(groups, spent) if g.spatial == 64]
+    assert max(deep) - min(deep) <= 64 and min(deep) > 15_000 / len(groups) - 2 * 64
+    assert protos[-1] / groups[-1].channels > 0.4 > allocate(groups, 15_000, "proportional")[-1] / groups[-1].channels
 
 
 def test_budget_below_minimum_and_kept():

@@ -79,7 +79,7 @@ def convert(
                                         "model's ReLUs.", show_default=False)],
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory "
                                                "[default: out/MODEL-BUDGET].")] = None,
-    allocator: Annotated[str, typer.Option(help="uniform | proportional | snl.")] = "uniform",
+    allocator: Annotated[str, typer.Option(help="uniform | proportional | equal | snl.")] = "uniform",
     snl_counts: Annotated[Optional[str], typer.Option("--snl-counts", help="snl_counts.json from "
                                                       "`deepshare snl` (for --allocator snl).")] = None,
     group_size: Annotated[int, typer.Option(help="Consecutive same-shape sites sharing one gate "
