@@ -51,6 +51,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import BudgetError, DeepShareError, PlanError
+from .outputs import check_output_dir
 from .plan import Plan, write_json_atomic
 from .tracing import census, example_input, find_sites, model_dtype, propagate_shapes, register_leaf_module, trace
 from .training.engine import CHECKPOINT, PhaseHooks, PhaseSpec, Reporter, Trainer, read_resume_state
@@ -421,7 +422,7 @@ def run_snl(config: SNLConfig, out: str | Path, *, reporter: Reporter | None = N
             fail_at_step: int | None = None) -> SNLResult:  # fmt: skip
     """Run the search (and the finetune, with ``finetune_epochs``) into ``out`` from scratch."""
     config.validate()
-    out = Path(out)
+    out = check_output_dir(out)
     if (out / CHECKPOINT).exists():
         raise DeepShareError(f"{out} already holds a run; continue it with --resume {out}, or choose another -o")
     if config.weights is not None and Path(config.weights).is_file():

@@ -10,7 +10,9 @@ import typer
 
 from . import errors as cli_errors
 from .console import console
-from .options import InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustPickleOpt, WeightsOpt
+from .options import (
+    InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustPickleOpt, WeightsOpt, check_out_dir,
+)  # fmt: skip
 
 app = typer.Typer(
     name="deepshare",
@@ -77,7 +79,7 @@ def convert(
     model: ModelArg,
     budget: Annotated[str, typer.Option("--budget", "-b", help="DReLU budget: 12k, 1.5M, 6000 or 2.5% of the "
                                         "model's ReLUs.", show_default=False)],
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory "
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory "
                                                "[default: out/MODEL-BUDGET].")] = None,
     allocator: Annotated[str, typer.Option(help="uniform | proportional | snl.")] = "uniform",
     snl_counts: Annotated[Optional[str], typer.Option("--snl-counts", help="snl_counts.json from "
@@ -101,6 +103,7 @@ def convert(
     from ..rewrite import save
 
     loaded = _load(model, weights, input_size, num_classes, trust_pickle)
+    out = check_out_dir(out or _default_out(loaded.spec.name, budget))
     counts = read_snl_counts(snl_counts) if snl_counts else None
     with console.status("tracing, allocating and rewriting", spinner="dots"):
         converted = run_convert(
@@ -108,7 +111,7 @@ def convert(
             gate=gate, gamma=gamma, keep=keep or (), snl_counts=counts, leaf_modules=leaf or (),
             spec=loaded.spec.to_dict(),
         )  # fmt: skip
-    target = save(converted, out or _default_out(loaded.spec.name, budget))
+    target = save(converted, out)
     if as_json:
         print(json.dumps({"out": str(target), **converted.plan.to_dict()}, indent=2))
         return
@@ -128,7 +131,7 @@ def _default_out(name: str, budget: str) -> str:
 @app.command()
 def retrain(
     recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory "
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory "
                                                "[default: out/RECIPE-NAME].")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: "
                                                       "phases.0.epochs=2 (repeatable).")] = None,
@@ -150,7 +153,7 @@ def retrain(
         from ..recipes import load_recipe
 
         resolved = load_recipe(recipe, set_ or [], quick)
-        target = out or f"out/{resolved.name}"
+        target = check_out_dir(out or f"out/{resolved.name}")
         console.print(f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
         result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
     from .tables import results_table
@@ -163,7 +166,7 @@ def retrain(
 def xor(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="Settings YAML "
                                                   "(recipes/xor.yaml); defaults are the paper's.")] = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "out/xor",
+    out: Annotated[str, typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.")] = "out/xor",
     quick: Annotated[bool, typer.Option("--quick", help="Fewer seeds and epochs.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: epochs=1000.")] = None,
     as_json: JsonOpt = False,
@@ -265,7 +268,7 @@ def evaluate(
 def demo(
     which: Annotated[str, typer.Argument(help="digits (built-in data, ~1 min) or cifar (shared ResNet-20 "
                                          "and CIFAR-10, --quick subset, a few minutes).")] = "digits",
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "out/demo",
+    out: Annotated[str, typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.")] = "out/demo",
     num_private: Annotated[Optional[int], typer.Option("--num-private", help="Test images for the "
                                                        "two-party run.")] = None,
 ) -> None:

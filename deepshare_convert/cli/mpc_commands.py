@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console
-from .options import InputSizeOpt, JsonOpt, TrustPickleOpt, WeightsOpt
+from .options import InputSizeOpt, JsonOpt, TrustPickleOpt, WeightsOpt, check_out_file
 
 WeightsModeOpt = Annotated[
     str,
@@ -211,7 +211,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def calibrate(
-        out: Annotated[Optional[str], typer.Option("--out", "-o", help="Where to write the table [default: the "
+        out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_file, help="Where to write the table [default: the "
                                                    "package's cost_table.json].")] = None,
         quick: Annotated[bool, typer.Option("--quick", help="Smaller micro-benchmarks.")] = False,
         as_json: JsonOpt = False,
@@ -234,7 +234,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         model: ModelOrOutArg,
-        onnx: Annotated[str, typer.Option("--onnx", help="Output .onnx file.", show_default=False)],
+        onnx: Annotated[str, typer.Option("--onnx", callback=check_out_file, help="Output .onnx file.", show_default=False)],
         batch: Annotated[int, typer.Option("--batch", help="Batch size of the exported graph.")] = 1,
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
         weights: WeightsOpt = None,

@@ -13,6 +13,7 @@ import typer
 
 from ..errors import DeepShareError
 from .console import console
+from .options import check_out_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +27,7 @@ def snl(
                                                 "imagefolder:DIR, cifar10:DIR, ...")] = None,
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="ReLUs to keep: 12k, 1.5M, 6000 "
                                                   "or 2.5% of the model's ReLUs.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory (the run's checkpoint, "
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory (the run's checkpoint, "
                                                "snl_counts.json and the SNL model).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights of the original "
                                                    "(pretrained) model; it is also the KD teacher.")] = None,

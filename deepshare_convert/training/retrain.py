@@ -27,6 +27,7 @@ from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
 from ..models import load_model
+from ..outputs import check_output_dir
 from ..plan import Plan, write_json_atomic
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
 from ..rewrite import apply_plan, convert, save, set_gate_mode
@@ -282,7 +283,7 @@ def retrain(
     """Run a recipe from scratch into ``out`` (an existing checkpoint there is an error)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, quick)
-    out = Path(out)
+    out = check_output_dir(out)
     if (out / CHECKPOINT).exists():
         raise DeepShareError(f"{out} already holds a run; use --resume {out} or another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,98 @@
+"""Issue 16: what a new user runs into -- bad output paths, overwrites, edited plans, messages."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from deepshare_convert.cli.app import run
+
+
+def _fails_one_line(capsys, argv, needle: str) -> str:
+    """Run the CLI; it must exit 2 with a single `deepshare: error:` line containing ``needle``."""
+    code = run(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("deepshare: error:") and err.count("\n") == 1, err
+    assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A directory nothing can be written into (simulated for root, who ignores mode bits)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+        return
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kw):
+        if dir is not None and Path(os.path.abspath(dir)).is_relative_to(ro):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    yield ro
+
+
+# ---- item 3: write failures are user errors, found before any work -------------------------------
+@pytest.mark.parametrize("where", ["file", "under_file", "read_only"])
+def test_convert_bad_output_is_one_line(capsys, tmp_path, read_only_dir, where):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    out = {"file": a_file, "under_file": a_file / "sub", "read_only": read_only_dir / "x"}[where]
+    _fails_one_line(capsys, ["convert", "digits_cnn", "--budget", "10%", "-o", str(out)], str(out))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["xor", "--quick"],
+        ["retrain", "--recipe", "recipes/digits_demo.yaml"],
+        ["demo"],
+        ["snl", "digits_cnn", "--data", "digits", "--budget", "10%"],
+    ],
+    ids=["xor", "retrain", "demo", "snl"],
+)
+def test_long_commands_check_output_before_work(capsys, read_only_dir, monkeypatch, argv):
+    """`xor --quick -o /read-only/x` used to train 71 s and then fail: now it fails at once."""
+    import deepshare_convert.data as data
+    import deepshare_convert.xor as xor
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output path was checked")
+
+    monkeypatch.setattr(xor, "run_xor", no_work)
+    monkeypatch.setattr(data, "load_dataset", no_work)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    _fails_one_line(capsys, [*argv, "-o", str(read_only_dir / "x")], "not writable")
+
+
+def test_output_file_options_checked(capsys, tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    _fails_one_line(capsys, ["export", "digits_cnn", "--onnx", str(a_file / "m.onnx")], "is a file")
+    _fails_one_line(capsys, ["export", "digits_cnn", "--onnx", str(tmp_path)], "is an existing directory")
+    _fails_one_line(capsys, ["calibrate", "--quick", "-o", str(a_file / "t.json")], "is a file")
+
+
+def test_os_errors_are_user_errors(capsys):
+    """A write that fails anyway (disk full, a race) is still one line, exit 2, not `internal error`."""
+    from deepshare_convert.cli.errors import report
+
+    for exc in (PermissionError(errno.EACCES, "Permission denied", "/x/y"),
+                NotADirectoryError(errno.ENOTDIR, "Not a directory", "/f/x"),
+                FileExistsError(errno.EEXIST, "File exists", "/f"),
+                OSError(errno.EROFS, "Read-only file system", "/ro/x"),
+                OSError(errno.ENOSPC, "No space left on device", "/full/x")):  # fmt: skip
+        assert report(exc) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("deepshare: error:") and exc.filename in err and err.count("\n") == 1
