@@ -8,13 +8,14 @@ all answer truthfully.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
 from .errors import OutputError
 
-__all__ = ["check_output_dir", "check_output_file"]
+__all__ = ["check_output_dir", "check_output_file", "check_fresh_dir", "publish_dir"]
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -65,3 +66,41 @@ def check_output_file(path: str | os.PathLike) -> Path:
         raise OutputError(f"cannot create {target}: {base} is a file, not a directory")
     _probe_writable(base, target)
     return target
+
+
+def check_fresh_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """``path`` must be writable and absent or empty, unless ``force`` (then it will be replaced whole)."""
+    target = check_output_dir(path)
+    if not force and target.is_dir() and any(target.iterdir()):
+        held = ", ".join(sorted(p.name for p in target.iterdir())[:3])
+        raise OutputError(f"output directory {target} is not empty (holds {held}, ...); "
+                          "pass --force to replace it, or choose another -o")  # fmt: skip
+    return target
+
+
+def publish_dir(staged: Path, target: Path, *, force: bool = False) -> None:
+    """Move a fully written ``staged`` directory to ``target`` by rename, so readers see all or nothing.
+
+    Without ``force`` an existing non-empty ``target`` (perhaps filled by a concurrent writer
+    since it was checked) is an error; with ``force`` it is moved aside and deleted, retried
+    if another writer slips in between.  Either way ``target`` ends up as one writer's files.
+    """
+    import shutil
+
+    for _ in range(10):
+        try:
+            os.rename(staged, target)  # atomic; replaces an absent or empty directory
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if not force:
+                raise OutputError(f"output directory {target} was filled by another writer meanwhile; "
+                                  "pass --force to replace it, or choose another -o") from None  # fmt: skip
+        aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        try:
+            os.rename(target, aside / "old")
+        except FileNotFoundError:
+            pass  # another writer moved it first
+        shutil.rmtree(aside, ignore_errors=True)
+    raise OutputError(f"output directory {target} keeps changing under concurrent writers; try again")

@@ -96,3 +96,76 @@ def test_os_errors_are_user_errors(capsys):
         assert report(exc) == 2
         err = capsys.readouterr().err
         assert err.startswith("deepshare: error:") and exc.filename in err and err.count("\n") == 1
+
+
+# ---- item 2: convert never overwrites silently; replacing is atomic ---------------------------------
+def test_convert_refuses_non_empty_folder(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"drelus": 608}')
+    _fails_one_line(capsys, ["convert", "digits_cnn", "--budget", "10%", "-o", str(out)], "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+def test_convert_force_replaces_whole_folder(capsys, tmp_path):
+    from deepshare_convert.rewrite import load
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"drelus": 608}')
+    assert run(["convert", "digits_cnn", "--budget", "10%", "-o", str(out), "--force", "--json"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json"]  # no stale results.json
+    assert load(out).plan.budget == 614
+    assert not [p for p in tmp_path.iterdir() if p.name != "run"]  # no temp siblings left behind
+
+
+def test_convert_into_empty_folder_is_fine(capsys, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert run(["convert", "digits_cnn", "--budget", "10%", "-o", str(out), "--json"]) == 0
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_concurrent_converts_never_mix_files(tmp_path, monkeypatch, force):
+    """Two writers into one folder: without --force one is refused; with it, the last wins whole."""
+    import threading
+
+    import torch
+
+    import deepshare_convert.rewrite as rw
+    from deepshare_convert.errors import OutputError
+    from deepshare_convert.models import load_model
+
+    loaded = load_model("digits_cnn")
+    spec = loaded.spec.to_dict()
+    conv = {b: rw.convert(loaded.model, loaded.input_size, budget=b, spec=spec) for b in ("5%", "20%")}
+    both_written = threading.Barrier(2, timeout=60)
+    real_save = rw.save
+
+    def save_then_wait(converted, out, plan=None):
+        path = real_save(converted, out, plan)
+        both_written.wait()  # both writers have passed the emptiness check and written their files
+        return path
+
+    monkeypatch.setattr(rw, "save", save_then_wait)
+    out, errors = tmp_path / "shared", []
+
+    def writer(budget):
+        try:
+            rw.save_new(conv[budget], out, force=force)
+        except OutputError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=writer, args=(b,)) for b in conv]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == (0 if force else 1), errors
+    monkeypatch.setattr(rw, "save", real_save)
+    again = rw.load(out)  # weights and plan come from the same writer (load checks every mapping)
+    winner = conv["5%" if again.plan.budget == conv["5%"].plan.budget else "20%"]
+    x = torch.randn(4, *loaded.input_size)
+    assert torch.equal(again.model(x), winner.model.eval()(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]

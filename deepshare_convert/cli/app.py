@@ -95,15 +95,23 @@ def convert(
     num_classes: NumClassesOpt = None,
     leaf: LeafOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory (atomically: "
+                                        "written beside it, then renamed into place).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rewrite MODEL with shared DReLU gates under a budget; save OUT/plan.json + model.safetensors."""
-    from ..budget import read_snl_counts
-    from ..rewrite import convert as run_convert
-    from ..rewrite import save
+    """Rewrite MODEL with shared DReLU gates under a budget; save OUT/plan.json + model.safetensors.
 
+    OUT must be new or empty unless --force: a converted model never lands among another run's files.
+    """
+    from ..budget import read_snl_counts
+    from ..outputs import check_fresh_dir
+    from ..rewrite import convert as run_convert
+    from ..rewrite import save_new
+
+    if out:
+        check_fresh_dir(out, force=force)
     loaded = _load(model, weights, input_size, num_classes, trust_pickle)
-    out = check_out_dir(out or _default_out(loaded.spec.name, budget))
+    out = str(check_fresh_dir(out or _default_out(loaded.spec.name, budget), force=force))
     counts = read_snl_counts(snl_counts) if snl_counts else None
     with console.status("tracing, allocating and rewriting", spinner="dots"):
         converted = run_convert(
@@ -111,7 +119,7 @@ def convert(
             gate=gate, gamma=gamma, keep=keep or (), snl_counts=counts, leaf_modules=leaf or (),
             spec=loaded.spec.to_dict(),
         )  # fmt: skip
-    target = save(converted, out)
+    target = save_new(converted, out, force=force)
     if as_json:
         print(json.dumps({"out": str(target), **converted.plan.to_dict()}, indent=2))
         return
