@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -169,3 +170,91 @@ def test_concurrent_converts_never_mix_files(tmp_path, monkeypatch, force):
     x = torch.randn(4, *loaded.input_size)
     assert torch.equal(again.model(x), winner.model.eval()(x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
+
+
+# ---- item 4: a hand-edited plan.json is refused, naming the field -----------------------------------
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory):
+    from deepshare_convert.models import load_model
+    from deepshare_convert.rewrite import convert, save_new
+
+    loaded = load_model("digits_cnn")
+    out = tmp_path_factory.mktemp("plan") / "conv"
+    return save_new(convert(loaded.model, loaded.input_size, budget="10%", spec=loaded.spec.to_dict()), out)
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    plan = json.loads((dst / "plan.json").read_text())
+    edit(plan)
+    (dst / "plan.json").write_text(json.dumps(plan))
+    return dst
+
+
+def _bump_prototypes(p):
+    p["groups"][0]["prototypes"] += 1
+
+
+def _bump_prototypes_and_count(p):  # a careful editor who also fixes the DReLU counts
+    g = p["groups"][0]
+    g["prototypes"] += 1
+    g["drelus"] += g["shape"][1] * g["shape"][2]
+    p["achieved_drelus"] += g["shape"][1] * g["shape"][2]
+
+
+def _balanced_remap(p):  # consistent in itself, but not the mapping the weights were trained with
+    from deepshare_convert.gates import balanced_mapping
+
+    g = p["groups"][0]
+    g["prototypes"] += 1
+    g["mapping"] = balanced_mapping(g["shape"][0], g["prototypes"]).tolist()
+    g.pop("drelus")
+    p.pop("achieved_drelus")
+
+
+def _set(path, value):
+    def edit(p):
+        node = p
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (_bump_prototypes, "groups[0].mapping"),
+        (_set(["groups", 0, "drelus"], 1), "groups[0].drelus"),
+        (_bump_prototypes_and_count, "groups[0].mapping"),
+        (_balanced_remap, "mapping"),
+        (_set(["groups", 0, "mapping", 5], 99), "groups[0].mapping"),
+        (_set(["groups", 0, "mapping", 5], -1), "groups[0].mapping"),
+        (_set(["groups", 0, "prototypes"], 0), "groups[0].prototypes"),
+        (_set(["groups", 0, "prototypes"], 1000), "groups[0].prototypes"),
+        (_set(["groups", 1, "shape"], [32, 8, 4]), "groups[1].shape"),
+        (_set(["sites", 0, "relus"], 1), "sites[0].relus"),
+        (_set(["total_relus"], 7000), "total_relus"),
+        (_set(["achieved_drelus"], 1), "achieved_drelus"),
+        (_set(["kept"], ["nosuch"]), "kept"),
+        (_set(["groups", 0, "sites"], ["nosuch"]), "groups[0].sites"),
+    ],
+)
+def test_edited_plan_is_refused(capsys, converted_dir, tmp_path, edit, field):
+    from deepshare_convert.errors import PlanError
+    from deepshare_convert.rewrite import load
+
+    bad = _edited(converted_dir, tmp_path / "bad", edit)
+    with pytest.raises(PlanError, match=re.escape(field)):
+        load(bad)
+    _fails_one_line(capsys, ["inspect", str(bad)], field)
+
+
+def test_unedited_plan_still_loads(converted_dir):
+    from deepshare_convert.rewrite import load
+
+    assert load(converted_dir).plan.achieved <= 614
