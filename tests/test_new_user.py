@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import tempfile
@@ -258,3 +259,92 @@ def test_unedited_plan_still_loads(converted_dir):
     from deepshare_convert.rewrite import load
 
     assert load(converted_dir).plan.achieved <= 614
+
+
+# ---- item 7: messages that say what is wrong -------------------------------------------------------
+def test_inspect_missing_file_says_not_found(capsys, tmp_path):
+    _fails_one_line(capsys, ["inspect", str(tmp_path / "nonexistent.pt")], "file not found")
+    _fails_one_line(capsys, ["inspect", "./nosuch/model"], "file not found")
+    _fails_one_line(capsys, ["inspect", "resnet2O"], "did you mean")  # a name stays a name
+
+
+def test_inspect_of_a_weights_file_points_to_directory_or_weights(capsys, converted_dir, tmp_path):
+    err = _fails_one_line(capsys, ["inspect", str(converted_dir / "model.safetensors")], str(converted_dir))
+    assert "--trust-pickle" not in err
+    loose = tmp_path / "w.safetensors"
+    loose.write_bytes((converted_dir / "model.safetensors").read_bytes())
+    err = _fails_one_line(capsys, ["inspect", str(loose)], "--weights")
+    assert "--trust-pickle" not in err
+
+
+@pytest.mark.parametrize("argv", [["inspect", "digits_cnn", "--weights", "{f}"], ["inspect", "{f}", "--trust-pickle"]])
+def test_random_bytes_pt_is_one_clear_line(capsys, tmp_path, argv):
+    bad = tmp_path / "rand.pt"
+    bad.write_bytes(bytes(range(256)) * 8)
+    err = _fails_one_line(capsys, [a.format(f=bad) for a in argv], "not a")
+    assert "PyTorch 2.6" not in err and "weights_only" not in err and "MARK" not in err
+
+
+def test_zip_without_torch_records_is_one_clear_line(capsys, tmp_path):
+    import zipfile
+
+    bad = tmp_path / "z.pt"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("a/data.pkl", b"garbage")
+    err = _fails_one_line(capsys, ["inspect", "digits_cnn", "--weights", str(bad)], "damaged")
+    assert "hasRecord" not in err and "enhancement request" not in err
+
+
+@pytest.mark.parametrize("budget,hint", [("0.5", "did you mean 0.5%"), ("2.5", "did you mean 2.5%")])
+def test_fractional_budget_suggests_percent(capsys, tmp_path, budget, hint):
+    _fails_one_line(capsys, ["convert", "digits_cnn", "--budget", budget, "-o", str(tmp_path / "o")], hint)
+
+
+def _folder(root: Path, size, mode, classes=("a", "b")) -> str:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for k, cls in enumerate(classes):
+            for i in range(2):
+                p = root / split / cls / f"{i}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.new(mode, size, (40 * k + i) if mode == "L" else (10, 20 + k, 30 + i)).save(p)
+    return f"imagefolder:{root}"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPSHARE_CACHE", str(tmp_path / "cache"))
+
+
+def test_private_infer_on_mismatched_data_names_both_shapes(capsys, cache, converted_dir, tmp_path):
+    data = _folder(tmp_path / "rgb", (32, 32), "RGB")
+    err = _fails_one_line(capsys, ["private-infer", str(converted_dir), "--data", data, "--num", "2"], "1×8×8")
+    assert "3×32×32" in err and "mean/std" not in err
+
+
+def test_evaluate_on_mismatched_data_names_both_shapes(capsys, cache, tmp_path):
+    data = _folder(tmp_path / "rgb", (32, 32), "RGB")
+    err = _fails_one_line(capsys, ["evaluate", "digits_cnn", "--data", data], "1×8×8")
+    assert "3×32×32" in err and "--input-size" in err
+
+
+def test_evaluate_warns_when_classes_differ(capsys, cache, tmp_path):
+    data = _folder(tmp_path / "gray", (8, 8), "L")
+    assert run(["evaluate", "digits_cnn", "--data", data, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "10 outputs" in captured.err and "2 classes" in captured.err
+    assert json.loads(captured.out)["n"] == 4  # --json output stays clean
+
+
+@pytest.mark.parametrize("flag,value,hint", [("--bandwidth", "10", "10Mbps"), ("--rtt", "1", "1ms")])
+def test_latency_units_are_required(capsys, flag, value, hint):
+    _fails_one_line(capsys, ["estimate-latency", "digits_cnn", flag, value], hint)
+
+
+def test_latency_units_accept_bit_spellings():
+    from deepshare_convert.mpc.costs import parse_bandwidth, parse_duration
+
+    assert parse_bandwidth("10Mbit") == parse_bandwidth("10Mbps") == parse_bandwidth("10 Mbit/s") == 1e7
+    assert parse_bandwidth("1GB/s") == 8e9 and parse_duration("1ms") == parse_duration("1000us") == 1e-3
+    assert parse_bandwidth(1e9) == 1e9 and parse_duration(0.001) == 0.001  # Python numbers: bit/s and s

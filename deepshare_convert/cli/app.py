@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import errors as cli_errors
-from .console import console
+from .console import console, err_console
 from .options import (
     InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustPickleOpt, WeightsOpt, check_out_dir,
 )  # fmt: skip
@@ -249,12 +249,14 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 accuracy of MODEL on the test split of a dataset."""
-    from ..data import load_dataset, make_loader
+    from ..data import check_input_fits, load_dataset, make_loader
     from ..evaluate import evaluate as run_eval
 
     loaded = _load(model, weights, input_size, num_classes, trust_pickle)
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
+    check_input_fits(loaded.input_size, info, data, hint=_size_hint(model, info))
+    _warn_if_classes_differ(loaded, info, data)
     loader = make_loader(
         test, info, train=False, batch_size=batch_size, mean=loaded.mean, std=loaded.std, limit=limit
     )
@@ -270,6 +272,28 @@ def evaluate(
         f"[bold]{loaded.spec.display}[/] on {data} test ({result.n} images): "
         f"top-1 [bold green]{result.top1:.2f}%[/], loss {result.loss:.4f}"
     )
+
+
+def _size_hint(model: str, info) -> str:
+    """How to fix a size mismatch: a plain model may accept --input-size, a converted one may not."""
+    from pathlib import Path
+
+    if Path(model).is_dir():
+        return " (a converted model keeps the input size it was converted at)"
+    return f"; pass --input-size {','.join(map(str, info.input_size))} if the model accepts that size"
+
+
+def _warn_if_classes_differ(loaded, info, data: str) -> None:
+    """Top-1 against labels the model was not trained for reads as 0%: say so instead of scoring silently."""
+    import torch
+
+    from ..tracing import example_input
+
+    with torch.no_grad():
+        outputs = loaded.model(example_input(loaded.input_size, loaded.model)).shape[-1]
+    if outputs != info.num_classes and not (outputs == 1 and info.num_classes == 2):
+        err_console.print(f"warning: {loaded.spec.display} has {outputs} outputs but {data} has "
+                          f"{info.num_classes} classes; top-1 compares output indices with class indices")  # fmt: skip
 
 
 @app.command()
