@@ -52,9 +52,9 @@ import torch.nn as nn
 
 from .errors import BudgetError, DeepShareError, PlanError
 from .outputs import check_output_dir
-from .plan import Plan, write_json_atomic
+from .plan import PLAN_FILE, WEIGHTS_FILE, Plan, write_json_atomic
 from .tracing import census, example_input, find_sites, model_dtype, propagate_shapes, register_leaf_module, trace
-from .training.engine import CHECKPOINT, PhaseHooks, PhaseSpec, Reporter, Trainer, read_resume_state
+from .training.engine import CHECKPOINT, METRICS, PhaseHooks, PhaseSpec, Reporter, Trainer, resume_state_or_restart
 
 __all__ = [
     "MaskedReLU",
@@ -456,8 +456,8 @@ def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, report
                                  "--finetune-epochs may change")  # fmt: skip
         setattr(config, key, value)
     config.validate()
-    state = read_resume_state(out)
-    job = _Job(config, out, reporter, fail_at_step)
+    state = resume_state_or_restart(out, partial=(METRICS, RESULTS_FILE, COUNTS_FILE, PLAN_FILE, WEIGHTS_FILE))
+    job = _Job(config, out, reporter, fail_at_step)  # no checkpoint yet (killed early): state None, a fresh start
     write_json_atomic(path, config.to_dict())
     return job.run(state)
 

@@ -348,3 +348,64 @@ def test_latency_units_accept_bit_spellings():
     assert parse_bandwidth("10Mbit") == parse_bandwidth("10Mbps") == parse_bandwidth("10 Mbit/s") == 1e7
     assert parse_bandwidth("1GB/s") == 8e9 and parse_duration("1ms") == parse_duration("1000us") == 1e-3
     assert parse_bandwidth(1e9) == 1e9 and parse_duration(0.001) == 0.001  # Python numbers: bit/s and s
+
+
+# ---- a run killed after writing its settings, before its first checkpoint --------------------------
+def _stale_partial_outputs(out: Path) -> None:
+    """What a kill between the settings file and the first checkpoint can leave behind."""
+    (out / "metrics.jsonl").write_text('{"epoch": 0, "loss": 99.0}\n')
+    (out / "results.json").write_text('{"original_acc": -1.0}')
+
+
+def test_snl_resume_before_first_checkpoint_starts_over(tmp_path):
+    """The bench calls resume_snl whenever snl_run.json exists; it used to fail with `no checkpoint`."""
+    from deepshare_convert.plan import write_json_atomic
+    from deepshare_convert.snl import RUN_FILE, SNLConfig, resume_snl, run_snl
+
+    settings = dict(model="digits_cnn", data="digits", budget="10%", max_steps=4, batch_size=64, limit=256,
+                    test_limit=64, warmup_epochs=0)  # fmt: skip
+    straight = run_snl(SNLConfig(**settings), tmp_path / "straight")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    write_json_atomic(killed / RUN_FILE, SNLConfig(**settings).validate().to_dict())  # as run_snl writes it
+    _stale_partial_outputs(killed)
+    resumed = resume_snl(killed)
+    untimed = lambda r: {k: v for k, v in r.results.items() if "wall" not in k}  # noqa: E731
+    assert resumed.counts == straight.counts and untimed(resumed) == untimed(straight)
+    lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (killed, tmp_path / "straight")]
+    assert len(lines[0]) == len(lines[1])  # the stale line is gone
+    assert (killed / "checkpoint.pt").is_file()
+
+
+def test_snl_cli_resume_before_first_checkpoint(tmp_path, capsys):
+    from deepshare_convert.plan import write_json_atomic
+    from deepshare_convert.snl import RUN_FILE, SNLConfig
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    write_json_atomic(out / RUN_FILE, SNLConfig(model="digits_cnn", data="digits", budget="90%", max_steps=2,
+                                                batch_size=64, limit=128, test_limit=64).validate().to_dict())  # fmt: skip
+    run(["snl", "--resume", str(out), "--json"])
+    assert "no checkpoint" not in capsys.readouterr().err
+    assert (out / "snl_counts.json").is_file()
+
+
+def test_retrain_resume_before_first_checkpoint_starts_over(tmp_path):
+    from deepshare_convert.recipes import dump_recipe, recipe_from_dict
+    from deepshare_convert.training.retrain import RECIPE_FILE, resume, retrain
+
+    recipe = recipe_from_dict(dict(
+        name="tiny", seed=1, model={"name": "digits_cnn"}, data={"spec": "digits", "limit": 128, "test_limit": 64},
+        conversion={"budget": "10%"},
+        phases=[{"kind": "pretrain", "steps": 2, "batch_size": 64, "lr": {"start": 0.05}},
+                {"kind": "finetune", "steps": 2, "batch_size": 64, "lr": {"start": 0.01}}],
+    ))  # fmt: skip
+    straight = retrain(recipe, tmp_path / "straight").results
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / RECIPE_FILE).write_text(dump_recipe(recipe))  # as retrain writes it
+    _stale_partial_outputs(killed)
+    resumed = resume(killed).results
+    assert resumed == straight
+    a = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (killed / "model.safetensors").read_bytes() == a

@@ -28,12 +28,12 @@ from ..errors import DeepShareError
 from ..evaluate import evaluate
 from ..models import load_model
 from ..outputs import check_output_dir
-from ..plan import Plan, write_json_atomic
+from ..plan import WEIGHTS_FILE, Plan, write_json_atomic
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
 from ..rewrite import apply_plan, convert, save, set_gate_mode
 from ..tracing import census
 from .distributed import DistContext, init_from_env, wrap_ddp
-from .engine import CHECKPOINT, PhaseSpec, Reporter, Trainer, read_resume_state
+from .engine import CHECKPOINT, METRICS, PhaseSpec, Reporter, Trainer, resume_state_or_restart
 from .phases import hooks_for
 
 __all__ = ["retrain", "resume", "RetrainResult"]
@@ -293,11 +293,14 @@ def retrain(
 
 
 def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: int | None = None) -> RetrainResult:
-    """Continue the run in ``out`` from its last checkpoint, with its resolved recipe."""
+    """Continue the run in ``out`` from its last checkpoint, with its resolved recipe.
+
+    A run stopped before its first checkpoint starts over from the saved recipe.
+    """
     out = Path(out)
     recipe = load_recipe(out / RECIPE_FILE)
-    state = read_resume_state(out)
+    state = resume_state_or_restart(out, partial=(METRICS, "results.json", "plan.json", WEIGHTS_FILE))
     run = _Run(recipe, out, reporter, fail_at_step)
-    if run.plan is None and (out / "plan.json").is_file():
+    if state is not None and run.plan is None and (out / "plan.json").is_file():
         run.plan = Plan.read(out)
     return RetrainResult(out, run.run(state))
