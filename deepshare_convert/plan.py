@@ -19,11 +19,12 @@ from typing import Any
 from .errors import PlanError
 from .grouping import GroupShape
 
-__all__ = ["Plan", "GroupPlan", "PLAN_FORMAT", "PLAN_FILE", "WEIGHTS_FILE", "write_json_atomic"]
+__all__ = ["Plan", "GroupPlan", "PLAN_FORMAT", "PLAN_FILE", "WEIGHTS_FILE", "write_json_atomic", "save_tensors_atomic"]
 
 PLAN_FORMAT = "deepshare-plan/1"
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
+FILE_MODE = 0o644  # every file of a run alike (safetensors alone would write 0600)
 PLAN_KINDS = ("deepshare", "snl")  # shared-gate conversion | SNL-linearised baseline (deepshare_convert.snl)
 
 
@@ -199,8 +200,24 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors_atomic(model: Any, path: str | os.PathLike) -> None:
+    """Write ``model``'s tensors as safetensors beside ``path``, then rename (mode 644, like the JSON)."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_model(model, str(tmp))
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -225,16 +225,14 @@ def set_gate_mode(model: nn.Module, mode: str) -> None:
 # ---- save / load ------------------------------------------------------------------------------
 def save(converted: Converted | fx.GraphModule, out: str | os.PathLike, plan: Plan | None = None) -> Path:
     """Write ``OUT/plan.json`` and ``OUT/model.safetensors`` (atomically, no pickles)."""
-    from safetensors.torch import save_model
+    from .plan import save_tensors_atomic
 
     gm, plan = (converted.model, converted.plan) if isinstance(converted, Converted) else (converted, plan)
     if plan is None:
         raise DeepShareError("save needs the plan of the converted model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_model(gm, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
+    save_tensors_atomic(gm, out / WEIGHTS_FILE)
     plan.save(out)
     return out
 

@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from .errors import BudgetError, DeepShareError, PlanError
 from .outputs import check_output_dir
-from .plan import PLAN_FILE, WEIGHTS_FILE, Plan, write_json_atomic
+from .plan import PLAN_FILE, WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
 from .tracing import census, example_input, find_sites, model_dtype, propagate_shapes, register_leaf_module, trace
 from .training.engine import CHECKPOINT, METRICS, PhaseHooks, PhaseSpec, Reporter, Trainer, resume_state_or_restart
 
@@ -463,11 +463,7 @@ def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, report
 
 
 def _save_tensors(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_model(model, str(tmp))
-    tmp.replace(path)
+    save_tensors_atomic(model, path)
 
 
 class _Job:

@@ -409,3 +409,89 @@ def test_retrain_resume_before_first_checkpoint_starts_over(tmp_path):
     assert resumed == straight
     a = (tmp_path / "straight" / "model.safetensors").read_bytes()
     assert (killed / "model.safetensors").read_bytes() == a
+
+
+# ---- item 8: ReLUs that leaf modules call as functions are counted -------------------------------
+def _gated_model():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class GatedBlock(nn.Module):
+        """Data-dependent control flow (fx cannot enter it) around functional ReLUs."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            y = self.conv(x)
+            if float(y.abs().sum()) >= 0:  # always true, but only at run time
+                y = torch.relu(y) + F.relu(-y).relu()  # three functional ReLUs of 4x6x6
+            return self.act(y)  # and one module ReLU
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+            self.block = GatedBlock()
+            self.head = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.head(self.block(F.relu(self.stem(x))).flatten(1))
+
+    return Net().eval()
+
+
+def test_functional_relus_inside_leaves_are_counted():
+    from deepshare_convert.tracing import census
+
+    from .handmade import hook_count_relus
+
+    model = _gated_model()
+    c = census(model, (1, 6, 6), leaf_modules=["GatedBlock"])
+    assert c.hidden_relus == 4 * 144  # 3 functional + 1 module ReLU, each 4x6x6
+    assert c.total_relus == hook_count_relus(model, (1, 6, 6))
+    assert {h["module"] for h in c.hidden} == {"block", "block.act"}
+
+
+# ---- item 10: cosmetics ------------------------------------------------------------------------------
+def test_xor_quick_is_the_same_with_and_without_config():
+    from deepshare_convert.xor import load_xor_config
+
+    root = Path(__file__).resolve().parents[1]
+    built_in, shipped = load_xor_config(None, quick=True), load_xor_config(root / "recipes" / "xor.yaml", quick=True)
+    assert (built_in.seeds, built_in.epochs) == (shipped.seeds, shipped.epochs)
+
+
+def test_converted_files_share_one_mode(capsys, tmp_path):
+    out = tmp_path / "c"
+    assert run(["convert", "digits_cnn", "--budget", "10%", "-o", str(out), "--json"]) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["plan.json"] == 0o644, modes
+
+
+def test_convert_without_weights_says_they_are_random(capsys, tmp_path):
+    assert run(["convert", "digits_cnn", "--budget", "10%", "-o", str(tmp_path / "c"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "random" in captured.err and "--weights" in captured.err
+    json.loads(captured.out)  # stdout stays pure JSON
+
+
+def test_non_tty_tables_keep_site_names(tmp_path):
+    """Piped output used to be cut at 80 columns, long site names ending in an ellipsis."""
+    import subprocess
+    import sys
+
+    def piped(**extra) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), **extra)
+        done = subprocess.run([sys.executable, "-m", "deepshare_convert.cli.app", "inspect", "resnet20"],
+                              capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    wide = piped()
+    assert "layer3_2_relu2" in wide and "layer3.2.relu2" in wide and "…" not in wide
+    assert "…" not in piped(COLUMNS="80")  # a narrow pipe wraps names, it does not cut them

@@ -119,6 +119,9 @@ def convert(
             gate=gate, gamma=gamma, keep=keep or (), snl_counts=counts, leaf_modules=leaf or (),
             spec=loaded.spec.to_dict(),
         )  # fmt: skip
+    if weights is None and loaded.spec.source in ("builtin", "timm"):
+        err_console.print(f"note: no --weights given: {loaded.spec.display} was converted with randomly "
+                          "initialised weights")  # fmt: skip
     target = save_new(converted, out, force=force)
     if as_json:
         print(json.dumps({"out": str(target), **converted.plan.to_dict()}, indent=2))

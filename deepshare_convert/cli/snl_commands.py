@@ -117,7 +117,7 @@ def counts_table(summary: dict[str, Any]):
     title = (f"SNL: {summary['model'].get('name', 'model')} -- {kept:,} of {summary['total_relus']:,} ReLUs kept "
              f"(budget {summary['budget']:,}, {'reached' if summary['reached'] else 'NOT reached'})")  # fmt: skip
     table = Table(title=title, show_footer=True)
-    table.add_column("site", footer="total")
+    table.add_column("site", footer="total", overflow="fold")
     table.add_column("shape")
     table.add_column("ReLUs", justify="right", footer=f"{summary['total_relus']:,}")
     table.add_column("kept", justify="right", footer=f"{kept:,}")

@@ -28,7 +28,7 @@ from ..errors import DeepShareError
 from ..evaluate import evaluate
 from ..models import load_model
 from ..outputs import check_output_dir
-from ..plan import WEIGHTS_FILE, Plan, write_json_atomic
+from ..plan import WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
 from ..rewrite import apply_plan, convert, save, set_gate_mode
 from ..tracing import census
@@ -60,12 +60,7 @@ def _phase_spec(phase: Phase, teacher: nn.Module | None) -> PhaseSpec:
 
 
 def _save_tensors(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp))
-    tmp.replace(path)
+    save_tensors_atomic(model, path)
 
 
 def _load_tensors(model: nn.Module, path: Path) -> nn.Module:
