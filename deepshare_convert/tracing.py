@@ -196,11 +196,15 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] | Sequence[s
                 expand.remove(stuck[-1])
                 continue
             path, cls = failed_at[-1] if failed_at else ("", type(model))
-            name = f"module {path!r} ({cls.__name__})" if path else f"the top-level module ({cls.__name__})"
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise TraceError(
-                f"torch.fx cannot trace {name}: {first} -- mark it opaque with --leaf {cls.__name__}"
-            ) from e
+            if path:
+                fix = f"mark it opaque with --leaf {cls.__name__}"
+                name = f"module {path!r} ({cls.__name__})"
+            else:  # --leaf only makes submodules opaque: the model's own forward must trace
+                fix = ("--leaf cannot help with the model's own forward: move the untraceable part into a "
+                       "submodule and pass --leaf for its class")  # fmt: skip
+                name = f"the top-level module ({cls.__name__})"
+            raise TraceError(f"torch.fx cannot trace {name}: {first} -- {fix}") from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 

@@ -495,3 +495,24 @@ def test_non_tty_tables_keep_site_names(tmp_path):
     wide = piped()
     assert "layer3_2_relu2" in wide and "layer3.2.relu2" in wide and "…" not in wide
     assert "…" not in piped(COLUMNS="80")  # a narrow pipe wraps names, it does not cut them
+
+
+def test_untraceable_top_level_does_not_suggest_leaf():
+    """--leaf makes a *submodule* opaque; for the model's own forward it cannot help."""
+    import torch
+    import torch.nn as nn
+
+    from deepshare_convert.errors import TraceError
+    from deepshare_convert.tracing import census
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x)) if x.sum() > 0 else self.fc(x)
+
+    with pytest.raises(TraceError) as info:
+        census(Branchy(), (4,))
+    assert "--leaf Branchy" not in str(info.value) and "submodule" in str(info.value)
