@@ -516,3 +516,26 @@ def test_untraceable_top_level_does_not_suggest_leaf():
     with pytest.raises(TraceError) as info:
         census(Branchy(), (4,))
     assert "--leaf Branchy" not in str(info.value) and "submodule" in str(info.value)
+
+
+def test_snl_progress_lines_are_whole_at_80_columns(monkeypatch):
+    """The SNL log printed `lambda …` on a line of its own and the bar cut the count to `2400…`."""
+    import io
+
+    from rich.console import Console
+
+    import deepshare_convert.cli.progress as progress
+    from deepshare_convert.cli.snl_commands import SNLReporter
+
+    buf = io.StringIO()
+    monkeypatch.setattr(progress, "err_console", Console(file=buf, width=80, highlight=False))
+    reporter = SNLReporter()
+    reporter.start("search", total=4000)
+    reporter.advance({"loss": 0.1234, "live": 2400, "budget": 614, "lambda": 1.2e-5})
+    reporter.epoch({"kind": "search", "epoch": 12, "loss": 0.1234, "train_acc": 97.5, "test_acc": 96.25,
+                    "live": 2400, "budget": 614, "lambda": 1.2e-5})  # fmt: skip
+    reporter.stop()
+    lines = buf.getvalue().splitlines()
+    assert "…" not in buf.getvalue(), buf.getvalue()
+    assert any("2,400/614" in ln and "1.20e-05" in ln for ln in lines), lines  # the epoch line, whole
+    assert any("2,400/614" in ln and "1/4000" in ln for ln in lines), lines  # the bar and its counts, uncut

@@ -144,7 +144,8 @@ class SNLReporter:
 
         from .progress import progress_bar
 
-        self.progress = progress_bar(TextColumn("{task.fields[info]}"))
+        # the search stops when the budget is met, so its step total is a cap: no time-remaining column
+        self.progress = progress_bar(TextColumn("{task.fields[info]}"), bar_width=20, remaining=False)
         self.progress.start()
         self.task = self.progress.add_task(name, total=total, completed=done, info="")
 
@@ -152,8 +153,8 @@ class SNLReporter:
         if self.progress is None:
             return
         text = f"loss {info['loss']:.3f}"
-        if "live" in info:
-            text = f"ReLUs {info['live']:,}/{info['budget']:,}  lambda {info['lambda']:.2e}  " + text
+        if "live" in info:  # short enough to fit beside the bar at 80 columns (loss is in the epoch lines)
+            text = f"ReLUs {info['live']:,}/{info['budget']:,} λ {info['lambda']:.1e}"
         self.progress.update(self.task, advance=1, info=text)
 
     def epoch(self, m: dict[str, Any]) -> None:
@@ -162,7 +163,7 @@ class SNLReporter:
         test = f" test {m['test_acc']:.2f}%" if "test_acc" in m else ""
         live = f" ReLUs {m['live']:,}/{m['budget']:,} lambda {m['lambda']:.2e}" if "live" in m else ""
         self.progress.console.print(f"  {m['kind']} epoch {m['epoch']}: loss {m['loss']:.4f} "
-                                    f"train {m['train_acc']:.2f}%{test}{live}")  # fmt: skip
+                                    f"train {m['train_acc']:.2f}%{test}{live}", soft_wrap=True)  # fmt: skip
 
     def stop(self) -> None:
         if self.progress is not None:
