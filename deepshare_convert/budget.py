@@ -40,6 +40,8 @@ def parse_budget(text: str | int | float, total_relus: int | None = None) -> int
     if not m:
         raise BudgetError(f"budget {text!r} is not a number like 12k, 1.5M, 6000 or 2.5%")
     value, suffix = float(m.group(1)), m.group(2).lower()
+    if suffix == "" and value != int(value):  # 0.5 DReLUs means nothing; 0.5% is a budget
+        raise BudgetError(f"budget {text!r} is not a whole number of DReLUs; did you mean {m.group(1)}%?")
     if suffix == "%":
         if total_relus is None:
             raise BudgetError("a percentage budget needs the model's ReLU count")

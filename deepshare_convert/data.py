@@ -64,6 +64,7 @@ __all__ = [
     "TensorLoader",
     "Loaded",
     "load_dataset",
+    "check_input_fits",
     "make_loader",
     "cache_dir",
 ]
@@ -136,6 +137,14 @@ Loaded = tuple[DatasetInfo, TensorSplit, TensorSplit]
 """What :func:`load_dataset` returns: ``(info, train, test)``."""
 
 # ----------------------------------------------------------------------------- spec parsing
+
+
+def check_input_fits(input_size: Sequence[int], info: DatasetInfo, data: str, *, hint: str = "") -> None:
+    """The model's input shape must be the data's image shape: a clear line now, not a mean/std or conv error."""
+    if tuple(input_size) != tuple(info.input_size):
+        shape = "×".join
+        raise DataError(f"the model takes {shape(map(str, input_size))} inputs, {data} images are "
+                        f"{shape(map(str, info.input_size))}{hint}")  # fmt: skip
 
 
 def load_dataset(spec: str, *, progress: Progress | None = None) -> Loaded:

@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "BudgetError",
     "PlanError",
+    "OutputError",
 ]
 
 
@@ -44,3 +45,7 @@ class BudgetError(DeepShareError):
 
 class PlanError(DeepShareError):
     """A conversion plan that does not fit the model or weights it is applied to."""
+
+
+class OutputError(DeepShareError):
+    """An output path that cannot be written (a file, under a file, read-only) or is already taken."""

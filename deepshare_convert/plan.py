@@ -19,11 +19,12 @@ from typing import Any
 from .errors import PlanError
 from .grouping import GroupShape
 
-__all__ = ["Plan", "GroupPlan", "PLAN_FORMAT", "PLAN_FILE", "WEIGHTS_FILE", "write_json_atomic"]
+__all__ = ["Plan", "GroupPlan", "PLAN_FORMAT", "PLAN_FILE", "WEIGHTS_FILE", "write_json_atomic", "save_tensors_atomic"]
 
 PLAN_FORMAT = "deepshare-plan/1"
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
+FILE_MODE = 0o644  # every file of a run alike (safetensors alone would write 0600)
 PLAN_KINDS = ("deepshare", "snl")  # shared-gate conversion | SNL-linearised baseline (deepshare_convert.snl)
 
 
@@ -90,14 +91,28 @@ class Plan:
         if d.get("format") != PLAN_FORMAT:
             raise PlanError(f"unsupported plan format {d.get('format')!r} (expected {PLAN_FORMAT})")
         d = dict(d)
-        d.pop("achieved_drelus", None)
+        recorded = d.pop("achieved_drelus", None)
         if d.get("kind", "deepshare") not in PLAN_KINDS:
             raise PlanError(f"unsupported plan kind {d['kind']!r} (expected one of {', '.join(PLAN_KINDS)})")
         try:
+            drelus = [g.get("drelus") for g in d["groups"]]  # recorded counts, to catch edits of P alone
             d["groups"] = [GroupPlan(**{k: v for k, v in g.items() if k != "drelus"}) for g in d["groups"]]
-            return cls(**d)
-        except TypeError as e:
-            raise PlanError(f"malformed plan: {e}") from None
+            plan = cls(**d)
+        except (TypeError, AttributeError, KeyError) as e:
+            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
+        plan.check(recorded_drelus=drelus, recorded_achieved=recorded)
+        return plan
+
+    def check(self, *, recorded_drelus: list[Any] | None = None, recorded_achieved: Any = None) -> None:
+        """Refuse a plan that contradicts itself (a hand edit): every count must follow from the shapes.
+
+        Each message names the offending field, e.g. ``groups[0].mapping``, so the edit is easy
+        to find; that the plan fits the *weights* is checked when they are loaded.
+        """
+        try:
+            _check_plan(self, recorded_drelus or [], recorded_achieved)
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / PLAN_FILE
@@ -115,6 +130,67 @@ class Plan:
             raise PlanError(f"{path} is not valid JSON: {e}") from None
 
 
+def _bad(field_name: str, why: str) -> PlanError:
+    return PlanError(f"plan.json field {field_name} {why} (was the plan edited by hand?)")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_plan(plan: "Plan", recorded_drelus: list[Any], recorded_achieved: Any) -> None:
+    """The consistency rules of :meth:`Plan.check`, one ``_bad`` per broken field."""
+    sites = {}
+    for i, s in enumerate(plan.sites):
+        n = 1
+        for dim in s["shape"]:
+            n *= dim
+        if s["relus"] != n:
+            raise _bad(f"sites[{i}].relus", f"is {s['relus']}, but its shape {s['shape']} has {n} elements")
+        sites[s["name"]] = s
+    total = sum(s["relus"] for s in plan.sites) + plan.hidden_relus
+    if plan.total_relus != total:
+        raise _bad("total_relus", f"is {plan.total_relus}, but the sites and hidden ReLUs add up to {total}")
+    for name in plan.kept:
+        if name not in sites:
+            raise _bad("kept", f"names {name!r}, which is not one of the plan's sites")
+    for i, g in enumerate(plan.groups):
+        where = f"groups[{i}]"
+        if g.index != i:
+            raise _bad(f"{where}.index", f"is {g.index}, expected {i}")
+        if not g.sites or any(name not in sites for name in g.sites):
+            missing = next((n for n in g.sites if n not in sites), None)
+            raise _bad(f"{where}.sites", f"names {missing!r}, which is not one of the plan's sites" if missing
+                       else "is empty")  # fmt: skip
+        for name in g.sites:
+            if list(sites[name]["shape"]) != list(g.shape):
+                raise _bad(f"{where}.shape", f"is {list(g.shape)}, but site {name!r} has shape {sites[name]['shape']}")
+        channels, p = g.channels, g.prototypes
+        if not _is_int(p) or not 1 <= p <= channels:
+            raise _bad(f"{where}.prototypes", f"is {p!r}; it must be 1..{channels} (the channels)")
+        m = g.mapping
+        if len(m) != channels:
+            raise _bad(f"{where}.mapping", f"has {len(m)} entries for {channels} channels")
+        wrong = next((c for c, v in enumerate(m) if not _is_int(v) or not 0 <= v < p), None)
+        if wrong is not None:
+            raise _bad(f"{where}.mapping", f"sends channel {wrong} to {m[wrong]!r}, outside the {p} prototypes")
+        wrong = next((c for c in range(p) if m[c] != c), None)
+        if wrong is not None:
+            raise _bad(f"{where}.mapping", f"sends prototype {wrong} to {m[wrong]} (with prototypes={p}, "
+                       f"channels 0..{p - 1} must map to themselves)")  # fmt: skip
+        if i < len(recorded_drelus) and recorded_drelus[i] is not None and recorded_drelus[i] != g.drelus:
+            raise _bad(f"{where}.drelus", f"is {recorded_drelus[i]}, but prototypes={p} at {g.spatial} "
+                       f"positions make {g.drelus}")  # fmt: skip
+    for name, n in plan.snl_kept.items():
+        if name not in sites:
+            raise _bad("snl_kept", f"names {name!r}, which is not one of the plan's sites")
+        if not _is_int(n) or not 0 <= n <= sites[name]["relus"]:
+            raise _bad(f"snl_kept.{name}", f"is {n!r}; the site has {sites[name]['relus']} ReLUs")
+    if recorded_achieved is not None and recorded_achieved != plan.achieved:
+        raise _bad("achieved_drelus", f"is {recorded_achieved}, but the groups, kept and hidden ReLUs make "
+                   f"{plan.achieved}")  # fmt: skip
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temp file beside ``path``, then rename: readers never see half a file."""
     path = Path(path)
@@ -124,8 +200,24 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors_atomic(model: Any, path: str | os.PathLike) -> None:
+    """Write ``model``'s tensors as safetensors beside ``path``, then rename (mode 644, like the JSON)."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_model(model, str(tmp))
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -26,7 +26,7 @@ from .grouping import group_sites, select_kept
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
 from .tracing import census, example_input, find_sites, propagate_shapes, trace
 
-__all__ = ["convert", "apply_plan", "build_plan", "set_gate_mode", "save", "load", "Converted", "swap_relu"]
+__all__ = ["convert", "apply_plan", "build_plan", "set_gate_mode", "save", "save_new", "load", "Converted", "swap_relu"]
 
 GATES_ATTR = "deepshare_gates"
 SITES_ATTR = "deepshare_sites"
@@ -225,17 +225,39 @@ def set_gate_mode(model: nn.Module, mode: str) -> None:
 # ---- save / load ------------------------------------------------------------------------------
 def save(converted: Converted | fx.GraphModule, out: str | os.PathLike, plan: Plan | None = None) -> Path:
     """Write ``OUT/plan.json`` and ``OUT/model.safetensors`` (atomically, no pickles)."""
-    from safetensors.torch import save_model
+    from .plan import save_tensors_atomic
 
     gm, plan = (converted.model, converted.plan) if isinstance(converted, Converted) else (converted, plan)
     if plan is None:
         raise DeepShareError("save needs the plan of the converted model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_model(gm, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
+    save_tensors_atomic(gm, out / WEIGHTS_FILE)
     plan.save(out)
+    return out
+
+
+def save_new(converted: Converted, out: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write a new converted-model directory: refused if ``out`` is not empty, unless ``force``.
+
+    The files are written into a temp sibling and renamed into place, so ``out`` never
+    holds a plan from one conversion beside weights (or results) from another, even
+    with two writers at once.
+    """
+    import shutil
+    import tempfile
+
+    from .outputs import check_fresh_dir, publish_dir
+
+    out = check_fresh_dir(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        staged.chmod(0o755)
+        save(converted, staged)
+        publish_dir(staged, out, force=force)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return out
 
 

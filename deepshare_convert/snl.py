@@ -51,9 +51,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import BudgetError, DeepShareError, PlanError
-from .plan import Plan, write_json_atomic
+from .outputs import check_output_dir
+from .plan import PLAN_FILE, WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
 from .tracing import census, example_input, find_sites, model_dtype, propagate_shapes, register_leaf_module, trace
-from .training.engine import CHECKPOINT, PhaseHooks, PhaseSpec, Reporter, Trainer, read_resume_state
+from .training.engine import CHECKPOINT, METRICS, PhaseHooks, PhaseSpec, Reporter, Trainer, resume_state_or_restart
 
 __all__ = [
     "MaskedReLU",
@@ -421,7 +422,7 @@ def run_snl(config: SNLConfig, out: str | Path, *, reporter: Reporter | None = N
             fail_at_step: int | None = None) -> SNLResult:  # fmt: skip
     """Run the search (and the finetune, with ``finetune_epochs``) into ``out`` from scratch."""
     config.validate()
-    out = Path(out)
+    out = check_output_dir(out)
     if (out / CHECKPOINT).exists():
         raise DeepShareError(f"{out} already holds a run; continue it with --resume {out}, or choose another -o")
     if config.weights is not None and Path(config.weights).is_file():
@@ -455,18 +456,14 @@ def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, report
                                  "--finetune-epochs may change")  # fmt: skip
         setattr(config, key, value)
     config.validate()
-    state = read_resume_state(out)
-    job = _Job(config, out, reporter, fail_at_step)
+    state = resume_state_or_restart(out, partial=(METRICS, RESULTS_FILE, COUNTS_FILE, PLAN_FILE, WEIGHTS_FILE))
+    job = _Job(config, out, reporter, fail_at_step)  # no checkpoint yet (killed early): state None, a fresh start
     write_json_atomic(path, config.to_dict())
     return job.run(state)
 
 
 def _save_tensors(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_model(model, str(tmp))
-    tmp.replace(path)
+    save_tensors_atomic(model, path)
 
 
 class _Job:

@@ -196,11 +196,15 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] | Sequence[s
                 expand.remove(stuck[-1])
                 continue
             path, cls = failed_at[-1] if failed_at else ("", type(model))
-            name = f"module {path!r} ({cls.__name__})" if path else f"the top-level module ({cls.__name__})"
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise TraceError(
-                f"torch.fx cannot trace {name}: {first} -- mark it opaque with --leaf {cls.__name__}"
-            ) from e
+            if path:
+                fix = f"mark it opaque with --leaf {cls.__name__}"
+                name = f"module {path!r} ({cls.__name__})"
+            else:  # --leaf only makes submodules opaque: the model's own forward must trace
+                fix = ("--leaf cannot help with the model's own forward: move the untraceable part into a "
+                       "submodule and pass --leaf for its class")  # fmt: skip
+                name = f"the top-level module ({cls.__name__})"
+            raise TraceError(f"torch.fx cannot trace {name}: {first} -- {fix}") from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -450,25 +454,67 @@ def find_other_nonlinearities(gm: fx.GraphModule) -> list[OtherNonlinearity]:
     return out
 
 
-def _hook_hidden_relus(gm: fx.GraphModule) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Count ReLUs hidden inside leaf modules (they run, but are not graph nodes)."""
-    found: list[dict[str, Any]] = []
+_FUNCTIONAL_RELUS = {torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _HiddenReLUs(torch.overrides.TorchFunctionMode):
+    """Counts ReLUs that leaf modules run, module ReLUs by path and functional ones by leaf.
+
+    A leaf is opaque to fx, so a ``torch.relu`` it calls (perhaps behind an ``if``) is no
+    graph node; this mode sees every functional ReLU call during the census forward and
+    attributes those made inside a leaf (and outside an ``nn.ReLU``, which is counted by
+    its own hook with its precise path) to that leaf.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[dict[str, Any]] = []
+        self.functional: dict[str, int] = {}
+        self.leaves: list[str] = []  # the leaf being run (a stack: leaves may call leaves)
+        self.in_relu_module = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _FUNCTIONAL_RELUS and self.leaves and not self.in_relu_module and isinstance(out, torch.Tensor):
+            leaf = self.leaves[-1]
+            self.functional[leaf] = self.functional.get(leaf, 0) + int(out[0].numel())
+        return out
+
+    def entries(self) -> list[dict[str, Any]]:
+        return self.found + [{"module": leaf, "relus": n, "note": "functional ReLU inside a leaf module"}
+                             for leaf, n in self.functional.items()]  # fmt: skip
+
+
+def _hook_hidden_relus(gm: fx.GraphModule, counter: _HiddenReLUs) -> list[Any]:
+    """Hooks that feed ``counter``: leaf entry/exit, and each ``nn.ReLU`` inside a leaf."""
     handles = []
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         leaf = gm.get_submodule(node.target)
-        if isinstance(leaf, nn.ReLU):
+        if isinstance(leaf, nn.ReLU) or hasattr(leaf, "drelus_per_example"):  # counted as sites
             continue
+
+        def enter(mod, inp, path=node.target):
+            counter.leaves.append(path)
+
+        def leave(mod, inp, out):
+            counter.leaves.pop()
+
+        handles += [leaf.register_forward_pre_hook(enter), leaf.register_forward_hook(leave)]
         for sub_name, sub in leaf.named_modules():
             if sub_name and isinstance(sub, nn.ReLU):
                 path = f"{node.target}.{sub_name}"
 
-                def hook(mod, inp, out, path=path):
-                    found.append({"module": path, "relus": int(out[0].numel()), "note": "inside a leaf module"})
+                def relu_in(mod, inp):
+                    counter.in_relu_module += 1
 
-                handles.append(sub.register_forward_hook(hook))
-    return found, handles
+                def relu_out(mod, inp, out, path=path):
+                    counter.in_relu_module -= 1
+                    counter.found.append({"module": path, "relus": int(out[0].numel()), "note": "inside a leaf module"})
+
+                handles += [sub.register_forward_pre_hook(relu_in), sub.register_forward_hook(relu_out)]
+    return handles
 
 
 def census(
@@ -485,9 +531,11 @@ def census(
         example = example_input(input_size, model)
     modes = {m: m.training for m in gm.modules()}  # submodules are shared with the caller's model
     gm.eval()
-    hidden, handles = _hook_hidden_relus(gm)
+    counter = _HiddenReLUs()
+    handles = _hook_hidden_relus(gm, counter)
     try:
-        propagate_shapes(gm, example)
+        with counter:
+            propagate_shapes(gm, example)
     finally:
         for h in handles:
             h.remove()
@@ -498,6 +546,6 @@ def census(
         tuple(input_size),
         find_sites(gm),
         find_other_nonlinearities(gm),
-        hidden,
+        counter.entries(),
     )
 

@@ -42,6 +42,7 @@ from .training.phases import hooks_for
 __all__ = ["METHODS", "XorConfig", "XorResult", "checkerboard", "run_xor", "build", "load_xor_config"]
 
 METHODS = ("mlp", "snl", "ds-no-gelu", "deepshare")
+QUICK = {"seeds": 5, "epochs": 400}  # the same as recipes/xor.yaml's quick block, so --quick means one thing
 
 
 class XorConfig(BaseModel):
@@ -71,7 +72,7 @@ def load_xor_config(path: str | Path | None, quick: bool = False, overrides: lis
             raise RecipeError(f"XOR config {path} not found")
         data = yaml.safe_load(p.read_text()) or {}
     if quick:
-        data = apply_overrides(data, data.get("quick") or {"seeds": 4, "epochs": 400})
+        data = apply_overrides(data, data.get("quick") or QUICK)
     if overrides:
         data = apply_overrides(data, overrides)
     try:

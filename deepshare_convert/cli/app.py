@@ -9,8 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from . import errors as cli_errors
-from .console import console
-from .options import InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustPickleOpt, WeightsOpt
+from .console import console, err_console
+from .options import (
+    InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustPickleOpt, WeightsOpt, check_out_dir,
+)  # fmt: skip
 
 app = typer.Typer(
     name="deepshare",
@@ -77,7 +79,7 @@ def convert(
     model: ModelArg,
     budget: Annotated[str, typer.Option("--budget", "-b", help="DReLU budget: 12k, 1.5M, 6000 or 2.5% of the "
                                         "model's ReLUs.", show_default=False)],
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory "
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory "
                                                "[default: out/MODEL-BUDGET].")] = None,
     allocator: Annotated[str, typer.Option(help="uniform | proportional | equal | snl.")] = "uniform",
     snl_counts: Annotated[Optional[str], typer.Option("--snl-counts", help="snl_counts.json from "
@@ -93,14 +95,23 @@ def convert(
     num_classes: NumClassesOpt = None,
     leaf: LeafOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory (atomically: "
+                                        "written beside it, then renamed into place).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rewrite MODEL with shared DReLU gates under a budget; save OUT/plan.json + model.safetensors."""
-    from ..budget import read_snl_counts
-    from ..rewrite import convert as run_convert
-    from ..rewrite import save
+    """Rewrite MODEL with shared DReLU gates under a budget; save OUT/plan.json + model.safetensors.
 
+    OUT must be new or empty unless --force: a converted model never lands among another run's files.
+    """
+    from ..budget import read_snl_counts
+    from ..outputs import check_fresh_dir
+    from ..rewrite import convert as run_convert
+    from ..rewrite import save_new
+
+    if out:
+        check_fresh_dir(out, force=force)
     loaded = _load(model, weights, input_size, num_classes, trust_pickle)
+    out = str(check_fresh_dir(out or _default_out(loaded.spec.name, budget), force=force))
     counts = read_snl_counts(snl_counts) if snl_counts else None
     with console.status("tracing, allocating and rewriting", spinner="dots"):
         converted = run_convert(
@@ -108,7 +119,10 @@ def convert(
             gate=gate, gamma=gamma, keep=keep or (), snl_counts=counts, leaf_modules=leaf or (),
             spec=loaded.spec.to_dict(),
         )  # fmt: skip
-    target = save(converted, out or _default_out(loaded.spec.name, budget))
+    if weights is None and loaded.spec.source in ("builtin", "timm"):
+        err_console.print(f"note: no --weights given: {loaded.spec.display} was converted with randomly "
+                          "initialised weights")  # fmt: skip
+    target = save_new(converted, out, force=force)
     if as_json:
         print(json.dumps({"out": str(target), **converted.plan.to_dict()}, indent=2))
         return
@@ -128,7 +142,7 @@ def _default_out(name: str, budget: str) -> str:
 @app.command()
 def retrain(
     recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory "
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory "
                                                "[default: out/RECIPE-NAME].")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: "
                                                       "phases.0.epochs=2 (repeatable).")] = None,
@@ -150,7 +164,7 @@ def retrain(
         from ..recipes import load_recipe
 
         resolved = load_recipe(recipe, set_ or [], quick)
-        target = out or f"out/{resolved.name}"
+        target = check_out_dir(out or f"out/{resolved.name}")
         console.print(f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
         result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
     from .tables import results_table
@@ -163,7 +177,7 @@ def retrain(
 def xor(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="Settings YAML "
                                                   "(recipes/xor.yaml); defaults are the paper's.")] = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "out/xor",
+    out: Annotated[str, typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.")] = "out/xor",
     quick: Annotated[bool, typer.Option("--quick", help="Fewer seeds and epochs.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: epochs=1000.")] = None,
     as_json: JsonOpt = False,
@@ -238,12 +252,14 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 accuracy of MODEL on the test split of a dataset."""
-    from ..data import load_dataset, make_loader
+    from ..data import check_input_fits, load_dataset, make_loader
     from ..evaluate import evaluate as run_eval
 
     loaded = _load(model, weights, input_size, num_classes, trust_pickle)
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
+    check_input_fits(loaded.input_size, info, data, hint=_size_hint(model, info))
+    _warn_if_classes_differ(loaded, info, data)
     loader = make_loader(
         test, info, train=False, batch_size=batch_size, mean=loaded.mean, std=loaded.std, limit=limit
     )
@@ -261,11 +277,33 @@ def evaluate(
     )
 
 
+def _size_hint(model: str, info) -> str:
+    """How to fix a size mismatch: a plain model may accept --input-size, a converted one may not."""
+    from pathlib import Path
+
+    if Path(model).is_dir():
+        return " (a converted model keeps the input size it was converted at)"
+    return f"; pass --input-size {','.join(map(str, info.input_size))} if the model accepts that size"
+
+
+def _warn_if_classes_differ(loaded, info, data: str) -> None:
+    """Top-1 against labels the model was not trained for reads as 0%: say so instead of scoring silently."""
+    import torch
+
+    from ..tracing import example_input
+
+    with torch.no_grad():
+        outputs = loaded.model(example_input(loaded.input_size, loaded.model)).shape[-1]
+    if outputs != info.num_classes and not (outputs == 1 and info.num_classes == 2):
+        err_console.print(f"warning: {loaded.spec.display} has {outputs} outputs but {data} has "
+                          f"{info.num_classes} classes; top-1 compares output indices with class indices")  # fmt: skip
+
+
 @app.command()
 def demo(
     which: Annotated[str, typer.Argument(help="digits (built-in data, ~1 min) or cifar (shared ResNet-20 "
                                          "and CIFAR-10, --quick subset, a few minutes).")] = "digits",
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "out/demo",
+    out: Annotated[str, typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.")] = "out/demo",
     num_private: Annotated[Optional[int], typer.Option("--num-private", help="Test images for the "
                                                        "two-party run.")] = None,
 ) -> None:

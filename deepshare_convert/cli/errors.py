@@ -5,6 +5,7 @@ Set ``DEEPSHARE_DEBUG=1`` to see the full traceback instead.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -13,6 +14,10 @@ from ..errors import DeepShareError
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 1
+
+# OS errors that say something about the user's paths or machine, not about a bug here
+_USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+                   errno.ENOSPC, errno.EDQUOT, errno.ENOTEMPTY, errno.ENAMETOOLONG}  # fmt: skip
 
 
 def debug_enabled() -> bool:
@@ -52,6 +57,9 @@ def report(exc: BaseException) -> int:
         return exc.exit_code
     if isinstance(exc, FileNotFoundError):
         print(f"deepshare: error: file not found: {exc.filename}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRNOS and exc.filename:
+        print(f"deepshare: error: cannot write {exc.filename}: {(exc.strerror or '').lower()}", file=sys.stderr)
         return EXIT_USER_ERROR
     if isinstance(exc, MemoryError):
         print("deepshare: error: out of memory (try a smaller batch or input size)", file=sys.stderr)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console
-from .options import InputSizeOpt, JsonOpt, TrustPickleOpt, WeightsOpt
+from .options import InputSizeOpt, JsonOpt, TrustPickleOpt, WeightsOpt, check_out_file
 
 WeightsModeOpt = Annotated[
     str,
@@ -75,11 +75,12 @@ def _normalisation(path: str):
     return entry.mean, entry.std
 
 
-def _first_batch(data: str, num: int, mean, std):
-    from ..data import load_dataset, make_loader
+def _first_batch(data: str, num: int, mean, std, input_size):
+    from ..data import check_input_fits, load_dataset, make_loader
 
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
+    check_input_fits(input_size, info, data)  # before normalising: a clear line, not a mean/std error
     loader = make_loader(test, info, train=False, batch_size=num, mean=mean, std=std, limit=num)
     return next(iter(loader))
 
@@ -122,9 +123,7 @@ def register(app: typer.Typer) -> None:
         from ..mpc.launcher import run_two_party
 
         loaded = _load(model, weights, None, None, trust_pickle)
-        x, y = _first_batch(data, num, loaded.mean, loaded.std)
-        if tuple(x.shape[1:]) != tuple(loaded.input_size):
-            raise DeepShareError(f"{data} images are {tuple(x.shape[1:])}, the model expects {tuple(loaded.input_size)}")
+        x, y = _first_batch(data, num, loaded.mean, loaded.std, loaded.input_size)
         with console.status(f"two-party inference ({weights_mode} weights) on {len(x)} images", spinner="dots"):
             run = run_two_party(loaded.model, x, weights_mode=weights_mode)
         acc = float((run.logits.argmax(1) == y.numpy()).mean())
@@ -141,8 +140,8 @@ def register(app: typer.Typer) -> None:
     @app.command("estimate-latency")
     def estimate_latency(
         model: ModelOrOutArg,
-        bandwidth: Annotated[str, typer.Option("--bandwidth", help="Link bandwidth: 1Gbps, 100Mbps, 1GB/s.")] = "1Gbps",
-        rtt: Annotated[str, typer.Option("--rtt", help="Round-trip time: 1ms, 200us, 0.05s.")] = "1ms",
+        bandwidth: Annotated[str, typer.Option("--bandwidth", help="Link bandwidth, with its unit: 1Gbps, 100Mbit (bits/s) or 1GB/s (bytes/s).")] = "1Gbps",
+        rtt: Annotated[str, typer.Option("--rtt", help="Round-trip time, with its unit: 1ms, 200us or 0.05s.")] = "1ms",
         weights_mode: WeightsModeOpt = "public",
         batch: Annotated[int, typer.Option("--batch", help="Images per inference.")] = 1,
         measure: Annotated[bool, typer.Option("--measure", help="Also run the real two-party execution "
@@ -211,7 +210,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def calibrate(
-        out: Annotated[Optional[str], typer.Option("--out", "-o", help="Where to write the table [default: the "
+        out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_file, help="Where to write the table [default: the "
                                                    "package's cost_table.json].")] = None,
         quick: Annotated[bool, typer.Option("--quick", help="Smaller micro-benchmarks.")] = False,
         as_json: JsonOpt = False,
@@ -234,7 +233,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         model: ModelOrOutArg,
-        onnx: Annotated[str, typer.Option("--onnx", help="Output .onnx file.", show_default=False)],
+        onnx: Annotated[str, typer.Option("--onnx", callback=check_out_file, help="Output .onnx file.", show_default=False)],
         batch: Annotated[int, typer.Option("--batch", help="Batch size of the exported graph.")] = 1,
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
         weights: WeightsOpt = None,
@@ -274,7 +273,7 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, w
     if rank == 1:
         if data is None:
             raise DeepShareError("party 1 holds the inputs: pass --data")
-        x, _ = _first_batch(data, num, mean, std)
+        x, _ = _first_batch(data, num, mean, std, input_size)
     shape = (num, *input_size) if x is None else tuple(x.shape)
     with console.status(f"party {rank}: waiting for / running with {master_addr}:{master_port}", spinner="dots"):
         rep = run_party(rank, net, x, shape, weights_mode=weights_mode, master_addr=master_addr,

@@ -43,7 +43,7 @@ def estimate_table(est, original=None, measured: dict | None = None) -> Table:
              f"{est.bandwidth_bps / 1e9:g} Gbps, RTT {est.rtt_s * 1e3:g} ms (cmp = comparisons, rnd = rounds, "
              f"ms = cpu + network)")  # fmt: skip
     table = Table(title=title, show_footer=True)
-    table.add_column("node", footer="total")
+    table.add_column("node", footer="total", overflow="fold")
     table.add_column("op")
     table.add_column("cmp", justify="right", footer=f"{est.comparisons:,}")
     table.add_column("MB", justify="right", footer=_mb(est.bytes))

@@ -6,6 +6,26 @@ from typing import Annotated, Optional
 
 import typer
 
+
+
+def check_out_dir(value: Optional[str]) -> Optional[str]:
+    """Option callback: a bad output directory fails at parse time, before any loading or training."""
+    if value:
+        from ..outputs import check_output_dir
+
+        check_output_dir(value)
+    return value
+
+
+def check_out_file(value: Optional[str]) -> Optional[str]:
+    """Option callback: a bad output file fails at parse time, before any loading or training."""
+    if value:
+        from ..outputs import check_output_file
+
+        check_output_file(value)
+    return value
+
+
 ModelArg = Annotated[
     str,
     typer.Argument(

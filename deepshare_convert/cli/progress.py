@@ -14,14 +14,18 @@ from rich.progress import (
 from .console import err_console
 
 
-def progress_bar(*extra_columns) -> Progress:
-    """A progress bar on stderr, so ``--json`` output on stdout stays clean."""
+def progress_bar(*extra_columns, bar_width: int = 40, remaining: bool = True) -> Progress:
+    """A progress bar on stderr, so ``--json`` output on stdout stays clean.
+
+    A narrower bar and no time-remaining column leave room for live ``extra_columns`` at
+    80 columns (rich cuts what does not fit with an ellipsis).
+    """
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=bar_width),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        *([TimeRemainingColumn()] if remaining else []),
         *extra_columns,
         console=err_console,
         transient=False,

@@ -13,6 +13,7 @@ import typer
 
 from ..errors import DeepShareError
 from .console import console
+from .options import check_out_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +27,7 @@ def snl(
                                                 "imagefolder:DIR, cifar10:DIR, ...")] = None,
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="ReLUs to keep: 12k, 1.5M, 6000 "
                                                   "or 2.5% of the model's ReLUs.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output directory (the run's checkpoint, "
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory (the run's checkpoint, "
                                                "snl_counts.json and the SNL model).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights of the original "
                                                    "(pretrained) model; it is also the KD teacher.")] = None,
@@ -116,7 +117,7 @@ def counts_table(summary: dict[str, Any]):
     title = (f"SNL: {summary['model'].get('name', 'model')} -- {kept:,} of {summary['total_relus']:,} ReLUs kept "
              f"(budget {summary['budget']:,}, {'reached' if summary['reached'] else 'NOT reached'})")  # fmt: skip
     table = Table(title=title, show_footer=True)
-    table.add_column("site", footer="total")
+    table.add_column("site", footer="total", overflow="fold")
     table.add_column("shape")
     table.add_column("ReLUs", justify="right", footer=f"{summary['total_relus']:,}")
     table.add_column("kept", justify="right", footer=f"{kept:,}")
@@ -143,7 +144,8 @@ class SNLReporter:
 
         from .progress import progress_bar
 
-        self.progress = progress_bar(TextColumn("{task.fields[info]}"))
+        # the search stops when the budget is met, so its step total is a cap: no time-remaining column
+        self.progress = progress_bar(TextColumn("{task.fields[info]}"), bar_width=20, remaining=False)
         self.progress.start()
         self.task = self.progress.add_task(name, total=total, completed=done, info="")
 
@@ -151,8 +153,8 @@ class SNLReporter:
         if self.progress is None:
             return
         text = f"loss {info['loss']:.3f}"
-        if "live" in info:
-            text = f"ReLUs {info['live']:,}/{info['budget']:,}  lambda {info['lambda']:.2e}  " + text
+        if "live" in info:  # short enough to fit beside the bar at 80 columns (loss is in the epoch lines)
+            text = f"ReLUs {info['live']:,}/{info['budget']:,} λ {info['lambda']:.1e}"
         self.progress.update(self.task, advance=1, info=text)
 
     def epoch(self, m: dict[str, Any]) -> None:
@@ -161,7 +163,7 @@ class SNLReporter:
         test = f" test {m['test_acc']:.2f}%" if "test_acc" in m else ""
         live = f" ReLUs {m['live']:,}/{m['budget']:,} lambda {m['lambda']:.2e}" if "live" in m else ""
         self.progress.console.print(f"  {m['kind']} epoch {m['epoch']}: loss {m['loss']:.4f} "
-                                    f"train {m['train_acc']:.2f}%{test}{live}")  # fmt: skip
+                                    f"train {m['train_acc']:.2f}%{test}{live}", soft_wrap=True)  # fmt: skip
 
     def stop(self) -> None:
         if self.progress is not None:

@@ -16,8 +16,8 @@ def census_table(c: Census) -> Table:
     title = f"ReLU census: {c.model} @ {_shape(c.input_size)}"
     table = Table(title=title, show_footer=True)
     table.add_column("#", justify="right", footer="")
-    table.add_column("site", footer="total")
-    table.add_column("module")
+    table.add_column("site", footer="total", overflow="fold")
+    table.add_column("module", overflow="fold")
     table.add_column("kind")
     table.add_column("shape")
     table.add_column("ReLUs", justify="right", footer=f"{c.total_relus:,}")
@@ -39,7 +39,7 @@ def plan_table(plan: Plan) -> Table:
     table = Table(title=f"DeepShare plan: {name} @ {_shape(plan.input_size)}, budget {plan.budget:,} "
                   f"({plan.allocator}, group size {plan.group_size})", show_footer=True)
     table.add_column("group", justify="right", footer="total")
-    table.add_column("sites")
+    table.add_column("sites", overflow="fold")
     table.add_column("shape")
     table.add_column("C", justify="right")
     table.add_column("P", justify="right")

@@ -109,6 +109,9 @@ def load_model(
         raise DeepShareError(
             f"{model} is a directory; converted-model directories are read with deepshare_convert.load"
         )
+    elif _looks_like_path(model):
+        raise ModelNotFoundError(f"file not found: {model} (MODEL is a built-in name, timm:NAME, "
+                                 "package.module:factory, a converted-model directory or a model file)")  # fmt: skip
     else:
         entry = get_entry(model)
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
@@ -165,7 +168,44 @@ def _load_entrypoint(target: str, num_classes: int | None, size: tuple[int, ...]
     return LoadedModel(module, ModelSpec("entrypoint", target, num_classes, size), size)
 
 
+_FILE_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".safetensors", ".pkl", ".ckpt", ".onnx", ".json")
+
+
+def _looks_like_path(model: str) -> bool:
+    """A MODEL that is clearly meant as a file (a path or a weights suffix), not a built-in name."""
+    return "/" in model or os.sep in model or model.startswith(".") or Path(model).suffix.lower() in _FILE_SUFFIXES
+
+
+def _weights_not_model(path: str) -> DeepShareError:
+    """A safetensors file given as MODEL holds weights only: say where the model is instead."""
+    folder = Path(path).parent
+    if (folder / "plan.json").is_file():
+        return DeepShareError(f"{path} holds only the weights of the converted model in {folder}; "
+                              f"pass the directory itself: {folder}")  # fmt: skip
+    return DeepShareError(f"{path} is a weights file, not a model: name the architecture and pass it with "
+                          f"--weights (e.g. resnet20 --weights {path})")  # fmt: skip
+
+
+def _unreadable(path: str | os.PathLike, e: BaseException) -> WeightsError:
+    """Why torch.load failed, in one line: PyTorch's own message is a paragraph meant for developers."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head.startswith(b"PK\x03\x04"):
+        return WeightsError(f"{path} is not a readable weights file: a damaged or incomplete torch.save archive")
+    if head[:1] != b"\x80":  # every pickle since protocol 2 starts with PROTO
+        return WeightsError(f"{path} is not a readable weights file: neither a torch.save archive nor a pickle "
+                            "(truncated, or another format?)")  # fmt: skip
+    text = str(e)
+    reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    return WeightsError(f"{path} is not a readable weights file: a damaged pickle ({_short(Exception(reason))})")
+
+
 def _load_pickled_module(path: str, trust_pickle: bool, size: tuple[int, ...] | None) -> LoadedModel:
+    if Path(path).suffix.lower() == ".safetensors":
+        raise _weights_not_model(path)
     if not trust_pickle:
         raise DeepShareError(
             f"{path} is a file: a full pickled model loads only with --trust-pickle (unpickling runs "
@@ -174,7 +214,7 @@ def _load_pickled_module(path: str, trust_pickle: bool, size: tuple[int, ...] | 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise WeightsError(f"cannot unpickle {path}: {_short(e)}") from None
+        raise _unreadable(path, e) from None
     if not isinstance(obj, nn.Module):
         raise WeightsError(
             f"{path} holds a {type(obj).__name__}, not an nn.Module; pass it with --weights and an architecture"
@@ -205,9 +245,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"{path} holds pickled objects other than tensors (a full model?); it is refused "
                 "because unpickling runs code -- pass it as MODEL with --trust-pickle if you trust it"
             ) from None
-        raise WeightsError(f"{path} is not a readable weights file: {_short(e)}") from None
+        raise _unreadable(p, e) from None
     except Exception as e:  # noqa: BLE001 - zip/EOF/format errors of a corrupt file
-        raise WeightsError(f"{path} is not a readable weights file: {_short(e)}") from None
+        raise _unreadable(p, e) from None
     return _unwrap_state_dict(obj, path)
 
 

@@ -341,3 +341,18 @@ def learning_curve(run_dir: str | Path, skip_kinds: tuple[str, ...] = ()) -> lis
 
 def read_resume_state(out: str | Path) -> dict[str, Any]:
     return load_checkpoint(Path(out) / CHECKPOINT)
+
+
+def resume_state_or_restart(out: str | Path, partial: tuple[str, ...] = (METRICS, "results.json")) -> dict[str, Any] | None:
+    """The run's last checkpoint, or None when it was stopped before writing one: then it starts over.
+
+    A run killed between saving its settings and its first checkpoint has nothing to
+    continue, yet callers (the bench, ``--resume``) see a run directory; the partial
+    files it may have left (``partial``) are removed so the fresh start inherits nothing.
+    """
+    out = Path(out)
+    if (out / CHECKPOINT).is_file():
+        return read_resume_state(out)
+    for name in partial:
+        (out / name).unlink(missing_ok=True)
+    return None

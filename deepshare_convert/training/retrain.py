@@ -27,12 +27,13 @@ from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
 from ..models import load_model
-from ..plan import Plan, write_json_atomic
+from ..outputs import check_output_dir
+from ..plan import WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
 from ..rewrite import apply_plan, convert, save, set_gate_mode
 from ..tracing import census
 from .distributed import DistContext, init_from_env, wrap_ddp
-from .engine import CHECKPOINT, PhaseSpec, Reporter, Trainer, read_resume_state
+from .engine import CHECKPOINT, METRICS, PhaseSpec, Reporter, Trainer, resume_state_or_restart
 from .phases import hooks_for
 
 __all__ = ["retrain", "resume", "RetrainResult"]
@@ -59,12 +60,7 @@ def _phase_spec(phase: Phase, teacher: nn.Module | None) -> PhaseSpec:
 
 
 def _save_tensors(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp))
-    tmp.replace(path)
+    save_tensors_atomic(model, path)
 
 
 def _load_tensors(model: nn.Module, path: Path) -> nn.Module:
@@ -282,7 +278,7 @@ def retrain(
     """Run a recipe from scratch into ``out`` (an existing checkpoint there is an error)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, quick)
-    out = Path(out)
+    out = check_output_dir(out)
     if (out / CHECKPOINT).exists():
         raise DeepShareError(f"{out} already holds a run; use --resume {out} or another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -292,11 +288,14 @@ def retrain(
 
 
 def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: int | None = None) -> RetrainResult:
-    """Continue the run in ``out`` from its last checkpoint, with its resolved recipe."""
+    """Continue the run in ``out`` from its last checkpoint, with its resolved recipe.
+
+    A run stopped before its first checkpoint starts over from the saved recipe.
+    """
     out = Path(out)
     recipe = load_recipe(out / RECIPE_FILE)
-    state = read_resume_state(out)
+    state = resume_state_or_restart(out, partial=(METRICS, "results.json", "plan.json", WEIGHTS_FILE))
     run = _Run(recipe, out, reporter, fail_at_step)
-    if run.plan is None and (out / "plan.json").is_file():
+    if state is not None and run.plan is None and (out / "plan.json").is_file():
         run.plan = Plan.read(out)
     return RetrainResult(out, run.run(state))
