@@ -96,7 +96,7 @@ def measure(model: str, budget: str, sched: Schedule, runs: Path, row_set: list)
                           overrides=overrides, recipe=recipe)  # fmt: skip
         rows.append({"name": name, "label": label, "drelus": r["drelus"], "acc": final_accuracy(r["dir"], sched),
                      "acc_before_retraining": r.get("converted_acc_before_retraining"), "paper": paper,
-                     "steps": r["steps"], "wall_s": r.get("bench_wall_seconds"), "recipe": r["recipe"],
+                     "steps": r["steps"], "wall_s": r.get("bench_wall_seconds"), "train_s": r["train_seconds"], "recipe": r["recipe"],
                      "overrides": r["overrides"], "min_acc": min((a for _, a in r["curve"]), default=None)})  # fmt: skip
         print(f"[{model} {budget}] {label}: {rows[-1]['acc']} ({r['drelus']:,} DReLUs, {r['steps']:,} steps)", flush=True)
     return rows

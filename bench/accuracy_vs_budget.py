@@ -47,13 +47,13 @@ def measure(models: list[str], budgets: dict[str, list[str]], sched: Schedule, r
             snl = run_snl_baseline(model, budget, sched, runs)
             snl_acc = final_accuracy(snl["dir"], sched) if snl.get("snl_acc") is not None else None
             rows.append({"model": model, "method": "SNL", "budget": budget, "relus": snl.get("snl_relus"),
-                         "acc": snl_acc, "wall_s": snl.get("bench_wall_seconds"), "reached": snl_acc is not None,
+                         "acc": snl_acc, "wall_s": snl.get("bench_wall_seconds"), "train_s": snl.get("train_seconds"), "reached": snl_acc is not None,
                          "steps": snl["steps"], "search_steps": snl.get("search_steps"), "curve": snl["curve"],
                          "min_acc": min((a for _, a in snl["curve"]), default=None)})  # fmt: skip
             ds = run_deepshare(model, budget, sched, runs, steps=snl["steps"])
             rows.append({"model": model, "method": "DeepShare", "budget": budget, "relus": ds["drelus"],
                          "acc": final_accuracy(ds["dir"], sched), "acc_before_retraining": ds.get("converted_acc_before_retraining"),
-                         "wall_s": ds.get("bench_wall_seconds"), "steps": ds["steps"], "curve": ds["curve"],
+                         "wall_s": ds.get("bench_wall_seconds"), "train_s": ds["train_seconds"], "steps": ds["steps"], "curve": ds["curve"],
                          "min_acc": min((a for _, a in ds["curve"]), default=None), "recipe": ds["recipe"],
                          "overrides": ds["overrides"]})  # fmt: skip
             print(f"[{model}] {budget}: SNL {snl_acc} ({rows[-2]['relus']}) | DeepShare {rows[-1]['acc']} "
@@ -111,10 +111,14 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def _minutes(row: dict) -> str:
+    return f"{row['train_s'] / 60:.1f}" if row.get("train_s") else "—"
+
+
 def table(rows: list[dict], sched: Schedule) -> str:
-    lines = ["| model | budget | DReLUs DeepShare / SNL | steps DeepShare / SNL | DeepShare top-1 (lowest) "
-             "| SNL top-1 | DeepShare − SNL | original |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| model | budget | DReLUs DeepShare / SNL | steps DeepShare / SNL | train min DeepShare / SNL "
+             "| DeepShare top-1 (lowest) | SNL top-1 | DeepShare − SNL | original |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for model in dict.fromkeys(r["model"] for r in rows):
         orig = next(r for r in rows if r["model"] == model and r["method"] == "original")
         for budget in dict.fromkeys(r["budget"] for r in rows if r["model"] == model and r["method"] != "original"):
@@ -123,7 +127,7 @@ def table(rows: list[dict], sched: Schedule) -> str:
             gap = f"{ds['acc'] - snl['acc']:+.2f}" if snl["acc"] is not None else "—"
             snl_acc = f"{snl['acc']:.2f}" if snl["acc"] is not None else "not reached"
             lines.append(f"| {model} | {budget} | {ds['relus']:,} / {snl['relus'] or 0:,} | {ds['steps']:,} / "
-                         f"{snl['steps']:,} | {ds['acc']:.2f} ({ds['min_acc']}) | {snl_acc} "
+                         f"{snl['steps']:,} | {_minutes(ds)} / {_minutes(snl)} | {ds['acc']:.2f} ({ds['min_acc']}) | {snl_acc} "
                          f"| {gap} | {orig['acc']:.2f} ({orig['relus']:,}) |")  # fmt: skip
     return "\n".join(lines)
 
@@ -172,7 +176,8 @@ channel over its first 30% (quadratic easing) and then trains the converted netw
 γ = 4, KD from the original, Adam with one cosine decay; layer-sharing group size {groups}, {sched.group_size}
 otherwise) trains for exactly as many optimizer steps as SNL's
 search and finetune together. Top-1 on all 10,000 test images; "lowest" is the lowest test top-1 (2,000 images) measured
-during DeepShare's training, every half epoch. The paper trains for hundreds of full-data epochs; these numbers
+during DeepShare's training, every half epoch. "train min" sums each run's epoch times (one thread per run, usually
+two runs side by side on this 2-core machine, so a rough cost, not a benchmark). The paper trains for hundreds of full-data epochs; these numbers
 compare the methods at equal (small) training, not the paper's absolute accuracy.
 
 {md}

@@ -117,7 +117,15 @@ def run_snl_baseline(model: str, budget: str, sched: Schedule, runs: Path) -> di
     if (out / "metrics.jsonl").is_file():
         results["steps"] = trained_steps(out)
         results["curve"] = learning_curve(out)
+        results["train_seconds"] = train_seconds(out)
     return results
+
+
+def train_seconds(run_dir: str | Path) -> float:
+    """Wall seconds a run spent training (its epochs' ``epoch_seconds`` in metrics.jsonl), so that a run
+    read back from the cache reports its time too."""
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return round(sum(x.get("epoch_seconds", 0.0) for x in lines), 1)
 
 
 def trained_steps(run_dir: str | Path) -> int:
@@ -170,7 +178,7 @@ def run_deepshare(model: str, budget: str, sched: Schedule, runs: Path, *, steps
         t0 = time.perf_counter()
         result = resume(out) if (out / "checkpoint.pt").is_file() else retrain(recipe, out, overrides=sets)
         results = dict(result.results, bench_wall_seconds=round(time.perf_counter() - t0, 1))
-    results.update(dir=str(out), steps=trained_steps(out), curve=learning_curve(out),
+    results.update(dir=str(out), steps=trained_steps(out), curve=learning_curve(out), train_seconds=train_seconds(out),
                    recipe=str(recipe.relative_to(ROOT)), overrides=sets)  # fmt: skip
     return results
 

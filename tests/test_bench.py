@@ -63,10 +63,12 @@ def test_cifar_bench_quick(script, cifar_runs):
             assert ds["steps"] == snl["steps"] > snl["search_steps"] > 0
             assert ds["recipe"] == "recipes/resnet20_cifar10.yaml" and ds["curve"] and snl["curve"]
             assert ds["min_acc"] == min(a for _, a in ds["curve"])
+            assert ds["train_s"] > 0 and snl["train_s"] > 0  # wall time per run, also when read from the cache
         assert (ROOT / "bench" / "results" / f"{name}_curves.png").is_file()
     else:
-        assert [r["name"] for r in rows] == ["deepshare", "abrupt", "no_ste", "no_kd", "naive_init", "snl_alloc",
-                                             "paper"]  # fmt: skip
+        assert [r["name"] for r in rows] == ["deepshare", "abrupt", "no_ste", "no_kd", "naive_init", "linear_easing",
+                                             "proportional", "snl_alloc", "paper"]  # fmt: skip
+        assert all(r["train_s"] > 0 for r in rows)
         assert all(r["drelus"] <= 15_073 for r in rows)
         assert all(0 <= r["acc"] <= 100 for r in rows)
         full = rows[0]["steps"]
