@@ -54,6 +54,7 @@ from .errors import BudgetError, DeepShareError, PlanError
 from .outputs import check_output_dir
 from .plan import PLAN_FILE, WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
 from .tracing import census, example_input, find_sites, model_dtype, propagate_shapes, register_leaf_module, trace
+from .interrupts import deferred_sigint
 from .training.engine import CHECKPOINT, METRICS, PhaseHooks, PhaseSpec, Reporter, Trainer, resume_state_or_restart
 
 __all__ = [
@@ -427,9 +428,10 @@ def run_snl(config: SNLConfig, out: str | Path, *, reporter: Reporter | None = N
         raise DeepShareError(f"{out} already holds a run; continue it with --resume {out}, or choose another -o")
     if config.weights is not None and Path(config.weights).is_file():
         config.weights = str(Path(config.weights).resolve())  # a resume from elsewhere still finds them
-    job = _Job(config, out, reporter, fail_at_step)  # checks model, data and budget before writing anything
-    write_json_atomic(out / RUN_FILE, config.to_dict())
-    return job.run(None)
+    with deferred_sigint():  # a Ctrl-C during setup stops at the first step boundary, resumably
+        job = _Job(config, out, reporter, fail_at_step)  # checks model, data and budget before writing anything
+        write_json_atomic(out / RUN_FILE, config.to_dict())
+        return job.run(None)
 
 
 def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, reporter: Reporter | None = None,
@@ -457,9 +459,10 @@ def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, report
         setattr(config, key, value)
     config.validate()
     state = resume_state_or_restart(out, partial=(METRICS, RESULTS_FILE, COUNTS_FILE, PLAN_FILE, WEIGHTS_FILE))
-    job = _Job(config, out, reporter, fail_at_step)  # no checkpoint yet (killed early): state None, a fresh start
-    write_json_atomic(path, config.to_dict())
-    return job.run(state)
+    with deferred_sigint():
+        job = _Job(config, out, reporter, fail_at_step)  # no checkpoint yet (killed early): state None, a fresh start
+        write_json_atomic(path, config.to_dict())
+        return job.run(state)
 
 
 def _save_tensors(model: nn.Module, path: Path) -> None:

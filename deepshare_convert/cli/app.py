@@ -152,21 +152,24 @@ def retrain(
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
     """DeepShare retraining driven by a recipe (progressive sharing, or the paper's GELU -> switch -> finetune)."""
-    from ..training.retrain import resume, retrain as run_retrain
-    from .progress import TrainingReporter
+    from ..interrupts import deferred_sigint
 
-    reporter = TrainingReporter()
-    if resume_dir:
-        result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step)
-    else:
-        if recipe is None:
-            raise typer.BadParameter("give --recipe FILE (or --resume OUT)")
-        from ..recipes import load_recipe
+    with deferred_sigint():  # a Ctrl-C even during the imports stops at a step boundary, resumably
+        from ..training.retrain import resume, retrain as run_retrain
+        from .progress import TrainingReporter
 
-        resolved = load_recipe(recipe, set_ or [], quick)
-        target = check_out_dir(out or f"out/{resolved.name}")
-        console.print(f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
-        result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
+        reporter = TrainingReporter()
+        if resume_dir:
+            result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step)
+        else:
+            if recipe is None:
+                raise typer.BadParameter("give --recipe FILE (or --resume OUT)")
+            from ..recipes import load_recipe
+
+            resolved = load_recipe(recipe, set_ or [], quick)
+            target = check_out_dir(out or f"out/{resolved.name}")
+            console.print(f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
+            result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
     from .tables import results_table
 
     console.print(results_table(result.results))

@@ -60,23 +60,26 @@ def snl(
     the binarised (and, with --finetune-epochs, finetuned) model is saved as OUT/plan.json +
     OUT/model.safetensors, so `deepshare inspect OUT` counts its kept ReLUs.
     """
-    from ..snl import SNLConfig, resume_snl, run_snl
+    from ..interrupts import deferred_sigint
 
-    given = {"model": model, "data": data, "budget": budget, "weights": weights, "num_classes": num_classes,
-             "max_epochs": max_epochs, "max_steps": max_steps, "finetune_epochs": finetune_epochs, "seed": seed,
-             "batch_size": batch_size, "limit": limit, "test_limit": test_limit, "check_every": check_every,
-             "lam": lam, "warmup_epochs": warmup_epochs}  # fmt: skip
-    reporter = SNLReporter()
-    if resume_dir:
-        if out and out != resume_dir:
-            raise DeepShareError(f"--resume {resume_dir} continues that directory; drop -o {out}")
-        result = resume_snl(resume_dir, changes=given, reporter=reporter, fail_at_step=fail_at_step)
-    else:
-        if not (model and data and budget and out):
-            raise DeepShareError("deepshare snl needs MODEL, --data, --budget and -o OUT (or --resume OUT)")
-        config = SNLConfig(**{k: v for k, v in given.items() if v is not None})
-        console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")
-        result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step)
+    with deferred_sigint():  # a Ctrl-C even during the imports stops at a step boundary, resumably
+        from ..snl import SNLConfig, resume_snl, run_snl
+
+        given = {"model": model, "data": data, "budget": budget, "weights": weights, "num_classes": num_classes,
+                 "max_epochs": max_epochs, "max_steps": max_steps, "finetune_epochs": finetune_epochs, "seed": seed,
+                 "batch_size": batch_size, "limit": limit, "test_limit": test_limit, "check_every": check_every,
+                 "lam": lam, "warmup_epochs": warmup_epochs}  # fmt: skip
+        reporter = SNLReporter()
+        if resume_dir:
+            if out and out != resume_dir:
+                raise DeepShareError(f"--resume {resume_dir} continues that directory; drop -o {out}")
+            result = resume_snl(resume_dir, changes=given, reporter=reporter, fail_at_step=fail_at_step)
+        else:
+            if not (model and data and budget and out):
+                raise DeepShareError("deepshare snl needs MODEL, --data, --budget and -o OUT (or --resume OUT)")
+            config = SNLConfig(**{k: v for k, v in given.items() if v is not None})
+            console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")
+            result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step)
     _report(result, as_json)
 
 
