@@ -45,10 +45,14 @@ def snl(
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Evaluate on N test examples.")] = None,
     check_every: Annotated[Optional[int], typer.Option("--check-every", help="Also check the budget every K "
                                                        "steps (stops mid-epoch).")] = None,
+    lambda_policy: Annotated[Optional[str], typer.Option("--lambda-policy", help="fast (default: lambda 1e-3, "
+                                                         "x1.25 after every epoch above budget, masks at 5x lr, "
+                                                         "budget checked every step) or faithful (SNL's code: 1e-5, "
+                                                         "x1.1 when the count stalls, after 5 epochs).")] = None,
     lam: Annotated[Optional[float], typer.Option("--lambda", help="Initial L1 weight of the masks "
-                                                 "(default 1e-5).")] = None,
+                                                 "(default: the policy's).")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs", help="Epochs before lambda may "
-                                                         "grow (default 5).")] = None,
+                                                         "grow (default: the policy's).")] = None,
     resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory "
                                                       "from its last checkpoint (caps may be raised).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -68,7 +72,8 @@ def snl(
         given = {"model": model, "data": data, "budget": budget, "weights": weights, "num_classes": num_classes,
                  "max_epochs": max_epochs, "max_steps": max_steps, "finetune_epochs": finetune_epochs, "seed": seed,
                  "batch_size": batch_size, "limit": limit, "test_limit": test_limit, "check_every": check_every,
-                 "lam": lam, "warmup_epochs": warmup_epochs}  # fmt: skip
+                 "lam": lam, "warmup_epochs": warmup_epochs,
+                 "lambda_policy": lambda_policy}  # fmt: skip
         reporter = SNLReporter()
         if resume_dir:
             if out and out != resume_dir:

@@ -72,6 +72,8 @@ class PhaseSpec:
     decay_end: float = 1.0  # linear schedule: fraction of the phase at which lr reaches its end value
     eval_every: int | None = None  # also measure test accuracy every N steps (a curve, not only epoch ends)
     params: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
+    # optimizer parameter groups instead of one; a group's "lr_scale" multiplies the scheduled lr
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
 
 
 class PhaseHooks:
@@ -197,6 +199,8 @@ class Trainer:
         epochs = spec.epochs or math.ceil(spec.steps / steps_per_epoch)
         total_steps = spec.steps or epochs * steps_per_epoch
         params = [p for p in (spec.params(self._bare()) if spec.params else self._bare().parameters()) if p.requires_grad]
+        if spec.param_groups is not None:
+            params = spec.param_groups(self._bare())
         optimizer = _make_optimizer(spec, params)
         start_epoch, start_batch, phase_step0, sums = 0, 0, self.global_step, None
         hooks.on_phase_start(self._bare())
@@ -259,7 +263,7 @@ class Trainer:
                 lr = lr_at(step_in_phase, total_steps, spec.lr_start, spec.lr_end if spec.lr_end is not None
                            else spec.lr_start, spec.scheduler, spec.power, spec.decay_end)  # fmt: skip
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 hooks.before_step(self._bare(), step_in_phase, total_steps, epoch, epochs)
                 logits = model(x)
                 loss = spec.ce_weight * task_loss(logits, y) if spec.ce_weight else logits.new_zeros(())
