@@ -83,6 +83,9 @@ def snl(
             if not (model and data and budget and out):
                 raise DeepShareError("deepshare snl needs MODEL, --data, --budget and -o OUT (or --resume OUT)")
             config = SNLConfig(**{k: v for k, v in given.items() if v is not None})
+            from .app import note_random_weights
+
+            note_random_weights(model, weights is not None)
             console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")
             result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step)
     _report(result, as_json)
