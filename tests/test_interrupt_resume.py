@@ -107,3 +107,20 @@ def test_ctrl_c_during_setup_stops_at_the_first_step_resumably(straight, tmp_pat
     monkeypatch.setattr(module, "load_dataset", real)
     resume(tmp_path / "b")
     _same_run(straight, tmp_path / "b")
+
+
+def test_sigkill_after_conversion_before_next_checkpoint_resumes_bit_identical(straight, tmp_path):
+    """Killed after plan.json was written but before the first checkpoint of the phase that follows pretrain:
+    the last checkpoint is in pretrain, so the conversion (and its converted top-1) is redone."""
+    import shutil
+
+    _killed = tmp_path / "b"
+    handle = nn.modules.module.register_module_forward_hook(_CtrlCInForward(5))
+    try:
+        with pytest.raises(Interrupted):
+            retrain(recipe_from_dict(SMALL), _killed)
+    finally:
+        handle.remove()
+    shutil.copy(straight / "plan.json", _killed / "plan.json")  # what the killed run had written
+    resume(_killed)
+    _same_run(straight, _killed)
