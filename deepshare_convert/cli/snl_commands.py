@@ -44,7 +44,7 @@ def snl(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on a fixed subset of N examples.")] = None,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Evaluate on N test examples.")] = None,
     check_every: Annotated[Optional[int], typer.Option("--check-every", help="Also check the budget every K "
-                                                       "steps (stops mid-epoch).")] = None,
+                                                       "steps (stops mid-epoch; default: the policy's, 1 for fast).")] = None,
     lambda_policy: Annotated[Optional[str], typer.Option("--lambda-policy", help="fast (default: lambda 1e-3, "
                                                          "x1.25 after every epoch above budget, masks at 5x lr, "
                                                          "budget checked every step) or faithful (SNL's code: 1e-5, "
