@@ -104,6 +104,7 @@ def run_snl_baseline(model: str, budget: str, sched: Schedule, runs: Path) -> di
     if results is None:
         config = SNLConfig(model=model, weights=str(WEIGHTS[model]), data=DATA, budget=budget,
                            batch_size=sched.batch_size, limit=sched.limit, test_limit=sched.run_test_limit,
+                           lambda_policy="faithful",  # the schedule these bench numbers were measured with
                            lam=sched.snl_lambda, lr=sched.snl_lr, warmup_epochs=0, max_epochs=sched.snl_max_epochs,
                            max_steps=sched.snl_max_steps, check_every=20, finetune_epochs=sched.total_epochs)  # fmt: skip
         print(f"[{model}] SNL at {budget} -> {out}", flush=True)

@@ -71,6 +71,7 @@ def main() -> None:
     if args.quick:
         args.limit, args.test_limit, args.max_steps = 512, 256, 60
     config = SNLConfig(model="resnet20", weights=str(WEIGHTS), data="cifar10-jpg", budget=args.budget,
+                       lambda_policy="faithful",  # SNL's rule, which the docstring and results describe
                        batch_size=args.batch_size, limit=args.limit, test_limit=args.test_limit, lam=args.lam,
                        max_epochs=args.max_epochs, max_steps=args.max_steps, check_every=args.check_every)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

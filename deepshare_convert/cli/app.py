@@ -11,7 +11,7 @@ import typer
 from . import errors as cli_errors
 from .console import console, err_console
 from .options import (
-    InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustPickleOpt, WeightsOpt, check_out_dir,
+    InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt, check_out_dir,
 )  # fmt: skip
 
 app = typer.Typer(
@@ -23,8 +23,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-def _load(model, weights, input_size, num_classes, trust_pickle):
-    """A model from any MODEL form, converted-model directories (OUT/) included."""
+def _load(model, weights, input_size, num_classes, trust_pickle, pretrained=False):
+    """A model from any MODEL form, converted-model directories (OUT/) included.
+
+    Notes (stderr, at the end) when an architecture is built with random weights (no --weights, no
+    --pretrained): every number computed from it then means nothing.
+    """
     from pathlib import Path
 
     from ..models import LoadedModel, ModelSpec, load_model
@@ -37,13 +41,31 @@ def _load(model, weights, input_size, num_classes, trust_pickle):
         spec = ModelSpec("converted", str(model), input_size=tuple(conv.plan.input_size))
         return LoadedModel(conv.model, spec, tuple(conv.plan.input_size), conv.mean, conv.std)
     with console.status(f"loading {model}", spinner="dots"):
-        return load_model(
+        loaded = load_model(
             model,
             weights=weights,
             input_size=input_size,
             num_classes=num_classes,
             trust_pickle=trust_pickle,
+            pretrained=pretrained,
         )
+    note_random_weights(loaded.spec, weights is not None or pretrained)
+    return loaded
+
+
+def note_random_weights(spec, has_weights: bool) -> None:
+    """One stderr note when a built-in or timm architecture has no trained weights."""
+    if isinstance(spec, str):  # a MODEL argument not built here (snl, recipes): judge it by its form
+        from ..models import ModelSpec, list_models
+
+        source = "timm" if spec.startswith("timm:") else "builtin" if spec in list_models() else "other"
+        spec = ModelSpec(source, spec.removeprefix("timm:"))
+    if not has_weights and spec.source in ("builtin", "timm"):
+        how = "--weights FILE" + (" or --pretrained" if spec.source == "timm" else "")
+        _NOTES.append(f"note: no weights given: {spec.display} has randomly initialised weights (give {how})")
+
+
+_NOTES: list[str] = []  # shown on stderr when the command ends well (an error stays one line)
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -55,6 +77,7 @@ def inspect(
     num_classes: NumClassesOpt = None,
     leaf: LeafOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    pretrained: PretrainedOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """ReLU census of MODEL via torch.fx: every activation site, its shape and ReLU count.
@@ -64,7 +87,7 @@ def inspect(
     """
     from ..tracing import census
 
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle)
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained)
     result = census(loaded.model, loaded.input_size, name=loaded.spec.display, leaf_modules=leaf or ())
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -95,6 +118,7 @@ def convert(
     num_classes: NumClassesOpt = None,
     leaf: LeafOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    pretrained: PretrainedOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory (atomically: "
                                         "written beside it, then renamed into place).")] = False,
     as_json: JsonOpt = False,
@@ -110,7 +134,7 @@ def convert(
 
     if out:
         check_fresh_dir(out, force=force)
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle)
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained)
     out = str(check_fresh_dir(out or _default_out(loaded.spec.name, budget), force=force))
     counts = read_snl_counts(snl_counts) if snl_counts else None
     with console.status("tracing, allocating and rewriting", spinner="dots"):
@@ -119,9 +143,6 @@ def convert(
             gate=gate, gamma=gamma, keep=keep or (), snl_counts=counts, leaf_modules=leaf or (),
             spec=loaded.spec.to_dict(),
         )  # fmt: skip
-    if weights is None and loaded.spec.source in ("builtin", "timm"):
-        err_console.print(f"note: no --weights given: {loaded.spec.display} was converted with randomly "
-                          "initialised weights")  # fmt: skip
     target = save_new(converted, out, force=force)
     if as_json:
         print(json.dumps({"out": str(target), **converted.plan.to_dict()}, indent=2))
@@ -152,21 +173,27 @@ def retrain(
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
     """DeepShare retraining driven by a recipe (progressive sharing, or the paper's GELU -> switch -> finetune)."""
-    from ..training.retrain import resume, retrain as run_retrain
-    from .progress import TrainingReporter
+    from ..interrupts import deferred_sigint
 
-    reporter = TrainingReporter()
-    if resume_dir:
-        result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step)
-    else:
-        if recipe is None:
-            raise typer.BadParameter("give --recipe FILE (or --resume OUT)")
-        from ..recipes import load_recipe
+    with deferred_sigint():  # a Ctrl-C even during the imports stops at a step boundary, resumably
+        from ..training.retrain import resume, retrain as run_retrain
+        from .progress import TrainingReporter
 
-        resolved = load_recipe(recipe, set_ or [], quick)
-        target = check_out_dir(out or f"out/{resolved.name}")
-        console.print(f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
-        result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
+        reporter = TrainingReporter()
+        if resume_dir:
+            result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step)
+        else:
+            if recipe is None:
+                raise typer.BadParameter("give --recipe FILE (or --resume OUT)")
+            from ..recipes import load_recipe
+
+            resolved = load_recipe(recipe, set_ or [], quick)
+            m = resolved.model
+            if not m.converted and resolved.phases[0].kind != "pretrain":  # a pretrain phase trains them first
+                note_random_weights(m.name, m.weights is not None)
+            target = check_out_dir(out or f"out/{resolved.name}")
+            console.print(f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
+            result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
     from .tables import results_table
 
     console.print(results_table(result.results))
@@ -247,6 +274,7 @@ def evaluate(
     input_size: InputSizeOpt = None,
     num_classes: NumClassesOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    pretrained: PretrainedOpt = False,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N test images only.")] = None,
     as_json: JsonOpt = False,
@@ -255,7 +283,7 @@ def evaluate(
     from ..data import check_input_fits, load_dataset, make_loader
     from ..evaluate import evaluate as run_eval
 
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle)
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained)
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
     check_input_fits(loaded.input_size, info, data, hint=_size_hint(model, info))
@@ -328,12 +356,15 @@ snl_commands.register(app)
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv``; returns the exit code (errors become one line on stderr)."""
     command = typer.main.get_command(app)
+    _NOTES.clear()
     try:
         result = command.main(args=argv, prog_name="deepshare", standalone_mode=False)
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         if isinstance(exc, SystemExit):
             return int(exc.code or 0)
         return cli_errors.report(exc)
+    for note in dict.fromkeys(_NOTES):
+        err_console.print(note)
     return result if isinstance(result, int) else 0
 
 

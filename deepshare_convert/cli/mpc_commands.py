@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console
-from .options import InputSizeOpt, JsonOpt, TrustPickleOpt, WeightsOpt, check_out_file
+from .options import InputSizeOpt, JsonOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt, check_out_file
 
 WeightsModeOpt = Annotated[
     str,
@@ -26,10 +26,10 @@ ModelOrOutArg = Annotated[
 ]  # fmt: skip
 
 
-def _load(model: str, weights, input_size, num_classes, trust_pickle):
+def _load(model: str, weights, input_size, num_classes, trust_pickle, pretrained=False):
     from .app import _load as load
 
-    return load(model, weights, input_size, num_classes, trust_pickle)
+    return load(model, weights, input_size, num_classes, trust_pickle, pretrained)
 
 
 def _original_of(path: str):
@@ -101,6 +101,7 @@ def register(app: typer.Typer) -> None:
         master_port: Annotated[int, typer.Option("--master-port", help="Party 0's port (with --rank).")] = 29500,
         weights: WeightsOpt = None,
         trust_pickle: TrustPickleOpt = False,
+        pretrained: PretrainedOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Two-party CrypTen inference: party 0 holds the model, party 1 the inputs and gets the output.
@@ -122,7 +123,7 @@ def register(app: typer.Typer) -> None:
             raise DeepShareError("--data is required (party 1's inputs)")
         from ..mpc.launcher import run_two_party
 
-        loaded = _load(model, weights, None, None, trust_pickle)
+        loaded = _load(model, weights, None, None, trust_pickle, pretrained)
         x, y = _first_batch(data, num, loaded.mean, loaded.std, loaded.input_size)
         with console.status(f"two-party inference ({weights_mode} weights) on {len(x)} images", spinner="dots"):
             run = run_two_party(loaded.model, x, weights_mode=weights_mode)
@@ -152,6 +153,7 @@ def register(app: typer.Typer) -> None:
                                                        "MODEL (only needed with --measure).")] = None,
         input_size: InputSizeOpt = None,
         trust_pickle: TrustPickleOpt = False,
+        pretrained: PretrainedOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Bytes, rounds and latency of private inference per layer, and the speedup over the original.
@@ -167,7 +169,7 @@ def register(app: typer.Typer) -> None:
             raise DeepShareError("--batch must be at least 1")
         bw, rt = parse_bandwidth(bandwidth), parse_duration(rtt)
         table = CostTable.load(table_path)
-        loaded = _load(model, weights, input_size, None, trust_pickle)
+        loaded = _load(model, weights, input_size, None, trust_pickle, pretrained)
         kw = dict(batch=batch, weights_mode=weights_mode, table=table, bandwidth=bw, rtt=rt)
         with console.status("lowering and costing", spinner="dots"):
             est = estimate(loaded.model, loaded.input_size, name=loaded.spec.display, **kw)
@@ -238,12 +240,13 @@ def register(app: typer.Typer) -> None:
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
         weights: WeightsOpt = None,
         trust_pickle: TrustPickleOpt = False,
+        pretrained: PretrainedOpt = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Export MODEL (converted or not) to ONNX with the shared gate as standard ops; checked with onnxruntime."""
         from ..export_onnx import export_onnx
 
-        loaded = _load(model, weights, None, None, trust_pickle)
+        loaded = _load(model, weights, None, None, trust_pickle, pretrained)
         with console.status("exporting and checking with onnxruntime", spinner="dots"):
             report = export_onnx(loaded.model, loaded.input_size, onnx, batch=batch, opset=opset)
         if as_json:

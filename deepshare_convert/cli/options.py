@@ -50,4 +50,9 @@ LeafOpt = Annotated[
     Optional[list[str]],
     typer.Option("--leaf", help="Module class name that tracing must treat as opaque (repeatable)."),
 ]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option("--pretrained", help="timm:NAME only: timm's published weights, fetched and cached by timm "
+                 "(offline: its cached copy, else use --weights)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

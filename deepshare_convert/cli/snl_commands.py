@@ -44,11 +44,15 @@ def snl(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on a fixed subset of N examples.")] = None,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Evaluate on N test examples.")] = None,
     check_every: Annotated[Optional[int], typer.Option("--check-every", help="Also check the budget every K "
-                                                       "steps (stops mid-epoch).")] = None,
+                                                       "steps (stops mid-epoch; default: the policy's, 1 for fast).")] = None,
+    lambda_policy: Annotated[Optional[str], typer.Option("--lambda-policy", help="fast (default: lambda 1e-3, "
+                                                         "x1.25 after every epoch above budget, masks at 5x lr, "
+                                                         "budget checked every step) or faithful (SNL's code: 1e-5, "
+                                                         "x1.1 when the count stalls, after 5 epochs).")] = None,
     lam: Annotated[Optional[float], typer.Option("--lambda", help="Initial L1 weight of the masks "
-                                                 "(default 1e-5).")] = None,
+                                                 "(default: the policy's).")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs", help="Epochs before lambda may "
-                                                         "grow (default 5).")] = None,
+                                                         "grow (default: the policy's).")] = None,
     resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory "
                                                       "from its last checkpoint (caps may be raised).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -60,23 +64,30 @@ def snl(
     the binarised (and, with --finetune-epochs, finetuned) model is saved as OUT/plan.json +
     OUT/model.safetensors, so `deepshare inspect OUT` counts its kept ReLUs.
     """
-    from ..snl import SNLConfig, resume_snl, run_snl
+    from ..interrupts import deferred_sigint
 
-    given = {"model": model, "data": data, "budget": budget, "weights": weights, "num_classes": num_classes,
-             "max_epochs": max_epochs, "max_steps": max_steps, "finetune_epochs": finetune_epochs, "seed": seed,
-             "batch_size": batch_size, "limit": limit, "test_limit": test_limit, "check_every": check_every,
-             "lam": lam, "warmup_epochs": warmup_epochs}  # fmt: skip
-    reporter = SNLReporter()
-    if resume_dir:
-        if out and out != resume_dir:
-            raise DeepShareError(f"--resume {resume_dir} continues that directory; drop -o {out}")
-        result = resume_snl(resume_dir, changes=given, reporter=reporter, fail_at_step=fail_at_step)
-    else:
-        if not (model and data and budget and out):
-            raise DeepShareError("deepshare snl needs MODEL, --data, --budget and -o OUT (or --resume OUT)")
-        config = SNLConfig(**{k: v for k, v in given.items() if v is not None})
-        console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")
-        result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step)
+    with deferred_sigint():  # a Ctrl-C even during the imports stops at a step boundary, resumably
+        from ..snl import SNLConfig, resume_snl, run_snl
+
+        given = {"model": model, "data": data, "budget": budget, "weights": weights, "num_classes": num_classes,
+                 "max_epochs": max_epochs, "max_steps": max_steps, "finetune_epochs": finetune_epochs, "seed": seed,
+                 "batch_size": batch_size, "limit": limit, "test_limit": test_limit, "check_every": check_every,
+                 "lam": lam, "warmup_epochs": warmup_epochs,
+                 "lambda_policy": lambda_policy}  # fmt: skip
+        reporter = SNLReporter()
+        if resume_dir:
+            if out and out != resume_dir:
+                raise DeepShareError(f"--resume {resume_dir} continues that directory; drop -o {out}")
+            result = resume_snl(resume_dir, changes=given, reporter=reporter, fail_at_step=fail_at_step)
+        else:
+            if not (model and data and budget and out):
+                raise DeepShareError("deepshare snl needs MODEL, --data, --budget and -o OUT (or --resume OUT)")
+            config = SNLConfig(**{k: v for k, v in given.items() if v is not None})
+            from .app import note_random_weights
+
+            note_random_weights(model, weights is not None)
+            console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")
+            result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step)
     _report(result, as_json)
 
 

@@ -2,7 +2,9 @@
 
 MODEL forms, in the order they are tried:
 
-* ``timm:NAME`` -- ``timm.create_model(NAME, pretrained=False)``; nothing is downloaded;
+* ``timm:NAME`` -- ``timm.create_model(NAME, pretrained=False)``; nothing is downloaded unless
+  ``pretrained=True`` (``--pretrained``): then timm fetches its published weights itself, through
+  its cache; offline, a cached copy is used or the error names ``--weights`` at once;
 * ``package.module:factory`` -- a Python entry point returning an ``nn.Module``;
 * an existing file -- a full pickled ``nn.Module``, only with ``trust_pickle=True``
   (unpickling runs code; a weights file needs an architecture and ``--weights``);
@@ -96,11 +98,17 @@ def load_model(
     input_size: str | tuple[int, ...] | None = None,
     trust_pickle: bool = False,
     strict: bool = True,
+    pretrained: bool = False,
 ) -> LoadedModel:
     """Build (and optionally load weights into) the model named by ``model``; eval mode."""
     size = parse_input_size(input_size)
+    if pretrained and not model.startswith("timm:"):
+        raise WeightsError(f"--pretrained fetches timm's published weights, for timm:NAME models only; "
+                           f"give {model} its weights with --weights FILE")  # fmt: skip
+    if pretrained and weights is not None:
+        raise WeightsError("give --pretrained or --weights, not both")
     if model.startswith("timm:"):
-        loaded = _load_timm(model[5:], num_classes, size)
+        loaded = _load_timm(model[5:], num_classes, size, pretrained)
     elif ":" in model and not Path(model).exists():
         loaded = _load_entrypoint(model, num_classes, size)
     elif Path(model).is_file():
@@ -125,7 +133,7 @@ def load_model(
     return loaded
 
 
-def _load_timm(name: str, num_classes: int | None, size: tuple[int, ...] | None) -> LoadedModel:
+def _load_timm(name: str, num_classes: int | None, size: tuple[int, ...] | None, pretrained: bool = False) -> LoadedModel:
     from ..compat import import_timm
 
     timm = import_timm()
@@ -136,7 +144,7 @@ def _load_timm(name: str, num_classes: int | None, size: tuple[int, ...] | None)
         more = f"; did you mean {', '.join('timm:' + h for h in hint)}?" if hint else ""
         raise ModelNotFoundError(f"unknown timm model {name!r}{more}")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    module = timm.create_model(name, pretrained=False, **kwargs)
+    module = _timm_pretrained(timm, name, kwargs) if pretrained else timm.create_model(name, pretrained=False, **kwargs)
     cfg = getattr(module, "pretrained_cfg", {}) or {}
     default_size = tuple(cfg.get("input_size", (3, 224, 224)))
     spec = ModelSpec("timm", name, num_classes, size or default_size)
@@ -144,6 +152,74 @@ def _load_timm(name: str, num_classes: int | None, size: tuple[int, ...] | None)
     return LoadedModel(
         module, spec, size or default_size, tuple(mean) if mean else None, tuple(std) if std else None
     )
+
+
+def _timm_pretrained(timm, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model(name, pretrained=True)``: timm's own download and cache.
+
+    The hub client retries an unreachable host for most of a minute, so the host is probed
+    first (3 s); offline, timm is pointed at its cached copy, or the error says so at once.
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise WeightsError(f"timm publishes no pretrained weights for {name}; pass --weights FILE (a state dict)")
+    overlay = None
+    if not _timm_source_reachable(cfg):
+        cached = _timm_cached_file(cfg)
+        if cached is None:
+            raise WeightsError(f"timm's pretrained weights for {name} are not in the local cache and the download "
+                               "host cannot be reached (offline?); pass --weights FILE (a state dict) instead")  # fmt: skip
+        overlay = {"file": cached, "source": ""}
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as e:  # noqa: BLE001 - network, cache or format errors of third-party code
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise WeightsError(f"cannot load timm's pretrained weights for {name}: {first}; "
+                           "pass --weights FILE (a state dict) instead") from None  # fmt: skip
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _timm_source_reachable(cfg) -> bool:
+    """Can the host timm would download from (the hub, or the weights URL) be reached in 3 s?"""
+    import socket
+    from urllib.parse import urlparse
+
+    if _offline():
+        return False
+    if cfg.hf_hub_id:
+        url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    else:
+        url = cfg.url or ""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy or url)
+    if not target.hostname:
+        return not url  # a local file needs no network
+    try:
+        socket.create_connection((target.hostname, target.port or (443 if target.scheme == "https" else 80)),
+                                 timeout=3.0).close()  # fmt: skip
+        return True
+    except OSError:
+        return False
+
+
+def _timm_cached_file(cfg) -> str | None:
+    """timm's weights already in the local cache (the hub's, or torch.hub's for URL weights)."""
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for filename in names:
+            path = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(path, str):
+                return path
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if path.is_file():
+            return str(path)
+    return None
 
 
 def _load_entrypoint(target: str, num_classes: int | None, size: tuple[int, ...] | None) -> LoadedModel:

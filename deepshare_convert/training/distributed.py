@@ -44,6 +44,14 @@ class DistContext:
             for buf in model.buffers():
                 dist.broadcast(buf, src=0)
 
+    def any(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any rank (one tiny all-reduce; free without DDP)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def gather_floats(self, value: float) -> list[float]:
         """Every rank's ``value`` (used to prove replicas ended identical)."""
         if not self.enabled:

@@ -6,7 +6,8 @@ and :class:`PhaseHooks` for what differs between jobs (the gate-switch
 schedule, SNL's mask penalty and lambda updates).  It owns the long-run safety:
 
 * a checkpoint at the end of every epoch, written atomically;
-* Ctrl-C saves a mid-epoch checkpoint (with the batch position) and exits cleanly;
+* Ctrl-C finishes the current step, then saves a checkpoint at that step boundary
+  (batch position, RNG, the epoch's running sums) and exits cleanly;
 * resume restores model, optimizer, hook state and RNG, skips the batches
   already done, and continues bit-for-bit as an uninterrupted run would;
 * a non-finite loss stops with one line naming phase, epoch and step, keeping
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DeepShareError
+from .. import interrupts
 from ..evaluate import evaluate
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext
@@ -70,6 +72,8 @@ class PhaseSpec:
     decay_end: float = 1.0  # linear schedule: fraction of the phase at which lr reaches its end value
     eval_every: int | None = None  # also measure test accuracy every N steps (a curve, not only epoch ends)
     params: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
+    # optimizer parameter groups instead of one; a group's "lr_scale" multiplies the scheduled lr
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
 
 
 class PhaseHooks:
@@ -136,7 +140,7 @@ class Trainer:
     out: Path
     dist: DistContext = field(default_factory=DistContext)
     reporter: Reporter = field(default_factory=_NullReporter)
-    fail_at_step: int | None = None  # tests: raise KeyboardInterrupt when this global step starts
+    fail_at_step: int | None = None  # tests: a real SIGINT to this process when this global step starts
     checkpoints: bool = True  # False for seconds-long jobs (e.g. the XOR experiment)
     write_metrics: bool = True
 
@@ -150,7 +154,7 @@ class Trainer:
         return self.out / CHECKPOINT
 
     def _save(self, phase_index: int, epoch: int, batch: int, optimizer, hooks: PhaseHooks, extra,
-              rng: dict[str, Any] | None = None) -> None:  # fmt: skip
+              sums: dict[str, Any] | None = None) -> None:  # fmt: skip
         if not self.dist.is_main or not self.checkpoints:
             return
         state = {
@@ -161,8 +165,9 @@ class Trainer:
             "model": self._bare().state_dict(),
             "optimizer": optimizer.state_dict(),
             "hooks": hooks.state_dict(),
-            "rng": rng or rng_state(),
+            "rng": rng_state(),
             "extra": extra or {},
+            "epoch_sums": sums or {},  # the running loss/accuracy of a part-done epoch
         }
         save_checkpoint(self.checkpoint_path, state)
 
@@ -194,8 +199,10 @@ class Trainer:
         epochs = spec.epochs or math.ceil(spec.steps / steps_per_epoch)
         total_steps = spec.steps or epochs * steps_per_epoch
         params = [p for p in (spec.params(self._bare()) if spec.params else self._bare().parameters()) if p.requires_grad]
+        if spec.param_groups is not None:
+            params = spec.param_groups(self._bare())
         optimizer = _make_optimizer(spec, params)
-        start_epoch, start_batch, phase_step0 = 0, 0, self.global_step
+        start_epoch, start_batch, phase_step0, sums = 0, 0, self.global_step, None
         hooks.on_phase_start(self._bare())
         if resume is not None:
             self._bare().load_state_dict(resume["model"])
@@ -205,53 +212,58 @@ class Trainer:
             start_epoch, start_batch = resume["epoch"], resume["batch"]
             self.global_step = resume["global_step"]
             phase_step0 = resume["extra"].get("phase_step0", self.global_step)
+            sums = resume.get("epoch_sums") or None
         if teacher is not None:
             teacher.eval()
         extra = dict(extra_state or {}, phase_step0=phase_step0)
         self.reporter.start(spec.name, total_steps, self.global_step - phase_step0)
         metrics: dict[str, Any] = {}
-        try:
-            for epoch in range(start_epoch, epochs):
-                metrics = self._epoch(
-                    phase_index, spec, hooks, teacher, optimizer, epoch, epochs, total_steps,
-                    start_batch if epoch == start_epoch else 0, phase_step0, extra,
-                )  # fmt: skip
-                stop = hooks.on_epoch_end(self._bare(), epoch, metrics)
-                metrics.update(hooks.metrics(self._bare()))
-                self.log_metrics(metrics)
-                self.reporter.epoch(metrics)
-                self._save(phase_index, epoch + 1, 0, optimizer, hooks, extra)
-                if stop or self.global_step - phase_step0 >= total_steps:
-                    break
-        finally:
-            self.reporter.stop()
+        with interrupts.deferred_sigint():  # Ctrl-C stops at a step boundary, never inside a step
+            try:
+                for epoch in range(start_epoch, epochs):
+                    metrics = self._epoch(
+                        phase_index, spec, hooks, teacher, optimizer, epoch, epochs, total_steps,
+                        start_batch if epoch == start_epoch else 0, phase_step0, extra,
+                        sums if epoch == start_epoch else None,
+                    )  # fmt: skip
+                    stop = hooks.on_epoch_end(self._bare(), epoch, metrics)
+                    metrics.update(hooks.metrics(self._bare()))
+                    self.log_metrics(metrics)
+                    self.reporter.epoch(metrics)
+                    self._save(phase_index, epoch + 1, 0, optimizer, hooks, extra)
+                    if stop or self.global_step - phase_step0 >= total_steps:
+                        break  # a Ctrl-C now is acted on at the next phase's first step boundary
+                    if self._stop_requested():
+                        self._interrupted(phase_index, spec, epoch + 1)
+            finally:
+                self.reporter.stop()
         hooks.on_phase_end(self._bare())
         return metrics
 
     def _epoch(self, phase_index, spec, hooks, teacher, optimizer, epoch, epochs, total_steps,
-               skip, phase_step0, extra) -> dict[str, Any]:  # fmt: skip
+               skip, phase_step0, extra, sums=None) -> dict[str, Any]:  # fmt: skip
         model = self.model
         model.train()
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
-        seen, correct, loss_sum = 0, 0, 0.0
-        lr = spec.lr_start
+        sums = sums or {}  # a resumed part-done epoch goes on from its saved running sums
+        seen, correct, loss_sum = int(sums.get("seen", 0)), int(sums.get("correct", 0)), float(sums.get("loss_sum", 0.0))
+        lr = float(sums.get("lr", spec.lr_start))
         for batch_index, (x, y) in enumerate(self.train_loader):
             if batch_index < skip:
                 continue  # resumed mid-epoch: these batches were done before the interruption
             step_in_phase = self.global_step - phase_step0
             if step_in_phase >= total_steps:
                 break
-            step_rng = rng_state() if self.checkpoints else None  # an interrupted step restarts from here
             try:
                 if self.fail_at_step is not None and self.global_step == self.fail_at_step:
                     self.fail_at_step = None
-                    raise KeyboardInterrupt
+                    interrupts.send_sigint()  # what Ctrl-C does, landing at this step's start
                 lr = lr_at(step_in_phase, total_steps, spec.lr_start, spec.lr_end if spec.lr_end is not None
                            else spec.lr_start, spec.scheduler, spec.power, spec.decay_end)  # fmt: skip
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 hooks.before_step(self._bare(), step_in_phase, total_steps, epoch, epochs)
                 logits = model(x)
                 loss = spec.ce_weight * task_loss(logits, y) if spec.ce_weight else logits.new_zeros(())
@@ -271,11 +283,10 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            except KeyboardInterrupt:
-                self._save(phase_index, epoch, batch_index, optimizer, hooks, extra, rng=step_rng)
+            except KeyboardInterrupt:  # a second Ctrl-C (or no handler): this step is half done, keep the last checkpoint
                 raise Interrupted(
-                    f"interrupted in phase {phase_index} ({spec.name}), epoch {epoch}; progress saved -- "
-                    f"resume with --resume {self.out}"
+                    f"aborted in phase {phase_index} ({spec.name}), epoch {epoch}; resume from the last checkpoint "
+                    f"with --resume {self.out}"
                 ) from None
             self.global_step += 1
             n = y.shape[0]
@@ -286,7 +297,11 @@ class Trainer:
             if spec.eval_every and (self.global_step - phase_step0) % spec.eval_every == 0:
                 self._eval_point(phase_index, spec, epoch, hooks)
             if hooks.after_step(self._bare(), self.global_step - phase_step0):
-                break
+                break  # the epoch ends now; a Ctrl-C is acted on after its checkpoint
+            if self._stop_requested():  # the step is complete: save exactly here and stop
+                sums = {"seen": seen, "correct": correct, "loss_sum": loss_sum, "lr": lr}
+                self._save(phase_index, epoch, batch_index + 1, optimizer, hooks, extra, sums)
+                self._interrupted(phase_index, spec, epoch)
         self.dist.sync_buffers(self._bare())
         metrics = {
             "phase": phase_index,
@@ -303,6 +318,17 @@ class Trainer:
             metrics.update(test_acc=result.top1, test_loss=result.loss)
         self.dist.barrier()
         return metrics
+
+    def _stop_requested(self) -> bool:
+        """A Ctrl-C is pending here (or, under DDP, on any rank: all ranks stop at the same step)."""
+        return self.dist.any(interrupts.requested())
+
+    def _interrupted(self, phase_index: int, spec: PhaseSpec, epoch: int) -> None:
+        interrupts.clear()
+        raise Interrupted(
+            f"interrupted in phase {phase_index} ({spec.name}), epoch {epoch}, step {self.global_step}; progress "
+            f"saved -- resume with --resume {self.out}"
+        )
 
     def _eval_point(self, phase_index: int, spec: PhaseSpec, epoch: int, hooks: PhaseHooks) -> None:
         """A mid-epoch test-accuracy point for the learning curve (metrics.jsonl, ``"eval": true``)."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..ablation import apply_ablation
+from ..interrupts import deferred_sigint
 from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
@@ -205,7 +206,7 @@ class _Run:
                 fresh = self.student is None and self.plan is None
                 self.ensure_converted()
                 model = self.student
-                if fresh and state is None:
+                if fresh:  # converted just now (also when resuming from a pretrain checkpoint)
                     set_gate_mode(model, "step")
                     self.note(converted_acc_before_retraining=self.accuracy(model))
             self._run_phase(index, phase, model, state if index == start else None)
@@ -283,8 +284,9 @@ def retrain(
         raise DeepShareError(f"{out} already holds a run; use --resume {out} or another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(dump_recipe(recipe))
-    run = _Run(recipe, out, reporter, fail_at_step)
-    return RetrainResult(out, run.run(None))
+    with deferred_sigint():  # a Ctrl-C during setup stops at the first step boundary, resumably
+        run = _Run(recipe, out, reporter, fail_at_step)
+        return RetrainResult(out, run.run(None))
 
 
 def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: int | None = None) -> RetrainResult:
@@ -295,7 +297,18 @@ def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: i
     out = Path(out)
     recipe = load_recipe(out / RECIPE_FILE)
     state = resume_state_or_restart(out, partial=(METRICS, "results.json", "plan.json", WEIGHTS_FILE))
-    run = _Run(recipe, out, reporter, fail_at_step)
-    if state is not None and run.plan is None and (out / "plan.json").is_file():
-        run.plan = Plan.read(out)
-    return RetrainResult(out, run.run(state))
+    with deferred_sigint():
+        run = _Run(recipe, out, reporter, fail_at_step)
+        if state is not None and run.plan is None and _converted_before(recipe, state) and (out / "plan.json").is_file():
+            run.plan = Plan.read(out)
+        return RetrainResult(out, run.run(state))
+
+
+def _converted_before(recipe: Recipe, state: dict[str, Any]) -> bool:
+    """Was the conversion part of the checkpointed progress?
+
+    A run stopped in (or at the end of) a pretrain phase may have written plan.json
+    (and its data-fitted sharing) after that checkpoint; the conversion is then redone,
+    as the uninterrupted run did it, so its results (e.g. the converted top-1) are kept.
+    """
+    return any(p.kind != "pretrain" for p in recipe.phases[: state["phase"] + 1])
