@@ -42,7 +42,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,7 +53,7 @@ import torch.nn as nn
 from .errors import BudgetError, DeepShareError, PlanError
 from .outputs import check_output_dir
 from .plan import PLAN_FILE, WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
-from .tracing import census, example_input, find_sites, model_dtype, propagate_shapes, register_leaf_module, trace
+from .tracing import census, check_leaf_names, example_input, find_sites, model_dtype, propagate_shapes, register_leaf_module, trace
 from .interrupts import deferred_sigint
 from .training.engine import CHECKPOINT, METRICS, PhaseHooks, PhaseSpec, Reporter, Trainer, resume_state_or_restart
 
@@ -384,6 +384,9 @@ class SNLConfig:
     weights: str | None = None
     num_classes: int | None = None
     input_size: list[int] | None = None
+    leaf_modules: list[str] = field(default_factory=list)
+    pretrained: bool = False
+    trust_pickle: bool = False  # never saved: a resumed run asks for --trust-pickle again
     max_epochs: int | None = None
     max_steps: int | None = None
     finetune_epochs: int = 0
@@ -429,7 +432,9 @@ class SNLConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("trust_pickle")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SNLConfig":
@@ -488,7 +493,10 @@ def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, report
     if not path.is_file():
         raise DeepShareError(f"{out} holds no {RUN_FILE}: not an SNL run directory")
     config = SNLConfig.from_dict(json.loads(path.read_text()))
+    config.trust_pickle = bool((changes or {}).get("trust_pickle"))
     for key, value in (changes or {}).items():
+        if key == "trust_pickle":
+            continue
         if key == "weights" and value is not None and Path(value).is_file():
             value = str(Path(value).resolve())
         if value is None or value == getattr(config, key):
@@ -527,17 +535,21 @@ class _Job:
             raise DeepShareError(f"--input-size {','.join(map(str, size))} does not match {config.data}'s images "
                                  f"({','.join(map(str, self.info.input_size))})")  # fmt: skip
         self.loaded = load_model(config.model, weights=config.weights, num_classes=config.num_classes,
-                                 input_size=tuple(size))  # fmt: skip
+                                 input_size=tuple(size), trust_pickle=config.trust_pickle,
+                                 pretrained=config.pretrained)  # fmt: skip
+        check_leaf_names(self.loaded.model, config.leaf_modules)
         self.input_size = tuple(self.loaded.input_size)
         self.original = self.loaded.model.eval()
         self._check_classes()
         self.mean, self.std = self.loaded.mean or self.info.mean, self.loaded.std or self.info.std
-        self.census = census(self.original, self.input_size, name=self.loaded.spec.display)
+        self.census = census(self.original, self.input_size, name=self.loaded.spec.display,
+                             leaf_modules=config.leaf_modules)  # fmt: skip
         self.budget = parse_budget(config.budget, self.census.total_relus)
         if self.budget <= self.census.hidden_relus:
             raise BudgetError(f"budget {self.budget:,} does not cover the {self.census.hidden_relus:,} ReLUs "
                               "hidden inside leaf modules (SNL cannot mask them)")  # fmt: skip
-        self.model = mask_relus(self.original, self.input_size, threshold=config.threshold)
+        self.model = mask_relus(self.original, self.input_size, threshold=config.threshold,
+                                leaf_modules=config.leaf_modules)  # fmt: skip
         self.trainer = Trainer(self.model, self._loader(self.train_split, train=True),
                                self._loader(self.test_split, train=False), out, fail_at_step=fail_at_step)  # fmt: skip
         self.results: dict[str, Any] = {}
@@ -659,12 +671,12 @@ class _Job:
         elif state is not None:
             self.model.load_state_dict(state["model"])
         plan = snl_plan(self.census, kept_counts(self.model), spec=self.loaded.spec.to_dict(), budget=self.budget,
-                        budget_requested=c.budget)  # fmt: skip
+                        budget_requested=c.budget, leaf_modules=c.leaf_modules)  # fmt: skip
         from .rewrite import save
 
         self.model.eval()
         save(self.model, self.out, plan=plan)
-        counted = census(self.model, self.input_size).total_relus
+        counted = census(self.model, self.input_size, leaf_modules=c.leaf_modules).total_relus
         if counted != plan.achieved or counted > self.budget:
             raise PlanError(f"internal: the linearised model counts {counted:,} ReLUs, plan {plan.achieved:,}, "
                             f"budget {self.budget:,}")  # fmt: skip

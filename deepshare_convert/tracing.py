@@ -172,6 +172,18 @@ def _timm_notrace() -> tuple[list[type], list[Any]]:
         return [], []
 
 
+def check_leaf_names(model: nn.Module, leaf_modules: Sequence[str]) -> None:
+    """A ``--leaf`` that names no module class of ``model`` is a typo: say so instead of ignoring it."""
+    classes = {type(m).__name__ for m in model.modules()}
+    for name in leaf_modules:
+        if name not in classes:
+            import difflib
+
+            near = difflib.get_close_matches(name, sorted(classes), n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise TraceError(f"--leaf {name}: the model has no module of class {name!r}{hint}")
+
+
 def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] | Sequence[str] = ()) -> fx.GraphModule:
     """Symbolically trace ``model``; a TraceError naming the failing module otherwise.
 

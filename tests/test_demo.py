@@ -28,3 +28,14 @@ def test_reduced_demo_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "summary_digits.json").read_text())
     assert saved["drelus_converted"] == 608
     assert (tmp_path / "summary_digits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_cli_json_reuses_the_finished_run(tmp_path, capsys):
+    """`deepshare demo --json --batch-size N`: stdout is the summary alone (a finished run is reused)."""
+    from deepshare_convert.cli.app import run
+
+    run_demo("digits", tmp_path, num_private=2, quick=True, log=lambda m: None)
+    capsys.readouterr()
+    assert run(["demo", "digits", "-o", str(tmp_path), "--batch-size", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["private_images"] == 3 and out["drelus_converted"] == 608

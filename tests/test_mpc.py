@@ -320,7 +320,7 @@ def test_cli_estimate_latency_json(digits_out, capsys):
 def test_cli_private_infer_on_digits(digits_out, capsys):
     from deepshare_convert.cli.app import run as cli
 
-    assert cli(["private-infer", digits_out, "--data", "digits", "--num", "4", "--weights-mode", "private", "--json"]) == 0
+    assert cli(["private-infer", digits_out, "--data", "digits", "--batch-size", "4", "--weights-mode", "private", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["weights_mode"] == "private" and out["batch"] == 4
     assert out["top1_agreement"] == 1.0 and out["max_logit_error"] <= 1e-2

@@ -319,7 +319,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_private_infer_on_mismatched_data_names_both_shapes(capsys, cache, converted_dir, tmp_path):
     data = _folder(tmp_path / "rgb", (32, 32), "RGB")
-    err = _fails_one_line(capsys, ["private-infer", str(converted_dir), "--data", data, "--num", "2"], "1×8×8")
+    err = _fails_one_line(capsys, ["private-infer", str(converted_dir), "--data", data, "--batch-size", "2"], "1×8×8")
     assert "3×32×32" in err and "mean/std" not in err
 
 

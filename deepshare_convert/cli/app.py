@@ -11,7 +11,8 @@ import typer
 from . import errors as cli_errors
 from .console import console, err_console
 from .options import (
-    InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt, check_out_dir,
+    InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
+    batch_size_opt, check_out_dir, polish_help,
 )  # fmt: skip
 
 app = typer.Typer(
@@ -23,23 +24,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-def _load(model, weights, input_size, num_classes, trust_pickle, pretrained=False):
+def _load(model, weights=None, input_size=None, num_classes=None, trust_pickle=False, pretrained=False, leaf=None):
     """A model from any MODEL form, converted-model directories (OUT/) included.
 
-    Notes (stderr, at the end) when an architecture is built with random weights (no --weights, no
-    --pretrained): every number computed from it then means nothing.
+    Every model-loading command takes the same options and calls this, so one command line
+    works across them. Notes (stderr, at the end) when an architecture is built with random
+    weights (no --weights, no --pretrained): every number computed from it then means nothing.
     """
     from pathlib import Path
 
     from ..models import LoadedModel, ModelSpec, load_model
+    from ..tracing import check_leaf_names
 
     if Path(model).is_dir():
         from ..rewrite import load as load_converted
 
+        _refuse_for_converted(model, weights=weights, num_classes=num_classes, pretrained=pretrained, leaf=leaf)
         with console.status(f"loading converted model {model}", spinner="dots"):
             conv = load_converted(model, trust_pickle=trust_pickle)
-        spec = ModelSpec("converted", str(model), input_size=tuple(conv.plan.input_size))
-        return LoadedModel(conv.model, spec, tuple(conv.plan.input_size), conv.mean, conv.std)
+        size = tuple(conv.plan.input_size)
+        _check_converted_size(model, input_size, size)
+        spec = ModelSpec("converted", str(model), input_size=size)
+        return LoadedModel(conv.model, spec, size, conv.mean, conv.std)
     with console.status(f"loading {model}", spinner="dots"):
         loaded = load_model(
             model,
@@ -49,8 +55,30 @@ def _load(model, weights, input_size, num_classes, trust_pickle, pretrained=Fals
             trust_pickle=trust_pickle,
             pretrained=pretrained,
         )
+    check_leaf_names(loaded.model, leaf or ())
     note_random_weights(loaded.spec, weights is not None or pretrained)
     return loaded
+
+
+def _refuse_for_converted(path: str, **given) -> None:
+    """A converted OUT/ carries its weights, classes and leaf modules: an option that would change them is a mistake."""
+    from ..errors import DeepShareError
+
+    for name, value in given.items():
+        if value:
+            flag = "--" + name.replace("_", "-")
+            raise DeepShareError(f"{flag} does not apply to {path}: a converted model directory has its own "
+                                 "(plan.json, model.safetensors)")  # fmt: skip
+
+
+def _check_converted_size(path: str, input_size, size: tuple[int, ...]) -> None:
+    from ..errors import DeepShareError
+    from ..models.loading import parse_input_size
+
+    given = parse_input_size(input_size)
+    if given is not None and tuple(given) != size:
+        raise DeepShareError(f"--input-size {','.join(map(str, given))} does not match {path}, converted at "
+                             f"{','.join(map(str, size))}")  # fmt: skip
 
 
 def note_random_weights(spec, has_weights: bool) -> None:
@@ -87,7 +115,7 @@ def inspect(
     """
     from ..tracing import census
 
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained)
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
     result = census(loaded.model, loaded.input_size, name=loaded.spec.display, leaf_modules=leaf or ())
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -102,8 +130,8 @@ def convert(
     model: ModelArg,
     budget: Annotated[str, typer.Option("--budget", "-b", help="DReLU budget: 12k, 1.5M, 6000 or 2.5% of the "
                                         "model's ReLUs.", show_default=False)],
-    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory "
-                                               "[default: out/MODEL-BUDGET].")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.",
+                                               show_default="out/MODEL-BUDGET")] = None,
     allocator: Annotated[str, typer.Option(help="uniform | proportional | equal | snl.")] = "uniform",
     snl_counts: Annotated[Optional[str], typer.Option("--snl-counts", help="snl_counts.json from "
                                                       "`deepshare snl` (for --allocator snl).")] = None,
@@ -111,7 +139,7 @@ def convert(
                                             "(1 disables layer sharing).")] = 2,
     gate: Annotated[str, typer.Option(help="Gate of the saved model: step (DReLU) or gelu.")] = "step",
     gamma: Annotated[float, typer.Option(help="GELU gate sharpness: Phi(gamma*x).")] = 1.0,
-    keep: Annotated[Optional[list[str]], typer.Option("--keep", help="Site name, module path or regex "
+    keep: Annotated[Optional[list[str]], typer.Option("--keep", metavar="SITE", help="Site name, module path or regex "
                                                       "to leave as a plain ReLU (repeatable).")] = None,
     weights: WeightsOpt = None,
     input_size: InputSizeOpt = None,
@@ -134,7 +162,7 @@ def convert(
 
     if out:
         check_fresh_dir(out, force=force)
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained)
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
     out = str(check_fresh_dir(out or _default_out(loaded.spec.name, budget), force=force))
     counts = read_snl_counts(snl_counts) if snl_counts else None
     with console.status("tracing, allocating and rewriting", spinner="dots"):
@@ -163,13 +191,14 @@ def _default_out(name: str, budget: str) -> str:
 @app.command()
 def retrain(
     recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe YAML (see recipes/).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory "
-                                               "[default: out/RECIPE-NAME].")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: "
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.",
+                                               show_default="out/RECIPE-NAME")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe value: "
                                                       "phases.0.epochs=2 (repeatable).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Apply the recipe's `quick` overrides.")] = False,
     resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory "
                                                       "from its last checkpoint.")] = None,
+    as_json: JsonOpt = False,
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
     """DeepShare retraining driven by a recipe (progressive sharing, or the paper's GELU -> switch -> finetune)."""
@@ -192,8 +221,12 @@ def retrain(
             if not m.converted and resolved.phases[0].kind != "pretrain":  # a pretrain phase trains them first
                 note_random_weights(m.name, m.weights is not None)
             target = check_out_dir(out or f"out/{resolved.name}")
-            console.print(f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
+            (err_console if as_json else console).print(
+                f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
             result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
+    if as_json:
+        print(json.dumps({"out": str(result.out), **result.results}, indent=2))
+        return
     from .tables import results_table
 
     console.print(results_table(result.results))
@@ -206,7 +239,7 @@ def xor(
                                                   "(recipes/xor.yaml); defaults are the paper's.")] = None,
     out: Annotated[str, typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.")] = "out/xor",
     quick: Annotated[bool, typer.Option("--quick", help="Fewer seeds and epochs.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: epochs=1000.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a setting: epochs=1000.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's XOR experiment: four one-comparison networks on the 2x2 checkerboard."""
@@ -273,9 +306,10 @@ def evaluate(
     weights: WeightsOpt = None,
     input_size: InputSizeOpt = None,
     num_classes: NumClassesOpt = None,
+    leaf: LeafOpt = None,
     trust_pickle: TrustPickleOpt = False,
     pretrained: PretrainedOpt = False,
-    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
+    batch_size: Annotated[int, batch_size_opt("Images per evaluation batch.")] = 256,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N test images only.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -283,7 +317,9 @@ def evaluate(
     from ..data import check_input_fits, load_dataset, make_loader
     from ..evaluate import evaluate as run_eval
 
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained)
+    if batch_size < 1:
+        raise typer.BadParameter("--batch-size must be at least 1")
+    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
     check_input_fits(loaded.input_size, info, data, hint=_size_hint(model, info))
@@ -332,16 +368,23 @@ def demo(
     which: Annotated[str, typer.Argument(help="digits (built-in data, ~1 min) or cifar (shared ResNet-20 "
                                          "and CIFAR-10, --quick subset, a few minutes).")] = "digits",
     out: Annotated[str, typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.")] = "out/demo",
-    num_private: Annotated[Optional[int], typer.Option("--num-private", help="Test images for the "
-                                                       "two-party run.")] = None,
+    batch_size: Annotated[Optional[int], batch_size_opt("Test images in the two-party run (one batch).",
+                                                         "digits 16, cifar 2")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """End to end: train -> convert -> retrain -> two-party inference -> latency, with a summary."""
     from ..demo import run_demo
     from .progress import TrainingReporter
     from .tables import demo_summary_table
 
-    summary = run_demo(which, out, reporter=TrainingReporter(), num_private=num_private,
-                       log=lambda msg: console.print(f"[bold]{msg}[/]"))  # fmt: skip
+    if batch_size is not None and batch_size < 1:
+        raise typer.BadParameter("--batch-size must be at least 1")
+    log_console = err_console if as_json else console
+    summary = run_demo(which, out, reporter=TrainingReporter(), num_private=batch_size,
+                       log=lambda msg: log_console.print(f"[bold]{msg}[/]"))  # fmt: skip
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
     console.print(demo_summary_table(summary))
     console.print(f"wrote {out}/summary_{which}.json and {summary['png']} ({summary['seconds']:.0f} s)")
 
@@ -356,6 +399,7 @@ snl_commands.register(app)
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv``; returns the exit code (errors become one line on stderr)."""
     command = typer.main.get_command(app)
+    polish_help(command)
     _NOTES.clear()
     try:
         result = command.main(args=argv, prog_name="deepshare", standalone_mode=False)

@@ -38,13 +38,24 @@ def _is_click_usage(exc: BaseException) -> bool:
     return hasattr(exc, "show") and hasattr(exc, "exit_code")
 
 
+def _usage_error(exc) -> int:
+    """Click's usage errors in the same one-line form as every other error, pointing at --help."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `deepshare` alone: the help is the answer
+        exc.show()
+        return exc.exit_code
+    message = _one_line(exc.format_message() if hasattr(exc, "format_message") else str(exc)).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    print(f"deepshare: error: {message[:1].lower() + message[1:]}{where}", file=sys.stderr)
+    return exc.exit_code
+
+
 def report(exc: BaseException) -> int:
     """Print ``exc`` as one line on stderr and return the exit code to use."""
     if _is_click_exit(exc):
         return exc.exit_code
     if _is_click_usage(exc):
-        exc.show()
-        return exc.exit_code
+        return _usage_error(exc)
     if debug_enabled():
         import traceback
 

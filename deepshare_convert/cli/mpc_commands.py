@@ -12,24 +12,27 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console
-from .options import InputSizeOpt, JsonOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt, check_out_file
+from .options import (
+    InputSizeOpt, JsonOpt, LeafOpt, ModelOrOutArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
+    batch_size_opt, check_out_file,
+)  # fmt: skip
 
 WeightsModeOpt = Annotated[
     str,
     typer.Option("--weights-mode", help="private: weights, α, β secret-shared by the server (hidden from the "
                  "client); public: weights known to both (only the client's data is private)."),
 ]  # fmt: skip
-ModelOrOutArg = Annotated[
-    str,
-    typer.Argument(help="A converted-model directory (OUT/) or any MODEL form `deepshare inspect` accepts.",
-                   show_default=False),
-]  # fmt: skip
 
 
-def _load(model: str, weights, input_size, num_classes, trust_pickle, pretrained=False):
+def _load(model: str, weights, input_size, num_classes, trust_pickle, pretrained=False, leaf=None):
     from .app import _load as load
 
-    return load(model, weights, input_size, num_classes, trust_pickle, pretrained)
+    return load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+
+
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:
+        raise typer.BadParameter(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def _original_of(path: str):
@@ -92,14 +95,17 @@ def register(app: typer.Typer) -> None:
     def private_infer(
         model: ModelOrOutArg,
         data: Annotated[Optional[str], typer.Option("--data", help="Dataset spec (party 1's inputs: the first "
-                                                     "--num test images).")] = None,
-        num: Annotated[int, typer.Option("--num", "-n", help="Number of test images (the batch).")] = 4,
+                                                     "--batch-size test images).")] = None,
+        batch_size: Annotated[int, batch_size_opt("Test images in the two-party run (one batch).")] = 4,
         weights_mode: WeightsModeOpt = "public",
         rank: Annotated[Optional[int], typer.Option("--rank", help="Run one party only: 0 holds the model, "
                                                     "1 the inputs (two-host deployment).")] = None,
         master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address (with --rank).")] = "127.0.0.1",
         master_port: Annotated[int, typer.Option("--master-port", help="Party 0's port (with --rank).")] = 29500,
         weights: WeightsOpt = None,
+        input_size: InputSizeOpt = None,
+        num_classes: NumClassesOpt = None,
+        leaf: LeafOpt = None,
         trust_pickle: TrustPickleOpt = False,
         pretrained: PretrainedOpt = False,
         as_json: JsonOpt = False,
@@ -114,19 +120,19 @@ def register(app: typer.Typer) -> None:
 
         from ..errors import DeepShareError
 
-        if num < 1:
-            raise DeepShareError("--num must be at least 1")
+        _check_batch(batch_size)
+        how = (weights, input_size, num_classes, trust_pickle, pretrained, leaf)
         if rank is not None:
-            _one_party(model, data, num, weights_mode, rank, master_addr, master_port, weights, trust_pickle, as_json)
+            _one_party(model, data, batch_size, weights_mode, rank, master_addr, master_port, how, as_json)
             return
         if data is None:
             raise DeepShareError("--data is required (party 1's inputs)")
         from ..mpc.launcher import run_two_party
 
-        loaded = _load(model, weights, None, None, trust_pickle, pretrained)
-        x, y = _first_batch(data, num, loaded.mean, loaded.std, loaded.input_size)
+        loaded = _load(model, *how)
+        x, y = _first_batch(data, batch_size, loaded.mean, loaded.std, loaded.input_size)
         with console.status(f"two-party inference ({weights_mode} weights) on {len(x)} images", spinner="dots"):
-            run = run_two_party(loaded.model, x, weights_mode=weights_mode)
+            run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or ())
         acc = float((run.logits.argmax(1) == y.numpy()).mean())
         name = str(Path(model)) if Path(model).is_dir() else loaded.spec.display
         if as_json:
@@ -144,14 +150,15 @@ def register(app: typer.Typer) -> None:
         bandwidth: Annotated[str, typer.Option("--bandwidth", help="Link bandwidth, with its unit: 1Gbps, 100Mbit (bits/s) or 1GB/s (bytes/s).")] = "1Gbps",
         rtt: Annotated[str, typer.Option("--rtt", help="Round-trip time, with its unit: 1ms, 200us or 0.05s.")] = "1ms",
         weights_mode: WeightsModeOpt = "public",
-        batch: Annotated[int, typer.Option("--batch", help="Images per inference.")] = 1,
+        batch_size: Annotated[int, batch_size_opt("Images per private inference.")] = 1,
         measure: Annotated[bool, typer.Option("--measure", help="Also run the real two-party execution "
                                               "(random inputs) and show measured next to predicted.")] = False,
-        table_path: Annotated[Optional[str], typer.Option("--table", help="Cost table JSON [default: the "
-                                                          "package's cost_table.json].")] = None,
-        weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="State dict for a non-converted "
-                                                       "MODEL (only needed with --measure).")] = None,
+        table_path: Annotated[Optional[str], typer.Option("--table", help="Cost table JSON.",
+                                                          show_default="the package's cost_table.json")] = None,
+        weights: WeightsOpt = None,
         input_size: InputSizeOpt = None,
+        num_classes: NumClassesOpt = None,
+        leaf: LeafOpt = None,
         trust_pickle: TrustPickleOpt = False,
         pretrained: PretrainedOpt = False,
         as_json: JsonOpt = False,
@@ -165,14 +172,13 @@ def register(app: typer.Typer) -> None:
         from ..errors import DeepShareError
         from ..mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration
 
-        if batch < 1:
-            raise DeepShareError("--batch must be at least 1")
+        _check_batch(batch_size)
         bw, rt = parse_bandwidth(bandwidth), parse_duration(rtt)
         table = CostTable.load(table_path)
-        loaded = _load(model, weights, input_size, None, trust_pickle, pretrained)
-        kw = dict(batch=batch, weights_mode=weights_mode, table=table, bandwidth=bw, rtt=rt)
+        loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+        kw = dict(batch=batch_size, weights_mode=weights_mode, table=table, bandwidth=bw, rtt=rt)
         with console.status("lowering and costing", spinner="dots"):
-            est = estimate(loaded.model, loaded.input_size, name=loaded.spec.display, **kw)
+            est = estimate(loaded.model, loaded.input_size, name=loaded.spec.display, leaf_modules=leaf or (), **kw)
             orig_model = _original_of(model)
             orig = estimate(orig_model, loaded.input_size, name="original", **kw) if orig_model is not None else None
         measured = run = None
@@ -181,9 +187,9 @@ def register(app: typer.Typer) -> None:
 
             from ..mpc.launcher import run_two_party
 
-            x = torch.randn((batch, *loaded.input_size), generator=torch.Generator().manual_seed(0))
+            x = torch.randn((batch_size, *loaded.input_size), generator=torch.Generator().manual_seed(0))
             with console.status(f"two-party run ({weights_mode} weights)", spinner="dots"):
-                run = run_two_party(loaded.model, x, weights_mode=weights_mode)
+                run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or ())
             measured = run.parties[0].per_node
         if as_json:
             out = {"estimate": est.to_dict(), "original": orig.to_dict() if orig else None}
@@ -212,8 +218,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def calibrate(
-        out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_file, help="Where to write the table [default: the "
-                                                   "package's cost_table.json].")] = None,
+        out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_file, help="Where to write the table.",
+                                                   show_default="the package's cost_table.json")] = None,
         quick: Annotated[bool, typer.Option("--quick", help="Smaller micro-benchmarks.")] = False,
         as_json: JsonOpt = False,
     ) -> None:
@@ -236,9 +242,12 @@ def register(app: typer.Typer) -> None:
     def export(
         model: ModelOrOutArg,
         onnx: Annotated[str, typer.Option("--onnx", callback=check_out_file, help="Output .onnx file.", show_default=False)],
-        batch: Annotated[int, typer.Option("--batch", help="Batch size of the exported graph.")] = 1,
+        batch_size: Annotated[int, batch_size_opt("Batch size of the exported graph.")] = 1,
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
         weights: WeightsOpt = None,
+        input_size: InputSizeOpt = None,
+        num_classes: NumClassesOpt = None,
+        leaf: LeafOpt = None,
         trust_pickle: TrustPickleOpt = False,
         pretrained: PretrainedOpt = False,
         as_json: JsonOpt = False,
@@ -246,9 +255,10 @@ def register(app: typer.Typer) -> None:
         """Export MODEL (converted or not) to ONNX with the shared gate as standard ops; checked with onnxruntime."""
         from ..export_onnx import export_onnx
 
-        loaded = _load(model, weights, None, None, trust_pickle, pretrained)
+        _check_batch(batch_size)
+        loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
         with console.status("exporting and checking with onnxruntime", spinner="dots"):
-            report = export_onnx(loaded.model, loaded.input_size, onnx, batch=batch, opset=opset)
+            report = export_onnx(loaded.model, loaded.input_size, onnx, batch=batch_size, opset=opset)
         if as_json:
             print(json.dumps(report.to_dict(), indent=2))
             return
@@ -259,7 +269,7 @@ def register(app: typer.Typer) -> None:
         )
 
 
-def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, weights, trust_pickle, as_json):
+def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json):
     """One party of a two-host deployment (``--rank``)."""
     from pathlib import Path
 
@@ -271,7 +281,7 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, w
         net, input_size = _architecture_only(model)  # the client never reads the weights file
         mean, std = _normalisation(model)
     else:
-        loaded = _load(model, weights, None, None, trust_pickle)
+        loaded = _load(model, *how)
         net, input_size, mean, std = loaded.model, tuple(loaded.input_size), loaded.mean, loaded.std
     if rank == 1:
         if data is None:
@@ -280,7 +290,7 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, w
     shape = (num, *input_size) if x is None else tuple(x.shape)
     with console.status(f"party {rank}: waiting for / running with {master_addr}:{master_port}", spinner="dots"):
         rep = run_party(rank, net, x, shape, weights_mode=weights_mode, master_addr=master_addr,
-                        master_port=master_port)  # fmt: skip
+                        master_port=master_port, leaf_modules=how[-1] or ())  # fmt: skip
     result = {"rank": rank, "weights_mode": weights_mode, "bytes": rep.bytes, "rounds": rep.rounds,
               "wall_s": rep.wall_s, "comparisons": rep.comparisons}  # fmt: skip
     if rep.output is not None:

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import DeepShareError
 from .console import console
-from .options import check_out_dir
+from .options import InputSizeOpt, LeafOpt, NumClassesOpt, PretrainedOpt, TrustPickleOpt, batch_size_opt, check_out_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -21,17 +21,22 @@ def register(app: typer.Typer) -> None:
 
 
 def snl(
-    model: Annotated[Optional[str], typer.Argument(help="Built-in name, timm:NAME or package.module:factory "
-                                                   "(not with --resume).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Built-in name, timm:NAME, "
+                                                   "package.module:factory or a pickled nn.Module file (with "
+                                                   "--trust-pickle); not with --resume.", show_default=False)] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset spec: digits, cifar10-jpg, "
                                                 "imagefolder:DIR, cifar10:DIR, ...")] = None,
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="ReLUs to keep: 12k, 1.5M, 6000 "
                                                   "or 2.5% of the model's ReLUs.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory (the run's checkpoint, "
                                                "snl_counts.json and the SNL model).")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights of the original "
-                                                   "(pretrained) model; it is also the KD teacher.")] = None,
-    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Classifier outputs.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", "-w", metavar="FILE", help="Weights of the "
+                                                   "original (pretrained) model; it is also the KD teacher.")] = None,
+    input_size: InputSizeOpt = None,
+    num_classes: NumClassesOpt = None,
+    leaf: LeafOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    pretrained: PretrainedOpt = False,
     max_epochs: Annotated[Optional[int], typer.Option("--max-epochs", help="Search cap in epochs "
                                                       "(default 200 when no --max-steps).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Search cap in steps "
@@ -40,7 +45,7 @@ def snl(
                                                            "binarised model for N epochs (default 0).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of masks, order and augmentation "
                                                 "(default 0).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Training batch (default 128).")] = None,
+    batch_size: Annotated[Optional[int], batch_size_opt("Training batch.", "128")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on a fixed subset of N examples.")] = None,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Evaluate on N test examples.")] = None,
     check_every: Annotated[Optional[int], typer.Option("--check-every", help="Also check the budget every K "
@@ -73,7 +78,9 @@ def snl(
                  "max_epochs": max_epochs, "max_steps": max_steps, "finetune_epochs": finetune_epochs, "seed": seed,
                  "batch_size": batch_size, "limit": limit, "test_limit": test_limit, "check_every": check_every,
                  "lam": lam, "warmup_epochs": warmup_epochs,
-                 "lambda_policy": lambda_policy}  # fmt: skip
+                 "lambda_policy": lambda_policy, "input_size": _size_list(input_size),
+                 "leaf_modules": leaf or None, "trust_pickle": trust_pickle or None,
+                 "pretrained": pretrained or None}  # fmt: skip
         reporter = SNLReporter()
         if resume_dir:
             if out and out != resume_dir:
@@ -85,10 +92,17 @@ def snl(
             config = SNLConfig(**{k: v for k, v in given.items() if v is not None})
             from .app import note_random_weights
 
-            note_random_weights(model, weights is not None)
+            note_random_weights(model, weights is not None or pretrained)
             console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")
             result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step)
     _report(result, as_json)
+
+
+def _size_list(text: Optional[str]) -> Optional[list[int]]:
+    from ..models.loading import parse_input_size
+
+    size = parse_input_size(text)
+    return None if size is None else list(size)
 
 
 def _report(result, as_json: bool) -> None:

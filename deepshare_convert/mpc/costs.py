@@ -156,9 +156,10 @@ def estimate_program(program: Program, table: CostTable | None = None, *, bandwi
 
 
 def estimate(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, weights_mode: str = "public",
-             table: CostTable | None = None, bandwidth: float = 1e9, rtt: float = 1e-3, name: str = "model") -> Estimate:  # fmt: skip
+             table: CostTable | None = None, bandwidth: float = 1e9, rtt: float = 1e-3, name: str = "model",
+             leaf_modules: Sequence[str] = ()) -> Estimate:  # fmt: skip
     """Estimate private inference of ``model`` on a batch of ``input_size`` (C, H, W) inputs."""
-    program = lower(prepare(model), (batch, *input_size), weights_mode)
+    program = lower(prepare(model, leaf_modules=leaf_modules), (batch, *input_size), weights_mode)
     return estimate_program(program, table, bandwidth=bandwidth, rtt=rtt, name=name)
 
 

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -227,11 +227,12 @@ def run_two_party(
     timeout: float = 600.0,
     inventory: bool = False,
     plaintext: bool = True,
+    leaf_modules: Sequence[str] = (),
 ) -> PrivateRun:
     """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine."""
     _check_mode(weights_mode)
     tic = time.perf_counter()
-    gm = prepare(model)
+    gm = prepare(model, leaf_modules=leaf_modules)
     shape = tuple(inputs.shape)
     program = lower(gm, shape, weights_mode)  # refuses unsupported nodes before any process starts
     expected = program.comparisons
@@ -278,6 +279,7 @@ def run_party(
     weights_mode: str = "public",
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
+    leaf_modules: Sequence[str] = (),
 ) -> PartyReport:
     """Run one party in this process; the other runs the same call elsewhere with the other rank.
 
@@ -289,7 +291,7 @@ def run_party(
         raise DeepShareError(f"--rank must be 0 (model owner) or 1 (input owner), got {rank}")
     if rank == 1 and inputs is None:
         raise DeepShareError("party 1 holds the inputs: pass --data")
-    gm = prepare(model)
+    gm = prepare(model, leaf_modules=leaf_modules)
     if rank == 1 and weights_mode == "private":
         gm = strip_weights(gm)
     arr = inputs.detach().float().numpy() if (rank == 1 and inputs is not None) else None

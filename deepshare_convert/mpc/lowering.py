@@ -129,18 +129,20 @@ class Program:
 PRECISION_BITS = 16  # CrypTen's default fixed-point precision (cfg.encoder.precision_bits)
 
 
-def prepare(model: nn.Module, precision_bits: int | None = PRECISION_BITS) -> fx.GraphModule:
+def prepare(model: nn.Module, precision_bits: int | None = PRECISION_BITS, *,
+            leaf_modules: Sequence[str] = ()) -> fx.GraphModule:  # fmt: skip
     """A traced, eval-mode copy with step gates, BatchNorm folded into preceding convs, and every
     floating parameter and buffer snapped to the fixed-point grid (multiples of 2^-precision_bits).
 
     Snapping makes the deployed model explicit: MPC encodes weights on that grid anyway, so
     the plaintext reference run on the snapped copy differs from MPC only by the protocol's
     own rounding (activation truncation), not by where each weight was rounded.
-    ``precision_bits=None`` keeps the float weights.
+    ``precision_bits=None`` keeps the float weights. ``leaf_modules`` (class names) are traced
+    as opaque calls, as ``--leaf`` does for the census; the lowering then names any it cannot run.
     """
     from ..rewrite import set_gate_mode
 
-    gm = trace(model) if not isinstance(model, fx.GraphModule) else model
+    gm = trace(model, leaf_modules) if not isinstance(model, fx.GraphModule) else model
     gm = copy.deepcopy(gm).eval()
     set_gate_mode(gm, "step")
     gm = fold_batchnorm(gm)
