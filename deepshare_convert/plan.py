@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .activations import get_activation
 from .errors import PlanError
 from .grouping import GroupShape
 
@@ -142,11 +143,11 @@ def _check_plan(plan: "Plan", recorded_drelus: list[Any], recorded_achieved: Any
     """The consistency rules of :meth:`Plan.check`, one ``_bad`` per broken field."""
     sites = {}
     for i, s in enumerate(plan.sites):
-        n = 1
+        n = get_activation(s.get("activation", "relu")).comparisons_per_element  # plans before the registry: relu
         for dim in s["shape"]:
             n *= dim
         if s["relus"] != n:
-            raise _bad(f"sites[{i}].relus", f"is {s['relus']}, but its shape {s['shape']} has {n} elements")
+            raise _bad(f"sites[{i}].relus", f"is {s['relus']}, but its shape {s['shape']} has {n} comparisons")
         sites[s["name"]] = s
     total = sum(s["relus"] for s in plan.sites) + plan.hidden_relus
     if plan.total_relus != total:

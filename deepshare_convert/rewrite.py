@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .activations import activation_input, get_activation, is_inplace
 from .budget import allocate, parse_budget
 from .errors import DeepShareError, PlanError
 from .gates import GATE_MODES, PrototypeGate, SharedGate, balanced_mapping
@@ -61,7 +62,10 @@ def build_plan(
     if not c.sites:
         raise DeepShareError("the model has no ReLU activation sites to convert")
     requested = parse_budget(budget, c.total_relus)
-    kept = select_kept(c.sites, keep)
+    kept = select_kept(c.sites, keep) | _unconvertible(c.sites)
+    if all(s.name in _unconvertible(c.sites) for s in c.sites):
+        kinds = sorted({s.activation for s in c.sites})
+        raise DeepShareError(f"the model's activation sites ({', '.join(kinds)}) have no x*DReLU(x) form to share")
     groups = group_sites(c.sites, group_size, kept)
     fixed = c.hidden_relus + sum(s.relus for s in c.sites if s.name in kept)
     if requested <= fixed:
@@ -118,19 +122,9 @@ def convert(
     return Converted(apply_plan(model, plan), plan)
 
 
-def _relu_input(node: fx.Node) -> fx.Node:
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    if not isinstance(x, fx.Node):
-        raise PlanError(f"ReLU node {node.name!r} has no tensor input")
-    return x
-
-
-def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(modules[node.target], "inplace", False))
-    if node.op == "call_method":
-        return node.target == "relu_"
-    return bool(node.kwargs.get("inplace", False)) or getattr(node.target, "__name__", "") == "relu_"
+def _unconvertible(sites) -> set[str]:
+    """Sites of activation kinds without a DReLU decomposition: counted, kept as they are."""
+    return {s.name for s in sites if not get_activation(s.activation).convertible}
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
@@ -158,7 +152,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
             PrototypeGate(g.channels, g.prototypes, torch.tensor(g.mapping), mode=plan.gate, gamma=plan.gamma),
         )
         with graph.inserting_before(leader):
-            gate = graph.call_module(f"{GATES_ATTR}.{gate_name}", (_relu_input(leader),))
+            gate = graph.call_module(f"{GATES_ATTR}.{gate_name}", (activation_input(leader),))
         for site in g.sites:
             _replace_site(gm, nodes[site], gate, g.channels, plan.gate, modules)
     graph.lint()
@@ -182,10 +176,10 @@ def swap_relu(gm: fx.GraphModule, node: fx.Node, target: str, modules: dict[str,
     An in-place ReLU also rewrote its input x: readers of x after it must now read
     the new value, or they would see the un-rectified tensor.
     """
-    x = _relu_input(node)
+    x = activation_input(node)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(target, (x, *extra_args))
-    if _is_inplace(node, modules):
+    if is_inplace(node, modules):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for user in list(x.users):
             if user is not new and user not in extra_args and order[user] > order[node]:

@@ -50,6 +50,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .activations import get_activation
 from .errors import BudgetError, DeepShareError, PlanError
 from .outputs import check_output_dir
 from .plan import PLAN_FILE, WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
@@ -172,6 +173,10 @@ def mask_relus(model: nn.Module, input_size: Sequence[int], *, leaf_modules: Seq
         raise DeepShareError("the model is already converted or linearised; SNL starts from the original model")
     if not sites:
         raise DeepShareError("the model has no ReLU activation sites to linearise")
+    odd = next((s for s in sites if not get_activation(s.activation).convertible), None)
+    if odd is not None:
+        raise DeepShareError(f"SNL masks activations of the form x*DReLU(x); site {odd.name!r} is a "
+                             f"{odd.activation!r} activation")  # fmt: skip
     if hasattr(gm, MASKS_ATTR):
         raise PlanError(f"model already has an attribute {MASKS_ATTR!r} (masked twice?)")
     holder = nn.Module()

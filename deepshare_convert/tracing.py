@@ -1,10 +1,11 @@
 """torch.fx tracing, shape propagation and the ReLU census.
 
-An *activation site* is one ReLU call in the traced graph: an ``nn.ReLU`` module
-call (one instance called twice is two sites), ``F.relu``, ``torch.relu``, the
-in-place variants and ``Tensor.relu()``.  Every other pass (grouping, budgets,
-the rewrite, MPC costs) works on these sites, so the census is the single
-source of truth for "how many ReLUs does this model have".
+An *activation site* is one call of a registered activation kind in the traced graph
+(:mod:`deepshare_convert.activations`; for ReLU: an ``nn.ReLU`` module call -- one instance
+called twice is two sites --, ``F.relu``, ``torch.relu``, the in-place variants and
+``Tensor.relu()``).  Every other pass (grouping, budgets, the rewrite, MPC costs) works on
+these sites, so the census is the single source of truth for "how many ReLUs does this
+model have".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
+from .activations import functional_forms, is_inplace, kind_of, kind_of_module
 from .errors import TraceError
 
 __all__ = [
@@ -31,11 +33,8 @@ __all__ = [
     "find_sites",
     "census",
     "register_leaf_module",
-    "is_relu_node",
+    "is_activation_node",
 ]
-
-RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
-RELU_METHODS = ("relu", "relu_")
 
 OTHER_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU6, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -75,7 +74,7 @@ class DeepShareTracer(fx.Tracer):
         expand: Sequence[type[nn.Module]] = (),
     ):
         timm_leaves, timm_functions = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(timm_functions))
+        super().__init__(autowrap_functions=tuple(timm_functions) + _activation_functions())
         self.leaf_types = tuple(_EXTRA_LEAVES) + tuple(t for t in timm_leaves if t not in expand)
         self.leaf_names = tuple(n for n in leaf_modules if isinstance(n, str))
         self.leaf_types += tuple(t for t in leaf_modules if isinstance(t, type))
@@ -84,6 +83,8 @@ class DeepShareTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or type(m).__name__ in self.leaf_names:
+            return True
+        if kind_of_module(m) is not None:  # an activation module is one site, whatever its forward does
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -172,6 +173,15 @@ def _timm_notrace() -> tuple[list[type], list[Any]]:
         return [], []
 
 
+def _activation_functions() -> tuple:
+    """Registered activation functions that are plain Python (not torch's): fx must record them as
+    one call, not trace through them (torch's own functions are recorded already)."""
+    import types
+
+    return tuple(f for f in functional_forms() if isinstance(f, types.FunctionType)
+                 and not (getattr(f, "__module__", "") or "").startswith("torch"))  # fmt: skip
+
+
 def check_leaf_names(model: nn.Module, leaf_modules: Sequence[str]) -> None:
     """A ``--leaf`` that names no module class of ``model`` is a typo: say so instead of ignoring it."""
     classes = {type(m).__name__ for m in model.modules()}
@@ -222,7 +232,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] | Sequence[s
 
 def _contains_relu_of_type(model: nn.Module, cls: type) -> bool:
     return any(
-        isinstance(m, cls) and any(isinstance(s, nn.ReLU) for s in m.modules()) for m in model.modules()
+        isinstance(m, cls) and any(kind_of_module(s) is not None for s in m.modules()) for m in model.modules()
     )
 
 
@@ -282,9 +292,11 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
 
 @dataclass
 class ActivationSite:
-    """One ReLU call in the graph.
+    """One activation call in the graph.
 
-    ``relus`` counts elements per example; ``shape`` excludes the batch dimension.
+    ``relus`` counts its secure comparisons per example (elements x the kind's comparisons
+    per element; for ReLU, its elements); ``shape`` excludes the batch dimension.
+    ``kind`` is how fx calls it, ``activation`` which registered kind it is.
     """
 
     name: str
@@ -293,6 +305,7 @@ class ActivationSite:
     shape: tuple[int, ...]
     relus: int
     inplace: bool = False
+    activation: str = "relu"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -306,7 +319,7 @@ class ActivationSite:
     @property
     def spatial(self) -> int:
         """Elements per channel (H*W for 4-D activations, 1 for (N, C))."""
-        return self.relus // self.channels if self.channels else 0
+        return _numel(self.shape[1:]) if self.shape else 0
 
 
 @dataclass
@@ -358,20 +371,17 @@ class Census:
         }
 
 
-def is_relu_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
-    if node.op == "call_function":
-        return node.target in RELU_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in RELU_METHODS
-    return False
+def is_activation_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Is ``node`` a call of a registered activation kind (an activation site)?"""
+    return kind_of(node, modules) is not None
 
 
 def _other_op(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if kind_of(node, modules) is not None:  # a site
+        return None
     if node.op == "call_module":
         m = modules.get(node.target)
-        if m is None or isinstance(m, nn.ReLU) or hasattr(m, "drelus_per_example"):  # counted as sites
+        if m is None or hasattr(m, "drelus_per_example"):  # counted as sites
             return None
         if isinstance(m, OTHER_MODULE_TYPES):
             return type(m).__name__
@@ -419,19 +429,16 @@ def find_sites(gm: fx.GraphModule) -> list[ActivationSite]:
         if gate is not None:
             sites.append(gate)
             continue
-        if not is_relu_node(node, modules):
+        activation = kind_of(node, modules)
+        if activation is None:
             continue
         shape = _shape(node)
         if shape is None:
-            raise TraceError(f"no shape recorded for ReLU node {node.name!r}; run shape propagation first")
+            raise TraceError(f"no shape recorded for activation node {node.name!r}; run shape propagation first")
         kind = {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
-        inplace = bool(
-            (node.op == "call_module" and getattr(modules[node.target], "inplace", False))
-            or node.kwargs.get("inplace", False)
-            or (node.op == "call_function" and node.target in (torch.relu_, F.relu_))
-            or (node.op == "call_method" and node.target == "relu_")
-        )
-        sites.append(ActivationSite(node.name, owner_module(node), kind, shape, _numel(shape), inplace))
+        comparisons = _numel(shape) * activation.comparisons_per_element
+        sites.append(ActivationSite(node.name, owner_module(node), kind, shape, comparisons,
+                                    is_inplace(node, modules), activation.name))  # fmt: skip
     return sites
 
 
@@ -466,8 +473,6 @@ def find_other_nonlinearities(gm: fx.GraphModule) -> list[OtherNonlinearity]:
     return out
 
 
-_FUNCTIONAL_RELUS = {torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, torch.Tensor.relu_}
-
 
 class _HiddenReLUs(torch.overrides.TorchFunctionMode):
     """Counts ReLUs that leaf modules run, module ReLUs by path and functional ones by leaf.
@@ -484,12 +489,15 @@ class _HiddenReLUs(torch.overrides.TorchFunctionMode):
         self.functional: dict[str, int] = {}
         self.leaves: list[str] = []  # the leaf being run (a stack: leaves may call leaves)
         self.in_relu_module = 0
+        self.forms = functional_forms()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _FUNCTIONAL_RELUS and self.leaves and not self.in_relu_module and isinstance(out, torch.Tensor):
+        kind = self.forms.get(func)
+        if kind is not None and self.leaves and not self.in_relu_module and isinstance(out, torch.Tensor):
             leaf = self.leaves[-1]
-            self.functional[leaf] = self.functional.get(leaf, 0) + int(out[0].numel())
+            n = int(out[0].numel()) * kind.comparisons_per_element
+            self.functional[leaf] = self.functional.get(leaf, 0) + n
         return out
 
     def entries(self) -> list[dict[str, Any]]:
@@ -504,7 +512,7 @@ def _hook_hidden_relus(gm: fx.GraphModule, counter: _HiddenReLUs) -> list[Any]:
         if node.op != "call_module":
             continue
         leaf = gm.get_submodule(node.target)
-        if isinstance(leaf, nn.ReLU) or hasattr(leaf, "drelus_per_example"):  # counted as sites
+        if kind_of_module(leaf) is not None or hasattr(leaf, "drelus_per_example"):  # counted as sites
             continue
 
         def enter(mod, inp, path=node.target):
@@ -515,15 +523,17 @@ def _hook_hidden_relus(gm: fx.GraphModule, counter: _HiddenReLUs) -> list[Any]:
 
         handles += [leaf.register_forward_pre_hook(enter), leaf.register_forward_hook(leave)]
         for sub_name, sub in leaf.named_modules():
-            if sub_name and isinstance(sub, nn.ReLU):
+            kind = kind_of_module(sub) if sub_name else None
+            if kind is not None:
                 path = f"{node.target}.{sub_name}"
 
                 def relu_in(mod, inp):
                     counter.in_relu_module += 1
 
-                def relu_out(mod, inp, out, path=path):
+                def relu_out(mod, inp, out, path=path, per=kind.comparisons_per_element):
                     counter.in_relu_module -= 1
-                    counter.found.append({"module": path, "relus": int(out[0].numel()), "note": "inside a leaf module"})
+                    counter.found.append({"module": path, "relus": int(out[0].numel()) * per,
+                                          "note": "inside a leaf module"})  # fmt: skip
 
                 handles += [sub.register_forward_pre_hook(relu_in), sub.register_forward_hook(relu_out)]
     return handles

@@ -113,7 +113,8 @@ def test_census_json_shape():
     d = census(loaded.model, loaded.input_size, name="resnet20").to_dict()
     assert d["model"] == "resnet20" and d["input_size"] == [3, 32, 32]
     assert d["total_relus"] == 188_416 == sum(s["relus"] for s in d["sites"])
-    assert set(d["sites"][0]) == {"name", "module", "kind", "shape", "relus", "inplace"}
+    assert set(d["sites"][0]) == {"name", "module", "kind", "shape", "relus", "inplace", "activation"}
+    assert d["sites"][0]["activation"] == "relu"
 
 
 class Untraceable(nn.Module):

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
+from ..activations import is_inplace as activation_inplace
+from ..activations import kind_of
 from ..errors import DeepShareError
 from ..gates import PrototypeGate, SharedGate
 from ..tracing import example_input, owner_module, propagate_shapes, trace
@@ -43,7 +45,6 @@ _MODULE_HANDLERS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Linear, "linear"),
     (nn.BatchNorm2d, "bn"),
     (nn.BatchNorm1d, "bn"),
-    (nn.ReLU, "relu"),
     (nn.AvgPool2d, "avgpool"),
     (nn.AdaptiveAvgPool2d, "adaptive_avgpool"),
     (nn.MaxPool2d, "maxpool"),
@@ -58,7 +59,6 @@ _FUNCTION_HANDLERS: dict[Any, str] = {
     operator.mul: "mul", torch.mul: "mul", operator.imul: "mul",
     operator.truediv: "div", torch.div: "div",
     operator.neg: "neg", torch.neg: "neg",
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
     torch.flatten: "flatten", torch.reshape: "reshape",
     operator.getitem: "getitem", F.pad: "pad", torch.cat: "cat", torch.concat: "cat",
     F.avg_pool2d: "avgpool", F.adaptive_avg_pool2d: "adaptive_avgpool", F.max_pool2d: "maxpool",
@@ -66,14 +66,15 @@ _FUNCTION_HANDLERS: dict[Any, str] = {
     F.dropout: "identity", getattr: "shape",
 }  # fmt: skip
 _METHOD_HANDLERS: dict[str, str] = {
-    "relu": "relu", "relu_": "relu", "add": "add", "add_": "add", "sub": "sub", "sub_": "sub",
+    "add": "add", "add_": "add", "sub": "sub", "sub_": "sub",
     "mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "neg": "neg", "mean": "mean", "sum": "sum",
     "view": "reshape", "reshape": "reshape", "flatten": "flatten", "contiguous": "identity",
     "permute": "shape_op", "transpose": "shape_op", "squeeze": "shape_op", "unsqueeze": "shape_op",
     "size": "shape", "dim": "shape",
 }  # fmt: skip
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, torch.relu_, F.relu_}
-_INPLACE_METHODS = {"relu_", "add_", "sub_", "mul_", "div_"}
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul}
+_INPLACE_METHODS = {"add_", "sub_", "mul_", "div_"}
+# activations (ReLU, ...) come from the registry in deepshare_convert.activations: kind.mpc_handler
 
 
 @dataclass
@@ -225,6 +226,13 @@ def strip_weights(gm: fx.GraphModule) -> fx.GraphModule:
 
 # ---- lowering --------------------------------------------------------------------------------
 def _handler(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    kind = kind_of(node, modules)
+    if kind is not None:
+        if kind.mpc_handler is None:
+            raise DeepShareError(f"cannot run node {node.name!r} ({_describe(node, modules)}) under MPC: activation "
+                                 f"{kind.name!r} has no secure protocol here; convert the model first (its sites "
+                                 "become shared DReLU gates) or keep it out of private inference")  # fmt: skip
+        return kind.mpc_handler
     if node.op == "call_module":
         m = modules.get(node.target)
         for cls, name in _MODULE_HANDLERS:
@@ -239,6 +247,8 @@ def _handler(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
 
 
 def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if kind_of(node, modules) is not None:
+        return activation_inplace(node, modules)
     if node.op == "call_module":
         return bool(getattr(modules.get(node.target), "inplace", False))
     if node.op == "call_function":
