@@ -48,7 +48,7 @@ def _no_decoding(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(data, "_decode_images", fail)
+    monkeypatch.setattr(data.decode, "_decode_images", fail)  # where the readers' decoding looks it up
 
 
 # ----------------------------------------------------------------------------- digits
@@ -344,6 +344,23 @@ def test_bad_specs_are_one_line_data_errors(spec, message):
     assert isinstance(e.value, DeepShareError)
 
 
+def test_registered_reader_is_a_spec(monkeypatch, digits):
+    """A new dataset is one decorated function: it is dispatched to and listed among the known specs."""
+    monkeypatch.setattr(data.specs, "_READERS", dict(data.specs._READERS))
+    seen = []
+
+    @data.register_reader("fake")
+    def _read(path, progress):
+        seen.append(path)
+        return digits
+
+    assert load_dataset("fake:~/x") is digits and seen == [Path("~/x").expanduser()]
+    with pytest.raises(DataError, match=r"needs a directory: fake:DIR"):
+        load_dataset("fake")
+    with pytest.raises(DataError, match=r"known: digits, .*, tinyimagenet:DIR, fake:DIR$"):
+        load_dataset("nope")
+
+
 def test_wrong_folder_kinds(tmp_path):
     with pytest.raises(DataError, match="not a cifar-10-batches-py folder"):
         load_dataset(f"cifar10:{tmp_path}")
@@ -355,7 +372,7 @@ def test_wrong_folder_kinds(tmp_path):
 
 def test_missing_default_tarball(monkeypatch, tmp_path):
     monkeypatch.setenv("DEEPSHARE_SHARED", str(tmp_path))
-    monkeypatch.setattr(data, "__file__", str(tmp_path / "pkg" / "data.py"))
+    monkeypatch.setattr(data.readers, "__file__", str(tmp_path / "pkg" / "data" / "readers.py"))
     with pytest.raises(DataError, match="set DEEPSHARE_SHARED or use cifar10-jpg:PATH"):
         load_dataset("cifar10-jpg")
 
