@@ -20,14 +20,37 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from .errors import BudgetError
-from .grouping import Group
 
-__all__ = ["parse_budget", "allocate", "ALLOCATORS", "read_snl_counts"]
+if TYPE_CHECKING:  # budget.py stays free of torch: the CLI lists allocators without importing it
+    from .grouping import Group
 
-ALLOCATORS = ("uniform", "proportional", "equal", "snl")
+__all__ = ["parse_budget", "allocate", "allocator_names", "register_allocator", "read_snl_counts"]
+
+# name -> weights(groups, snl_counts): each group's relative DReLU demand (the scale is found later)
+_ALLOCATORS: dict[str, Callable[[Sequence["Group"], Mapping[str, int] | None], list[float]]] = {}
+
+
+def register_allocator(name: str):
+    """Decorator: make ``fn(groups, snl_counts) -> weights`` the allocator ``name``."""
+
+    def add(fn):
+        _ALLOCATORS[name] = fn
+        return fn
+
+    return add
+
+
+def allocator_names() -> tuple[str, ...]:
+    return tuple(_ALLOCATORS)
+
+
+def check_allocator(name: str) -> str:
+    if name not in _ALLOCATORS:
+        raise BudgetError(f"unknown allocator {name!r}; choose one of {', '.join(_ALLOCATORS)}")
+    return name
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000}
 _BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kKmM%]?)\s*$")
 
@@ -92,20 +115,32 @@ def allocate(
 
 def _target_weights(groups, allocator, snl_counts) -> list[float]:
     """Relative DReLU demand of each group; the scale is found later."""
-    if allocator == "uniform":
-        return [g.channels * g.spatial for g in groups]  # same fraction f of every group's channels
-    if allocator == "proportional":
-        return [float(g.relus) for g in groups]
-    if allocator == "equal":
-        return [1.0 for _ in groups]
-    if allocator == "snl":
-        if not snl_counts:
-            raise BudgetError("--allocator snl needs --snl-counts FILE (written by `deepshare snl`)")
-        missing = [s for g in groups for s in g.sites if s not in snl_counts]
-        if missing:
-            raise BudgetError(f"SNL counts have no entry for site {missing[0]!r} (from another model?)")
-        return [float(sum(snl_counts[s] for s in g.sites)) for g in groups]
-    raise BudgetError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+    return _ALLOCATORS[check_allocator(allocator)](groups, snl_counts)
+
+
+@register_allocator("uniform")
+def _uniform(groups, snl_counts) -> list[float]:
+    return [g.channels * g.spatial for g in groups]  # same fraction f of every group's channels
+
+
+@register_allocator("proportional")
+def _proportional(groups, snl_counts) -> list[float]:
+    return [float(g.relus) for g in groups]
+
+
+@register_allocator("equal")
+def _equal(groups, snl_counts) -> list[float]:
+    return [1.0 for _ in groups]
+
+
+@register_allocator("snl")
+def _snl(groups, snl_counts) -> list[float]:
+    if not snl_counts:
+        raise BudgetError("--allocator snl needs --snl-counts FILE (written by `deepshare snl`)")
+    missing = [s for g in groups for s in g.sites if s not in snl_counts]
+    if missing:
+        raise BudgetError(f"SNL counts have no entry for site {missing[0]!r} (from another model?)")
+    return [float(sum(snl_counts[s] for s in g.sites)) for g in groups]
 
 
 def _protos_at(groups, weights, scale) -> list[int]:

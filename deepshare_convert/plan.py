@@ -19,6 +19,7 @@ from typing import Any
 from .activations import get_activation
 from .errors import PlanError
 from .grouping import GroupShape
+from .settings import ConversionSettings
 
 __all__ = ["Plan", "GroupPlan", "PLAN_FORMAT", "PLAN_FILE", "WEIGHTS_FILE", "write_json_atomic", "save_tensors_atomic"]
 
@@ -61,6 +62,13 @@ class Plan:
     kind: str = "deepshare"  # "snl": an SNL-linearised model (no groups; ``snl_kept`` ReLUs per site)
     snl_kept: dict[str, int] = field(default_factory=dict)
     format: str = PLAN_FORMAT
+
+    def settings(self):
+        """The :class:`~deepshare_convert.settings.ConversionSettings` this plan was made with
+        (``keep`` as the resolved site names; re-running them on the same model gives this plan)."""
+        return ConversionSettings(budget=self.budget_requested, allocator=self.allocator, group_size=self.group_size,
+                                  gate=self.gate if self.gate in ("step", "gelu") else "step", gamma=self.gamma,
+                                  keep=list(self.kept), leaf_modules=list(self.leaf_modules))  # fmt: skip
 
     # --- derived numbers -------------------------------------------------------------------
     @property

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import DeepShareError
+from .settings import ConversionSettings
 
 __all__ = [
     "Recipe",
@@ -57,13 +58,9 @@ class DataSection(_Strict):
     workers: int = Field(0, ge=0)
 
 
-class Conversion(_Strict):
-    budget: str
-    allocator: Literal["uniform", "proportional", "equal", "snl"] = "uniform"
-    snl_counts: Optional[str] = None
-    group_size: int = Field(2, ge=1)
-    gamma: float = Field(1.0, gt=0)
-    keep: list[str] = Field(default_factory=list)
+class Conversion(ConversionSettings):
+    """The conversion settings ``deepshare convert`` takes, plus what only retraining uses."""
+
     affine: Literal["learned", "frozen"] = Field(
         "learned", description="ablation: frozen keeps alpha=1, beta=0 (replicates copy the gate as is)")
     replicates: Literal["shared", "none"] = Field(

@@ -13,7 +13,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,9 +25,10 @@ from .errors import DeepShareError, PlanError
 from .gates import GATE_MODES, PrototypeGate, SharedGate, balanced_mapping
 from .grouping import group_sites, select_kept
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
+from .settings import ConversionSettings, settings_from
 from .tracing import census, example_input, find_sites, propagate_shapes, trace
 
-__all__ = ["convert", "apply_plan", "build_plan", "set_gate_mode", "save", "save_new", "load", "Converted", "swap_relu"]
+__all__ = ["convert", "apply_plan", "build_plan", "ConversionSettings", "set_gate_mode", "save", "save_new", "load", "Converted", "swap_relu"]
 
 GATES_ATTR = "deepshare_gates"
 SITES_ATTR = "deepshare_sites"
@@ -44,81 +45,84 @@ class Converted:
 def build_plan(
     model: nn.Module,
     input_size: Sequence[int],
+    settings: ConversionSettings | None = None,
     *,
-    budget: str | int,
-    allocator: str = "uniform",
-    group_size: int = 2,
-    gate: str = "step",
-    gamma: float = 1.0,
-    keep: Iterable[str] = (),
     snl_counts: Mapping[str, int] | None = None,
-    leaf_modules: Sequence[str] = (),
     spec: dict | None = None,
+    **options: Any,
 ) -> Plan:
-    """Census + grouping + budget allocation: everything but the graph surgery."""
-    if gate not in GATE_MODES[:2]:
-        raise DeepShareError(f"--gate must be 'step' or 'gelu', got {gate!r}")
-    c = census(model, input_size, leaf_modules=leaf_modules)
+    """Census + grouping + budget allocation: everything but the graph surgery.
+
+    ``settings`` (or the same fields as keyword ``options``: budget=, allocator=, group_size=,
+    gate=, gamma=, keep=, leaf_modules=, snl_counts= a path) say what to do; ``snl_counts`` may
+    also be an in-memory mapping, which wins over a path in the settings.
+    """
+    s = _settings(settings, options)
+    c = census(model, input_size, leaf_modules=s.leaf_modules)
     if not c.sites:
         raise DeepShareError("the model has no ReLU activation sites to convert")
-    requested = parse_budget(budget, c.total_relus)
-    kept = select_kept(c.sites, keep) | _unconvertible(c.sites)
-    if all(s.name in _unconvertible(c.sites) for s in c.sites):
-        kinds = sorted({s.activation for s in c.sites})
+    unconvertible = _unconvertible(c.sites)
+    if len(unconvertible) == len(c.sites):
+        kinds = sorted({site.activation for site in c.sites})
         raise DeepShareError(f"the model's activation sites ({', '.join(kinds)}) have no x*DReLU(x) form to share")
-    groups = group_sites(c.sites, group_size, kept)
-    fixed = c.hidden_relus + sum(s.relus for s in c.sites if s.name in kept)
+    requested = parse_budget(s.budget, c.total_relus)
+    kept = select_kept(c.sites, s.keep) | unconvertible
+    groups = group_sites(c.sites, s.group_size, kept)
+    fixed = c.hidden_relus + sum(site.relus for site in c.sites if site.name in kept)
     if requested <= fixed:
         raise DeepShareError(
             f"budget {requested:,} does not cover the {fixed:,} ReLUs that stay (kept or hidden sites)"
         )
-    protos = allocate(groups, requested - fixed, allocator, snl_counts)
+    protos = allocate(groups, requested - fixed, s.allocator, s.snl_count_map(snl_counts))
     return Plan(
         model=spec or {"source": "python", "name": type(model).__name__},
         input_size=list(input_size),
         total_relus=c.total_relus,
-        budget_requested=str(budget),
+        budget_requested=s.budget,
         budget=requested,
-        allocator=allocator,
-        group_size=group_size,
-        gate=gate,
-        gamma=float(gamma),
-        sites=[s.to_dict() for s in c.sites],
+        allocator=s.allocator,
+        group_size=s.group_size,
+        gate=s.gate,
+        gamma=float(s.gamma),
+        sites=[site.to_dict() for site in c.sites],
         groups=[
             GroupPlan(g.index, list(g.sites), list(g.shape), p, balanced_mapping(g.channels, p).tolist())
             for g, p in zip(groups, protos)
         ],
-        kept=sorted(kept, key=[s.name for s in c.sites].index),
+        kept=sorted(kept, key=[site.name for site in c.sites].index),
         hidden_relus=c.hidden_relus,
-        leaf_modules=list(leaf_modules),
+        leaf_modules=list(s.leaf_modules),
     )
+
+
+def _settings(settings: ConversionSettings | None, options: dict[str, Any]) -> ConversionSettings:
+    if settings is not None and options:
+        raise DeepShareError(f"give conversion settings or keyword options, not both ({', '.join(options)})")
+    if settings is None:
+        return settings_from(**{k: (list(v) if k in ("keep", "leaf_modules") else v) for k, v in options.items()})
+    fields = {name: getattr(settings, name) for name in ConversionSettings.model_fields}
+    return settings if type(settings) is ConversionSettings else ConversionSettings(**fields)
 
 
 def convert(
     model: nn.Module,
     example_input: torch.Tensor | Sequence[int],
+    settings: ConversionSettings | None = None,
     *,
-    budget: str | int,
-    allocator: str = "uniform",
-    group_size: int = 2,
-    gate: str = "step",
-    gamma: float = 1.0,
-    keep: Iterable[str] = (),
     snl_counts: Mapping[str, int] | None = None,
-    leaf_modules: Sequence[str] = (),
     spec: dict | None = None,
+    **options: Any,
 ) -> Converted:
-    """Convert ``model`` to shared gates under a DReLU ``budget``; the original is left untouched.
+    """Convert ``model`` to shared gates under a DReLU budget; the original is left untouched.
 
-    ``example_input`` is a tensor with a batch dimension or an input size (C, H, W).
+    ``example_input`` is a tensor with a batch dimension or an input size (C, H, W); the
+    settings come as a :class:`ConversionSettings` or as its fields in keyword ``options``
+    (``convert(model, (3, 32, 32), budget="12k", group_size=2)``).
     """
     input_size = (
         tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     )
-    plan = build_plan(
-        model, input_size, budget=budget, allocator=allocator, group_size=group_size, gate=gate,
-        gamma=gamma, keep=keep, snl_counts=snl_counts, leaf_modules=leaf_modules, spec=spec,
-    )  # fmt: skip
+    plan = build_plan(model, input_size, settings, snl_counts=snl_counts, spec=spec, **options)
     return Converted(apply_plan(model, plan), plan)
 
 

@@ -315,3 +315,52 @@ def test_top_level_api(tmp_path):
     torch.testing.assert_close(again.model(x), conv.model.eval()(x), rtol=0, atol=0)
     assert ds.estimate_latency(again.model, loaded.input_size).comparisons == conv.plan.achieved
     assert callable(ds.retrain) and "convert" in ds.__all__
+
+
+def test_one_settings_object_for_cli_recipes_convert_and_plan():
+    """ConversionSettings is what convert() takes, what a recipe's conversion section is, and what a plan gives back."""
+    from deepshare_convert.models import load_model
+    from deepshare_convert.recipes import Conversion
+    from deepshare_convert.rewrite import build_plan
+    from deepshare_convert.settings import ConversionSettings, settings_from
+
+    loaded = load_model("digits_cnn")
+    s = settings_from(budget="30%", allocator="equal", group_size=1, keep=["features.12"])
+    plan = build_plan(loaded.model, loaded.input_size, s)
+    assert plan.settings().budget == "30%" and plan.settings().allocator == "equal"
+    again = build_plan(loaded.model, loaded.input_size, plan.settings())
+    assert again.to_dict() == plan.to_dict()  # a plan's settings rebuild the same plan
+    assert build_plan(loaded.model, loaded.input_size, budget="30%", allocator="equal", group_size=1,
+                      keep=["features.12"]).to_dict() == plan.to_dict()  # keyword form, same object behind  # fmt: skip
+    recipe_part = Conversion(budget="30%", allocator="equal", group_size=1, keep=["features.12"], init="data")
+    assert isinstance(recipe_part, ConversionSettings)
+    assert build_plan(loaded.model, loaded.input_size, recipe_part).to_dict() == plan.to_dict()
+    with pytest.raises(DeepShareError, match="not both"):
+        build_plan(loaded.model, loaded.input_size, s, budget="5%")
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(group_size=0), "--group-size must be at least 1, got 0"),
+    (dict(gate="ste"), "--gate must be 'step' or 'gelu', got 'ste'"),
+    (dict(allocator="greedy"), "unknown allocator 'greedy'; choose one of uniform, proportional, equal, snl"),
+    (dict(gamma=-1), "--gamma must be above 0, got -1"),
+])  # fmt: skip
+def test_settings_errors_are_one_line(given, message):
+    from deepshare_convert.settings import settings_from
+
+    with pytest.raises(DeepShareError) as e:
+        settings_from(budget="1k", **given)
+    assert str(e.value) == message
+
+
+def test_allocator_registry():
+    """A registered allocator is usable by name everywhere (convert, recipes, CLI help) at once."""
+    from deepshare_convert import budget
+    from deepshare_convert.settings import settings_from
+
+    budget.register_allocator("first-heavy")(lambda groups, counts: [len(groups) - i for i in range(len(groups))])
+    try:
+        assert "first-heavy" in budget.allocator_names()
+        assert settings_from(budget="1k", allocator="first-heavy").allocator == "first-heavy"
+    finally:
+        budget._ALLOCATORS.pop("first-heavy")

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..budget import allocator_names  # light: budget.py imports no torch
 from . import errors as cli_errors
 from .console import console, err_console
 from .options import (
@@ -132,7 +133,7 @@ def convert(
                                         "model's ReLUs.", show_default=False)],
     out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.",
                                                show_default="out/MODEL-BUDGET")] = None,
-    allocator: Annotated[str, typer.Option(help="uniform | proportional | equal | snl.")] = "uniform",
+    allocator: Annotated[str, typer.Option(help=f"{' | '.join(allocator_names())}.")] = "uniform",
     snl_counts: Annotated[Optional[str], typer.Option("--snl-counts", help="snl_counts.json from "
                                                       "`deepshare snl` (for --allocator snl).")] = None,
     group_size: Annotated[int, typer.Option(help="Consecutive same-shape sites sharing one gate "
@@ -159,18 +160,18 @@ def convert(
     from ..outputs import check_fresh_dir
     from ..rewrite import convert as run_convert
     from ..rewrite import save_new
+    from ..settings import settings_from
 
+    settings = settings_from(budget=budget, allocator=allocator, snl_counts=snl_counts, group_size=group_size,
+                             gate=gate, gamma=gamma, keep=keep, leaf_modules=leaf)  # fmt: skip
     if out:
         check_fresh_dir(out, force=force)
+    counts = read_snl_counts(snl_counts) if snl_counts else None  # a bad file fails before the model loads
     loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
     out = str(check_fresh_dir(out or _default_out(loaded.spec.name, budget), force=force))
-    counts = read_snl_counts(snl_counts) if snl_counts else None
     with console.status("tracing, allocating and rewriting", spinner="dots"):
-        converted = run_convert(
-            loaded.model, loaded.input_size, budget=budget, allocator=allocator, group_size=group_size,
-            gate=gate, gamma=gamma, keep=keep or (), snl_counts=counts, leaf_modules=leaf or (),
-            spec=loaded.spec.to_dict(),
-        )  # fmt: skip
+        converted = run_convert(loaded.model, loaded.input_size, settings, snl_counts=counts,
+                                spec=loaded.spec.to_dict())  # fmt: skip
     target = save_new(converted, out, force=force)
     if as_json:
         print(json.dumps({"out": str(target), **converted.plan.to_dict()}, indent=2))

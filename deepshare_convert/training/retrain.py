@@ -145,15 +145,10 @@ class _Run:
         c = self.recipe.conversion
         input_size = self.loaded.input_size
         if self.plan is None:
-            from ..budget import read_snl_counts
-
-            counts = read_snl_counts(c.snl_counts) if c.snl_counts else None
             spec = self.loaded.spec.to_dict()
             if (self.out / PRETRAINED).is_file():
                 spec["weights"] = str(self.out / PRETRAINED)
-            converted = convert(self.original, input_size, budget=c.budget, allocator=c.allocator,
-                                group_size=c.group_size, gamma=c.gamma, keep=c.keep, snl_counts=counts,
-                                spec=spec)  # fmt: skip
+            converted = convert(self.original, input_size, c, spec=spec)  # the recipe's settings, as `convert` takes them
             self.plan, self.student = converted.plan, converted.model
             if c.init == "data":
                 from ..calibration import fit_sharing
