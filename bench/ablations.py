@@ -45,9 +45,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cifar_runs import (PAPER_RECIPE, RECIPE, Schedule, final_accuracy, original_accuracy, require_shared,  # noqa: E402
-                        run_deepshare, run_snl_baseline)  # fmt: skip
-from common import RESULTS, ROOT, update_docs_section, write_results  # noqa: E402
+from cifar_runs import (  # noqa: E402  # isort: skip
+    PAPER_RECIPE, RECIPE, Schedule, final_accuracy, original_accuracy, require_shared, run_deepshare, run_snl_baseline,
+)  # fmt: skip
+from common import ROOT, add_out_arg, update_docs_section, write_results  # noqa: E402
 
 PAPER = ["phases.1.switch_granularity=step"]
 NO_GELU = PAPER + ["phases.0.kind=finetune", "phases.1.kind=finetune", "phases.1.kd.teacher=original",
@@ -96,7 +97,8 @@ def measure(model: str, budget: str, sched: Schedule, runs: Path, row_set: list)
                           overrides=overrides, recipe=recipe)  # fmt: skip
         rows.append({"name": name, "label": label, "drelus": r["drelus"], "acc": final_accuracy(r["dir"], sched),
                      "acc_before_retraining": r.get("converted_acc_before_retraining"), "paper": paper,
-                     "steps": r["steps"], "wall_s": r.get("bench_wall_seconds"), "train_s": r["train_seconds"], "recipe": r["recipe"],
+                     "steps": r["steps"], "wall_s": r.get("bench_wall_seconds"), "train_s": r["train_seconds"],
+                     "recipe": r["recipe"],
                      "overrides": r["overrides"], "min_acc": min((a for _, a in r["curve"]), default=None)})  # fmt: skip
         print(f"[{model} {budget}] {label}: {rows[-1]['acc']} ({r['drelus']:,} DReLUs, {r['steps']:,} steps)", flush=True)
     return rows
@@ -122,7 +124,8 @@ def table(rows: list[dict]) -> str:
     full = rows[0]["acc"]
     paper = any(r["paper"] is not None for r in rows)
     head = "| row | DReLUs | steps | top-1 | vs first row | lowest during training |"
-    lines = [head + (" paper (R18 / C100 / 6K) |" if paper else ""), "|---|---:|---:|---:|---:|---:|" + ("---:|" if paper else "")]
+    lines = [head + (" paper (R18 / C100 / 6K) |" if paper else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if paper else "")]  # fmt: skip
     for r in rows:
         line = (f"| {r['label']} | {r['drelus']:,} | {r['steps']:,} | {r['acc']:.2f} | {r['acc'] - full:+.2f} "
                 f"| {r['min_acc']} |")  # fmt: skip
@@ -137,6 +140,7 @@ def main() -> None:
     p.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56"])
     p.add_argument("--budget", default=None, help="default: 2%% for mechanisms and extras, 8%% for table5")
     p.add_argument("--runs", default=str(ROOT / "out" / "bench"), help="run directories (resumable cache)")
+    add_out_arg(p)
     args = p.parse_args()
     require_shared()
     row_set, default_budget = ROW_SETS[args.rows]
@@ -148,8 +152,8 @@ def main() -> None:
     suffix = "" if args.rows == "mechanisms" else f"_{args.rows}"
     name = f"ablations{suffix}_quick" if args.quick else f"ablations{suffix}"
     write_results(name, {"model": args.model, "budget": budget, "rows_set": args.rows, "schedule": vars(sched),
-                         "original_acc": orig_acc, "original_relus": relus, "rows": rows})  # fmt: skip
-    plot(rows, RESULTS / f"{name}.png", f"{args.model} / CIFAR-10, {budget} of {relus:,} ReLUs")
+                         "original_acc": orig_acc, "original_relus": relus, "rows": rows}, args.out)  # fmt: skip
+    plot(rows, args.out / f"{name}.png", f"{args.model} / CIFAR-10, {budget} of {relus:,} ReLUs")
     md = table(rows)
     print(md)
     if not args.quick:
@@ -158,7 +162,8 @@ def main() -> None:
                 "extras": "mechanisms built but not in the recipe, added to it one at a time",
                 "table5": "the paper's Table 5 rows on the paper procedure; its column is Table 5 (ResNet-18 on "
                 "CIFAR-100 at 6K DReLUs, hundreds of epochs), for the order, not the values"}[args.rows]  # fmt: skip
-        update_docs_section(f"ablations{suffix}", f"""## Ablations ({args.rows}), {args.model} / CIFAR-10 at {budget} (bench/ablations.py)
+        title = f"## Ablations ({args.rows}), {args.model} / CIFAR-10 at {budget} (bench/ablations.py)"
+        update_docs_section(f"ablations{suffix}", f"""{title}
 
 Command: `python bench/ablations.py --rows {args.rows} --model {args.model} --budget {budget}` (JSON + PNG in
 `bench/results/{name}.*`): {what}. Same CPU schedule and the same total optimizer steps as the SNL

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cifar_runs import Schedule, final_accuracy, original_accuracy, require_shared, run_deepshare, run_snl_baseline  # noqa: E402
-from common import RESULTS, ROOT, update_docs_section, write_results  # noqa: E402
+from common import ROOT, add_out_arg, update_docs_section, write_results  # noqa: E402
 
 
 def measure(models: list[str], budgets: dict[str, list[str]], sched: Schedule, runs: Path) -> list[dict]:
@@ -47,13 +47,16 @@ def measure(models: list[str], budgets: dict[str, list[str]], sched: Schedule, r
             snl = run_snl_baseline(model, budget, sched, runs)
             snl_acc = final_accuracy(snl["dir"], sched) if snl.get("snl_acc") is not None else None
             rows.append({"model": model, "method": "SNL", "budget": budget, "relus": snl.get("snl_relus"),
-                         "acc": snl_acc, "wall_s": snl.get("bench_wall_seconds"), "train_s": snl.get("train_seconds"), "reached": snl_acc is not None,
+                         "acc": snl_acc, "wall_s": snl.get("bench_wall_seconds"), "train_s": snl.get("train_seconds"),
+                         "reached": snl_acc is not None,
                          "steps": snl["steps"], "search_steps": snl.get("search_steps"), "curve": snl["curve"],
                          "min_acc": min((a for _, a in snl["curve"]), default=None)})  # fmt: skip
             ds = run_deepshare(model, budget, sched, runs, steps=snl["steps"])
             rows.append({"model": model, "method": "DeepShare", "budget": budget, "relus": ds["drelus"],
-                         "acc": final_accuracy(ds["dir"], sched), "acc_before_retraining": ds.get("converted_acc_before_retraining"),
-                         "wall_s": ds.get("bench_wall_seconds"), "train_s": ds["train_seconds"], "steps": ds["steps"], "curve": ds["curve"],
+                         "acc": final_accuracy(ds["dir"], sched),
+                         "acc_before_retraining": ds.get("converted_acc_before_retraining"),
+                         "wall_s": ds.get("bench_wall_seconds"), "train_s": ds["train_seconds"], "steps": ds["steps"],
+                         "curve": ds["curve"],
                          "min_acc": min((a for _, a in ds["curve"]), default=None), "recipe": ds["recipe"],
                          "overrides": ds["overrides"]})  # fmt: skip
             print(f"[{model}] {budget}: SNL {snl_acc} ({rows[-2]['relus']}) | DeepShare {rows[-1]['acc']} "
@@ -140,6 +143,7 @@ def main() -> None:
     p.add_argument("--resnet56-budgets", default=None, help="ResNet-56's budgets, if not --budgets (it costs 3x)")
     p.add_argument("--scale", type=int, default=1, help="train every run N times longer (own results file)")
     p.add_argument("--runs", default=str(ROOT / "out" / "bench"), help="run directories (resumable cache)")
+    add_out_arg(p)
     args = p.parse_args()
     require_shared()
     sched = Schedule.quick() if args.quick else Schedule().scaled(args.scale)
@@ -151,9 +155,9 @@ def main() -> None:
     runs = Path(args.runs) / ("quick" if args.quick else "full" + suffix)
     rows = measure(models, budgets, sched, runs)
     name = "accuracy_vs_budget_quick" if args.quick else "accuracy_vs_budget" + suffix
-    write_results(name, {"schedule": vars(sched), "rows": rows})
-    plot(rows, RESULTS / f"{name}.png")
-    plot_curves(rows, RESULTS / f"{name}_curves.png")
+    write_results(name, {"schedule": vars(sched), "rows": rows}, args.out)
+    plot(rows, args.out / f"{name}.png")
+    plot_curves(rows, args.out / f"{name}_curves.png")
     md = table(rows, sched)
     print(md)
     if not args.quick:
@@ -177,8 +181,8 @@ channel over its first 30% (quadratic easing) and then trains the converted netw
 otherwise) trains for exactly as many optimizer steps as SNL's
 search and finetune together. Top-1 on all 10,000 test images; "lowest" is the lowest test top-1 (2,000 images) measured
 during DeepShare's training, every half epoch. "train min" sums each run's epoch times (one thread per run, usually
-two runs side by side on this 2-core machine, so a rough cost, not a benchmark). The paper trains for hundreds of full-data epochs; these numbers
-compare the methods at equal (small) training, not the paper's absolute accuracy.
+two runs side by side on this 2-core machine, so a rough cost, not a benchmark). The paper trains for hundreds of
+full-data epochs; these numbers compare the methods at equal (small) training, not the paper's absolute accuracy.
 
 {md}
 

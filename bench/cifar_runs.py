@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import ROOT
-
 from deepshare_convert.training.engine import learning_curve
+
+from common import ROOT
 
 SHARED = Path(os.environ.get("DEEPSHARE_SHARED", ROOT.parent / "shared"))
 RECIPE = ROOT / "recipes" / "resnet20_cifar10.yaml"
@@ -69,7 +69,7 @@ class Schedule:
     def total_epochs(self) -> int:
         return self.gelu_epochs + self.switch_epochs + self.finetune_epochs
 
-    def scaled(self, factor: int) -> "Schedule":
+    def scaled(self, factor: int) -> Schedule:
         """The same schedule with every phase (and so SNL's finetune) ``factor`` times longer."""
         from dataclasses import replace
 
@@ -77,7 +77,7 @@ class Schedule:
                        finetune_epochs=self.finetune_epochs * factor)  # fmt: skip
 
     @classmethod
-    def quick(cls) -> "Schedule":
+    def quick(cls) -> Schedule:
         return cls(limit=256, run_test_limit=256, test_limit=500, gelu_epochs=1, switch_epochs=1, finetune_epochs=1,
                    snl_max_epochs=2, snl_max_steps=16, snl_lambda=5e-2, snl_lr=0.08, eval_every=4)  # fmt: skip
 

@@ -8,8 +8,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -34,9 +35,15 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
-def write_results(name: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def add_out_arg(parser) -> None:
+    """``--out DIR``: where the results JSON/PNG go (default bench/results/; the tests give a temporary one)."""
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default: bench/results)")
+
+
+def write_results(name: str, data: dict[str, Any], out: Path = RESULTS) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     data = {"bench": name, "command": "python " + " ".join(sys.argv), "machine": machine(), **data}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import median_time, update_docs_section, write_results  # noqa: E402
 from deepshare_convert import load_model  # noqa: E402
 from deepshare_convert.rewrite import apply_plan, build_plan, convert, save  # noqa: E402
+
+from common import add_out_arg, median_time, update_docs_section, write_results  # noqa: E402
 
 
 def conversion_breakdown(model_name: str, input_size: str, budget: str) -> dict:
@@ -99,6 +100,7 @@ def train_step_ratio(model_name: str, budget: str, batch: int, repeats: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small models only (smoke test)")
+    add_out_arg(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.quick:
@@ -111,14 +113,16 @@ def main() -> None:
         steps = [("resnet18_cifar", "12.9k", 64, 3), ("resnet20", "15k", 64, 5)]
     conv = [conversion_breakdown(*c) for c in conversions]
     train = [train_step_ratio(*s) for s in steps]
-    path = write_results("overhead" + ("_quick" if args.quick else ""), {"conversion": conv, "train_step": train})
+    path = write_results("overhead" + ("_quick" if args.quick else ""), {"conversion": conv, "train_step": train},
+                         args.out)
     lines = ["## Overhead (bench/overhead.py)", "", f"Command: `python bench/overhead.py{' --quick' if args.quick else ''}`", "",
              "| model | input | budget | ReLUs -> DReLUs | census+allocate s | rewrite+check s | save s | total s |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {c['model']} | {c['input_size']} | {c['budget']} | {c['relus']:,} -> {c['drelus']:,} | "
               f"{c['census_and_allocate_s']} | {c['rewrite_and_check_s']} | {c['save_s']} | {c['total_s']} |" for c in conv]
     lines += ["", "Train step (forward + backward + SGD), images/s; ratio = converted time / original time:", "",
-              "| model | budget | batch | original | step gates | GELU gates | mixed (switch) | ratio step / gelu / mixed | saved-activation MB orig / conv | memory ratio |",
+              "| model | budget | batch | original | step gates | GELU gates | mixed (switch) | ratio step / gelu / mixed "
+              "| saved-activation MB orig / conv | memory ratio |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in train:
         ips, r = t["images_per_s"], t["time_ratio"]

@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from common import RESULTS, write_results  # noqa: E402
 from deepshare_convert import load_model  # noqa: E402
 from deepshare_convert.models.batchnorm import recalibrate_batchnorm  # noqa: E402
 from deepshare_convert.mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration  # noqa: E402
 from deepshare_convert.rewrite import convert  # noqa: E402
+
+from common import add_out_arg, write_results  # noqa: E402
 
 BUDGETS = ("49.9k", "12.9k", "6k")
 PAPER_TABLE6 = {  # latency speedup over the original ResNet-18 (paper Table 6)
@@ -47,12 +48,13 @@ def main() -> None:
     ap.add_argument("--bandwidth", default="1Gbps")
     ap.add_argument("--rtt", default="1ms")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the existing JSON")
+    add_out_arg(ap)
     args = ap.parse_args()
     if args.replot:
         import json
 
-        data = json.loads((RESULTS / "pi_latency.json").read_text())
-        print(_plot(data["rows"], RESULTS / "pi_latency.png", args.bandwidth, args.rtt))
+        data = json.loads((args.out / "pi_latency.json").read_text())
+        print(_plot(data["rows"], args.out / "pi_latency.png", args.bandwidth, args.rtt))
         return
     bw, rtt = parse_bandwidth(args.bandwidth), parse_duration(args.rtt)
     table = CostTable.load()
@@ -96,8 +98,8 @@ def main() -> None:
 
     name = "pi_latency_quick" if args.quick else "pi_latency"  # --quick never overwrites the full results
     path = write_results(name, {"quick": args.quick, "bandwidth_bps": bw, "rtt_s": rtt, "batch": 1,
-                                        "cost_table": table.source, "rows": rows})  # fmt: skip
-    png = _plot(rows, RESULTS / f"{name}.png", args.bandwidth, args.rtt)
+                                        "cost_table": table.source, "rows": rows}, args.out)  # fmt: skip
+    png = _plot(rows, args.out / f"{name}.png", args.bandwidth, args.rtt)
     print(f"wrote {path} and {png}")
 
 

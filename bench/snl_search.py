@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import ROOT, write_results  # noqa: E402
 from deepshare_convert.snl import SNLConfig, run_snl  # noqa: E402
+
+from common import ROOT, add_out_arg, write_results  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "models" / "resnet20-12fca82f.th"
 
@@ -65,6 +66,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--check-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
+    add_out_arg(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +95,7 @@ def main() -> None:
         "original_acc": result.results.get("original_acc"), "masked_acc": result.results.get("masked_acc"),
         "live_trajectory": counts["live_trajectory"], "per_layer": layers,
     }  # fmt: skip
-    path = write_results("snl_search_quick" if args.quick else "snl_search", data)
+    path = write_results("snl_search_quick" if args.quick else "snl_search", data, args.out)
     print(f"{'reached' if data['reached'] else 'NOT reached'} {data['budget']:,}: {data['kept']:,} ReLUs kept after "
           f"{data['epochs']} epochs / {data['steps']} steps, search {data['search_wall_seconds']:.0f} s -> {path}")
     for name, layer in layers.items():

@@ -34,10 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, update_docs_section, write_results  # noqa: E402
 from deepshare_convert.plots import xor_maps  # noqa: E402
 from deepshare_convert.recipes import RecipeError  # noqa: E402
 from deepshare_convert.xor import decision_map, load_xor_config, run_xor  # noqa: E402
+
+from common import ROOT, add_out_arg, update_docs_section, write_results  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "xor.yaml"
 QUICK = {"seeds": 2, "epochs": 200}  # bench-only smoke setting, applied on top of the recipe's quick overrides
@@ -99,6 +100,7 @@ def main() -> None:
                     help=f"smoke run: {QUICK['seeds']} seeds x {QUICK['epochs']} epochs")  # fmt: skip
     ap.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     ap.add_argument("--epochs", type=int, default=None, help="override the epochs per run")
+    add_out_arg(ap)
     args = ap.parse_args()
 
     seeds = args.seeds if args.seeds is not None else (QUICK["seeds"] if args.quick else None)
@@ -132,10 +134,10 @@ def main() -> None:
 
     summary = {m: summarise(runs, m) for m in cfg.methods}
     name = "xor_quick" if args.quick else "xor"
-    png = xor_maps(maps, RESULTS / f"{name}.png")
+    png = xor_maps(maps, args.out / f"{name}.png")
     path = write_results(name, {"config": cfg.model_dump(), "recipe": str(RECIPE.relative_to(ROOT)),
                                 "wall_seconds": round(wall, 1), "png": png.name, "summary": summary,
-                                "runs": runs})  # fmt: skip
+                                "runs": runs}, args.out)  # fmt: skip
     print(table(summary, names))
     print(f"{wall:.0f} s -> {path}, {png}")
     if not args.quick:

@@ -32,6 +32,7 @@ _LAZY = {
     "ModelSpec": ".models",
     "list_models": ".models",
     "load_model": ".models",
+    "load_any": ".model_or_out",
     "Census": ".tracing",
     "census": ".tracing",
 }
@@ -61,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .errors import DeepShareError
+    from .model_or_out import load_any
     from .models import LoadedModel, ModelSpec, list_models, load_model
     from .rewrite import convert, load, save, set_gate_mode
     from .tracing import Census, census

@@ -22,8 +22,9 @@ an activation is one :func:`register_activation` call, not an edit in every pass
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx

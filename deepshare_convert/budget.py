@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .errors import BudgetError
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # budget.py stays free of torch: the CLI lists allocators wit
 __all__ = ["parse_budget", "allocate", "allocator_names", "register_allocator", "read_snl_counts"]
 
 # name -> weights(groups, snl_counts): each group's relative DReLU demand (the scale is found later)
-_ALLOCATORS: dict[str, Callable[[Sequence["Group"], Mapping[str, int] | None], list[float]]] = {}
+_ALLOCATORS: dict[str, Callable[[Sequence[Group], Mapping[str, int] | None], list[float]]] = {}
 
 
 def register_allocator(name: str):

@@ -112,8 +112,8 @@ def check_install() -> None:
     """Import every dependency the way the package does (used by `make`)."""
     import_timm()
     import_crypten()
-    import typer  # noqa: F401
     import rich  # noqa: F401
+    import typer  # noqa: F401
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Sites the user keeps as plain ReLUs break runs.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from .errors import DeepShareError
 from .tracing import ActivationSite

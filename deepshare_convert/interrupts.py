@@ -15,8 +15,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 __all__ = ["deferred_sigint", "requested", "clear", "send_sigint"]
 

@@ -96,7 +96,7 @@ class Plan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         if d.get("format") != PLAN_FORMAT:
             raise PlanError(f"unsupported plan format {d.get('format')!r} (expected {PLAN_FORMAT})")
         d = dict(d)
@@ -129,7 +129,7 @@ class Plan:
         return path
 
     @classmethod
-    def read(cls, directory: str | os.PathLike) -> "Plan":
+    def read(cls, directory: str | os.PathLike) -> Plan:
         path = Path(directory) / PLAN_FILE
         if not path.is_file():
             raise PlanError(f"{directory} holds no {PLAN_FILE} (not a converted-model directory)")
@@ -147,7 +147,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_plan(plan: "Plan", recorded_drelus: list[Any], recorded_achieved: Any) -> None:
+def _check_plan(plan: Plan, recorded_drelus: list[Any], recorded_achieved: Any) -> None:
     """The consistency rules of :meth:`Plan.check`, one ``_bad`` per broken field."""
     sites = {}
     for i, s in enumerate(plan.sites):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["xor_maps", "save_figure"]
 
@@ -28,7 +28,7 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def xor_maps(maps: Sequence[tuple[str, "object"]], path: str | Path) -> Path:
+def xor_maps(maps: Sequence[tuple[str, object]], path: str | Path) -> Path:
     """Decision maps of the XOR methods side by side (paper Fig. 7)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4), squeeze=False)

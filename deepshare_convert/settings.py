@@ -10,7 +10,8 @@ over the passes. Now ``deepshare convert`` builds a :class:`ConversionSettings`,
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 

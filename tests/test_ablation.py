@@ -13,7 +13,7 @@ from deepshare_convert.ablation import apply_ablation, drop_replicates, freeze_a
 from deepshare_convert.errors import PlanError
 from deepshare_convert.gates import SharedGate
 from deepshare_convert.recipes import RecipeError, recipe_from_dict
-from deepshare_convert.rewrite import convert, set_gate_mode
+from deepshare_convert.rewrite import convert
 from deepshare_convert.training.retrain import retrain
 
 from .test_retrain import SMALL

@@ -8,7 +8,12 @@ import torch
 import torch.nn as nn
 
 from deepshare_convert.activations import (
-    RELU, ActivationKind, activation_kinds, get_activation, register_activation, unregister_activation,
+    RELU,
+    ActivationKind,
+    activation_kinds,
+    get_activation,
+    register_activation,
+    unregister_activation,
 )  # fmt: skip
 from deepshare_convert.errors import DeepShareError, PlanError
 from deepshare_convert.tracing import census

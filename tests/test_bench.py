@@ -1,4 +1,7 @@
-"""Every bench script's --quick mode runs (smoke test) and writes its results file."""
+"""Every bench script's --quick mode runs (smoke test) and writes its results file.
+
+The scripts write into ``--out tmp_path``: running the tests never touches bench/results/ (tracked).
+"""
 
 from __future__ import annotations
 
@@ -19,11 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
     [("overhead.py", "overhead_quick.json"), ("pi_latency.py", "pi_latency_quick.json"),
      ("snl_search.py", "snl_search_quick.json"), ("xor.py", "xor_quick.json")],
 )  # fmt: skip
-def test_bench_quick(script, result):
-    path = ROOT / "bench" / "results" / result
-    path.unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)  # fmt: skip
+def test_bench_quick(script, result, tmp_path):
+    path = tmp_path / result
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", str(tmp_path), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(path.read_text())
     assert data["bench"] == result[:-5] and data["command"].endswith("--quick")
@@ -42,16 +44,15 @@ def cifar_runs(tmp_path_factory):
 @needs(CIFAR10_JPG)
 @needs(RESNET20_WEIGHTS)
 @pytest.mark.parametrize("script", ["accuracy_vs_budget.py", "ablations.py"])
-def test_cifar_bench_quick(script, cifar_runs):
+def test_cifar_bench_quick(script, cifar_runs, tmp_path):
     """Quick CIFAR-10 benches: every method/row ran, under its budget, and wrote JSON + PNG."""
     name = script[:-3] + "_quick"
-    for ext in ("json", "png"):
-        (ROOT / "bench" / "results" / f"{name}.{ext}").unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--runs", str(cifar_runs)],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--runs", str(cifar_runs),
+                           "--out", str(tmp_path), "--quick"],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
-    assert (ROOT / "bench" / "results" / f"{name}.png").is_file()
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (tmp_path / f"{name}.png").is_file()
     rows = data["rows"]
     if script == "accuracy_vs_budget.py":
         assert [(r["method"], r["budget"]) for r in rows] == [
@@ -64,7 +65,7 @@ def test_cifar_bench_quick(script, cifar_runs):
             assert ds["recipe"] == "recipes/resnet20_cifar10.yaml" and ds["curve"] and snl["curve"]
             assert ds["min_acc"] == min(a for _, a in ds["curve"])
             assert ds["train_s"] > 0 and snl["train_s"] > 0  # wall time per run, also when read from the cache
-        assert (ROOT / "bench" / "results" / f"{name}_curves.png").is_file()
+        assert (tmp_path / f"{name}_curves.png").is_file()
     else:
         assert [r["name"] for r in rows] == ["deepshare", "abrupt", "no_ste", "no_kd", "naive_init", "linear_easing",
                                              "proportional", "snl_alloc", "paper"]  # fmt: skip

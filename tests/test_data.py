@@ -391,7 +391,7 @@ def test_loader_argument_errors(digits):
 
 
 @needs(CIFAR10_JPG)
-def test_cifar10_jpg_tarball_and_cache(monkeypatch, _cache):
+def test_cifar10_jpg_tarball_and_cache(monkeypatch, _cache, record_property):
     monkeypatch.setenv("DEEPSHARE_SHARED", str(CIFAR10_JPG.parent.parent))
     seen = []
     info, train, test = load_dataset("cifar10-jpg", progress=lambda done, total: seen.append(done))
@@ -404,10 +404,10 @@ def test_cifar10_jpg_tarball_and_cache(monkeypatch, _cache):
     assert torch.allclose(mean, torch.tensor([0.4913, 0.4821, 0.4465]), atol=0.01)
     assert len(list(_cache.glob("cifar10-jpg-*.npz"))) == 1 and not list(_cache.glob("*.tmp"))
 
-    _no_decoding(monkeypatch)
+    _no_decoding(monkeypatch)  # the second load must read the cache: decoding again fails the test
     start = time.perf_counter()
     info2, train2, test2 = load_dataset(f"cifar10-jpg:{CIFAR10_JPG}")
-    assert time.perf_counter() - start < 5.0
+    record_property("cached_load_seconds", round(time.perf_counter() - start, 2))  # a figure, not a pass/fail bound
     assert info2 == info and torch.equal(train2.labels, train.labels) and torch.equal(test2.images, test.images)
 
 

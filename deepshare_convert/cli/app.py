@@ -9,9 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from ..budget import allocator_names  # light: budget.py imports no torch
-from . import errors as cli_errors
+from . import errors as cli_errors, mpc_commands, snl_commands
 from .console import console, err_console
-from .options import (
+from .loading import NOTES, load_model_or_out, note_random_weights
+
+from .options import (  # isort: skip (one compact list, see pyproject)
     InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
     batch_size_opt, check_out_dir, polish_help,
 )  # fmt: skip
@@ -24,77 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-def _load(model, weights=None, input_size=None, num_classes=None, trust_pickle=False, pretrained=False, leaf=None):
-    """A model from any MODEL form, converted-model directories (OUT/) included.
-
-    Every model-loading command takes the same options and calls this, so one command line
-    works across them. Notes (stderr, at the end) when an architecture is built with random
-    weights (no --weights, no --pretrained): every number computed from it then means nothing.
-    """
-    from pathlib import Path
-
-    from ..models import LoadedModel, ModelSpec, load_model
-    from ..tracing import check_leaf_names
-
-    if Path(model).is_dir():
-        from ..rewrite import load as load_converted
-
-        _refuse_for_converted(model, weights=weights, num_classes=num_classes, pretrained=pretrained, leaf=leaf)
-        with console.status(f"loading converted model {model}", spinner="dots"):
-            conv = load_converted(model, trust_pickle=trust_pickle)
-        size = tuple(conv.plan.input_size)
-        _check_converted_size(model, input_size, size)
-        spec = ModelSpec("converted", str(model), input_size=size)
-        return LoadedModel(conv.model, spec, size, conv.mean, conv.std)
-    with console.status(f"loading {model}", spinner="dots"):
-        loaded = load_model(
-            model,
-            weights=weights,
-            input_size=input_size,
-            num_classes=num_classes,
-            trust_pickle=trust_pickle,
-            pretrained=pretrained,
-        )
-    check_leaf_names(loaded.model, leaf or ())
-    note_random_weights(loaded.spec, weights is not None or pretrained)
-    return loaded
-
-
-def _refuse_for_converted(path: str, **given) -> None:
-    """A converted OUT/ carries its weights, classes and leaf modules: an option that would change them is a mistake."""
-    from ..errors import DeepShareError
-
-    for name, value in given.items():
-        if value:
-            flag = "--" + name.replace("_", "-")
-            raise DeepShareError(f"{flag} does not apply to {path}: a converted model directory has its own "
-                                 "(plan.json, model.safetensors)")  # fmt: skip
-
-
-def _check_converted_size(path: str, input_size, size: tuple[int, ...]) -> None:
-    from ..errors import DeepShareError
-    from ..models.loading import parse_input_size
-
-    given = parse_input_size(input_size)
-    if given is not None and tuple(given) != size:
-        raise DeepShareError(f"--input-size {','.join(map(str, given))} does not match {path}, converted at "
-                             f"{','.join(map(str, size))}")  # fmt: skip
-
-
-def note_random_weights(spec, has_weights: bool) -> None:
-    """One stderr note when a built-in or timm architecture has no trained weights."""
-    if isinstance(spec, str):  # a MODEL argument not built here (snl, recipes): judge it by its form
-        from ..models import ModelSpec, list_models
-
-        source = "timm" if spec.startswith("timm:") else "builtin" if spec in list_models() else "other"
-        spec = ModelSpec(source, spec.removeprefix("timm:"))
-    if not has_weights and spec.source in ("builtin", "timm"):
-        how = "--weights FILE" + (" or --pretrained" if spec.source == "timm" else "")
-        _NOTES.append(f"note: no weights given: {spec.display} has randomly initialised weights (give {how})")
-
-
-_NOTES: list[str] = []  # shown on stderr when the command ends well (an error stays one line)
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -116,7 +47,7 @@ def inspect(
     """
     from ..tracing import census
 
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+    loaded = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
     result = census(loaded.model, loaded.input_size, name=loaded.spec.display, leaf_modules=leaf or ())
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -158,8 +89,7 @@ def convert(
     """
     from ..budget import read_snl_counts
     from ..outputs import check_fresh_dir
-    from ..rewrite import convert as run_convert
-    from ..rewrite import save_new
+    from ..rewrite import convert as run_convert, save_new
     from ..settings import settings_from
 
     settings = settings_from(budget=budget, allocator=allocator, snl_counts=snl_counts, group_size=group_size,
@@ -167,7 +97,7 @@ def convert(
     if out:
         check_fresh_dir(out, force=force)
     counts = read_snl_counts(snl_counts) if snl_counts else None  # a bad file fails before the model loads
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+    loaded = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
     out = str(check_fresh_dir(out or _default_out(loaded.spec.name, budget), force=force))
     with console.status("tracing, allocating and rewriting", spinner="dots"):
         converted = run_convert(loaded.model, loaded.input_size, settings, snl_counts=counts,
@@ -240,7 +170,8 @@ def xor(
                                                   "(recipes/xor.yaml); defaults are the paper's.")] = None,
     out: Annotated[str, typer.Option("--out", "-o", callback=check_out_dir, help="Output directory.")] = "out/xor",
     quick: Annotated[bool, typer.Option("--quick", help="Fewer seeds and epochs.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a setting: epochs=1000.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                                                      help="Override a setting: epochs=1000.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's XOR experiment: four one-comparison networks on the 2x2 checkerboard."""
@@ -320,7 +251,7 @@ def evaluate(
 
     if batch_size < 1:
         raise typer.BadParameter("--batch-size must be at least 1")
-    loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+    loaded = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
     check_input_fits(loaded.input_size, info, data, hint=_size_hint(model, info))
@@ -390,9 +321,7 @@ def demo(
     console.print(f"wrote {out}/summary_{which}.json and {summary['png']} ({summary['seconds']:.0f} s)")
 
 
-# commands that live in their own modules (private inference, SNL)
-from . import mpc_commands, snl_commands  # noqa: E402
-
+# commands that live in their own modules (private inference, SNL); they import nothing from here
 mpc_commands.register(app)
 snl_commands.register(app)
 
@@ -401,14 +330,14 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv``; returns the exit code (errors become one line on stderr)."""
     command = typer.main.get_command(app)
     polish_help(command)
-    _NOTES.clear()
+    NOTES.clear()
     try:
         result = command.main(args=argv, prog_name="deepshare", standalone_mode=False)
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         if isinstance(exc, SystemExit):
             return int(exc.code or 0)
         return cli_errors.report(exc)
-    for note in dict.fromkeys(_NOTES):
+    for note in dict.fromkeys(NOTES):
         err_console.print(note)
     return result if isinstance(result, int) else 0
 

@@ -12,7 +12,9 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console
-from .options import (
+from .loading import load_model_or_out
+
+from .options import (  # isort: skip (one compact list, see pyproject)
     InputSizeOpt, JsonOpt, LeafOpt, ModelOrOutArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
     batch_size_opt, check_out_file,
 )  # fmt: skip
@@ -22,12 +24,6 @@ WeightsModeOpt = Annotated[
     typer.Option("--weights-mode", help="private: weights, α, β secret-shared by the server (hidden from the "
                  "client); public: weights known to both (only the client's data is private)."),
 ]  # fmt: skip
-
-
-def _load(model: str, weights, input_size, num_classes, trust_pickle, pretrained=False, leaf=None):
-    from .app import _load as load
-
-    return load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
 
 
 def _check_batch(batch_size: int) -> None:
@@ -129,7 +125,7 @@ def register(app: typer.Typer) -> None:
             raise DeepShareError("--data is required (party 1's inputs)")
         from ..mpc.launcher import run_two_party
 
-        loaded = _load(model, *how)
+        loaded = load_model_or_out(model, *how)
         x, y = _first_batch(data, batch_size, loaded.mean, loaded.std, loaded.input_size)
         with console.status(f"two-party inference ({weights_mode} weights) on {len(x)} images", spinner="dots"):
             run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or ())
@@ -147,7 +143,8 @@ def register(app: typer.Typer) -> None:
     @app.command("estimate-latency")
     def estimate_latency(
         model: ModelOrOutArg,
-        bandwidth: Annotated[str, typer.Option("--bandwidth", help="Link bandwidth, with its unit: 1Gbps, 100Mbit (bits/s) or 1GB/s (bytes/s).")] = "1Gbps",
+        bandwidth: Annotated[str, typer.Option("--bandwidth", help="Link bandwidth, with its unit: 1Gbps, 100Mbit "
+                                               "(bits/s) or 1GB/s (bytes/s).")] = "1Gbps",
         rtt: Annotated[str, typer.Option("--rtt", help="Round-trip time, with its unit: 1ms, 200us or 0.05s.")] = "1ms",
         weights_mode: WeightsModeOpt = "public",
         batch_size: Annotated[int, batch_size_opt("Images per private inference.")] = 1,
@@ -169,13 +166,12 @@ def register(app: typer.Typer) -> None:
         on CrypTen (`deepshare calibrate`).  For a converted OUT/ the original architecture is
         rebuilt from its plan and estimated under the same settings.
         """
-        from ..errors import DeepShareError
         from ..mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration
 
         _check_batch(batch_size)
         bw, rt = parse_bandwidth(bandwidth), parse_duration(rtt)
         table = CostTable.load(table_path)
-        loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+        loaded = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
         kw = dict(batch=batch_size, weights_mode=weights_mode, table=table, bandwidth=bw, rtt=rt)
         with console.status("lowering and costing", spinner="dots"):
             est = estimate(loaded.model, loaded.input_size, name=loaded.spec.display, leaf_modules=leaf or (), **kw)
@@ -226,8 +222,7 @@ def register(app: typer.Typer) -> None:
         """Re-measure the per-operation MPC cost table on CrypTen (two local processes)."""
         from dataclasses import asdict
 
-        from ..mpc.costs import TABLE_PATH
-        from ..mpc.costs import calibrate as run_calibrate
+        from ..mpc.costs import TABLE_PATH, calibrate as run_calibrate
 
         with console.status("measuring CrypTen operations (two parties on 127.0.0.1)", spinner="dots"):
             table = run_calibrate(out, quick=quick)
@@ -256,15 +251,16 @@ def register(app: typer.Typer) -> None:
         from ..export_onnx import export_onnx
 
         _check_batch(batch_size)
-        loaded = _load(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+        loaded = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
         with console.status("exporting and checking with onnxruntime", spinner="dots"):
             report = export_onnx(loaded.model, loaded.input_size, onnx, batch=batch_size, opset=opset)
         if as_json:
             print(json.dumps(report.to_dict(), indent=2))
             return
+        shown = ("Cast", "Gather", "GreaterOrEqual", "Mul", "Add")
         console.print(
             f"wrote [bold]{report.path}[/] (opset {report.opset}, {report.nodes} nodes: "
-            f"{', '.join(f'{k} {v}' for k, v in sorted(report.op_counts.items()) if k in ('Cast', 'Gather', 'GreaterOrEqual', 'Mul', 'Add'))}); "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(report.op_counts.items()) if k in shown)}); "
             f"onnx.checker ok; onnxruntime vs PyTorch max abs error {report.max_abs_error:.1e}"
         )
 
@@ -281,7 +277,7 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, h
         net, input_size = _architecture_only(model)  # the client never reads the weights file
         mean, std = _normalisation(model)
     else:
-        loaded = _load(model, *how)
+        loaded = load_model_or_out(model, *how)
         net, input_size, mean, std = loaded.model, tuple(loaded.input_size), loaded.mean, loaded.std
     if rank == 1:
         if data is None:

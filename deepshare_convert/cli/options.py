@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 import typer
 
 
-
 def check_out_dir(value: Optional[str]) -> Optional[str]:
     """Option callback: a bad output directory fails at parse time, before any loading or training."""
     if value:

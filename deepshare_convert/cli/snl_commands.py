@@ -28,8 +28,8 @@ def snl(
                                                 "imagefolder:DIR, cifar10:DIR, ...")] = None,
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="ReLUs to keep: 12k, 1.5M, 6000 "
                                                   "or 2.5% of the model's ReLUs.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory (the run's checkpoint, "
-                                               "snl_counts.json and the SNL model).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", callback=check_out_dir, help="Output directory (the run's "
+                                               "checkpoint, snl_counts.json and the SNL model).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", "-w", metavar="FILE", help="Weights of the "
                                                    "original (pretrained) model; it is also the KD teacher.")] = None,
     input_size: InputSizeOpt = None,
@@ -90,7 +90,7 @@ def snl(
             if not (model and data and budget and out):
                 raise DeepShareError("deepshare snl needs MODEL, --data, --budget and -o OUT (or --resume OUT)")
             config = SNLConfig(**{k: v for k, v in given.items() if v is not None})
-            from .app import note_random_weights
+            from .loading import note_random_weights
 
             note_random_weights(model, weights is not None or pretrained)
             console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")

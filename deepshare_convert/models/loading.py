@@ -53,7 +53,7 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         d = dict(d)
         if d.get("input_size") is not None:
             d["input_size"] = tuple(d["input_size"])
@@ -296,7 +296,7 @@ def _load_pickled_module(path: str, trust_pickle: bool, size: tuple[int, ...] | 
             f"{path} holds a {type(obj).__name__}, not an nn.Module; pass it with --weights and an architecture"
         )
     if size is None:
-        raise DeepShareError(f"a pickled model needs --input-size (e.g. 3,32,32)")
+        raise DeepShareError("a pickled model needs --input-size (e.g. 3,32,32)")
     return LoadedModel(obj, ModelSpec("pickle", str(path), None, size), size)
 
 

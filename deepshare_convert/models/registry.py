@@ -9,8 +9,8 @@ pretrained model and its dataset agree without the user repeating it.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch.nn as nn
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -52,7 +53,7 @@ class CostTable:
     format: str = TABLE_FORMAT
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "CostTable":
+    def load(cls, path: str | Path | None = None) -> CostTable:
         path = Path(path) if path else TABLE_PATH
         try:
             data = json.loads(path.read_text())
@@ -75,7 +76,8 @@ class CostTable:
         return round(op.comparisons * self.comparison_bytes + op.opened * self.open_bytes + op.revealed * self.reveal_bytes)
 
     def node_rounds(self, op: MPCOp) -> int:
-        return op.compare_steps * self.comparison_rounds + op.open_rounds * self.open_rounds + op.reveal_rounds * self.reveal_rounds
+        return (op.compare_steps * self.comparison_rounds + op.open_rounds * self.open_rounds
+                + op.reveal_rounds * self.reveal_rounds)
 
     def node_compute(self, op: MPCOp, weights_mode: str) -> float:
         c = self.compute

@@ -94,7 +94,7 @@ class MaskedBit:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.z.shape)
 
-    def replicate(self, mapping: torch.Tensor | None, dim: int = 1) -> "MaskedBit":
+    def replicate(self, mapping: torch.Tensor | None, dim: int = 1) -> MaskedBit:
         """Channel c takes the bit of prototype mapping[c]: local indexing of shares."""
         if mapping is None:
             return self

@@ -20,15 +20,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
-from ..errors import DeepShareError
 from .. import interrupts
+from ..errors import DeepShareError
 from ..evaluate import evaluate
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext

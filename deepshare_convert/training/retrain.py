@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 
 from ..ablation import apply_ablation
-from ..interrupts import deferred_sigint
 from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
+from ..interrupts import deferred_sigint
 from ..models import load_model
 from ..outputs import check_output_dir
 from ..plan import WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
