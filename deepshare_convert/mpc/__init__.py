@@ -2,18 +2,24 @@
 
 Modules, in the order data flows through them:
 
-* :mod:`.lowering`  -- fx graph -> MPC program: BatchNorm folding, step-mode gates, and one
-  :class:`~.lowering.MPCOp` per node saying what it costs under MPC (or a one-line error
-  naming the node CrypTen cannot run).  No crypten import: the cost model uses it too.
+* :mod:`.prepare`   -- the deployed model: traced, gates in ``step`` mode, BatchNorm folded,
+  weights on the fixed-point grid; :func:`~.prepare.strip_weights` for the input party.
+* :mod:`.lowering`  -- fx graph -> MPC program: one :class:`~.lowering.MPCOp` per node saying
+  what it costs under MPC (node -> handler tables, handler -> cost-rule table), or a one-line
+  error naming the node no protocol can run.  No crypten import: the cost model uses it too.
+* :mod:`.transport` -- ``pack``/``unpack``: graph modules across the spawn boundary.
+* :mod:`.backend`   -- the :class:`~.backend.Backend` seam: start a party, run a program on
+  shares, reveal, report the traffic.  CrypTen is the one implementation.
 * :mod:`.protocols` -- the two-party protocols the executor adds on top of CrypTen (the
   masked-bit gate product, public-weight convolutions, the correlated-randomness dealer).
-* :mod:`.executor`  -- an ``fx.Interpreter`` that runs the lowered graph on CrypTen tensors.
-* :mod:`.launcher`  -- two real processes on 127.0.0.1 (or one party of a two-host run).
+* :mod:`.executor`  -- :class:`~.executor.CrypTenBackend`: an ``fx.Interpreter`` that runs the
+  lowered graph on CrypTen tensors, plus CrypTen's start/stop and counters.
+* :mod:`.launcher`  -- two real processes on 127.0.0.1 (or one party of a two-host run),
+  framework-neutral: it drives whichever backend it is given.
 * :mod:`.costs`     -- bytes / rounds / latency per node from ``cost_table.json``; ``calibrate()``.
 
-crypten is imported only inside functions of :mod:`.protocols`, :mod:`.executor`,
-:mod:`.launcher` and :mod:`.costs` (via :func:`deepshare_convert.compat.import_crypten`),
-never at package import.
+crypten is imported only inside functions of :mod:`.protocols`, :mod:`.executor` and
+:mod:`.costs` (via :func:`deepshare_convert.compat.import_crypten`), never at package import.
 """
 
 from __future__ import annotations

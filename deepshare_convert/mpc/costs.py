@@ -26,7 +26,8 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import DeepShareError
-from .lowering import MPCOp, Program, lower, prepare
+from .lowering import MPCOp, Program, lower
+from .prepare import prepare
 
 __all__ = [
     "CostTable", "NodeCost", "Estimate", "estimate", "estimate_program", "calibrate",
@@ -214,8 +215,8 @@ def _delta(comm, fn):
     return int(after["bytes"] - before["bytes"]), int(after["rounds"] - before["rounds"]), wall, after["time"] - before["time"]
 
 
-def _calibration_party(rank: int, sizes: tuple[int, int], conv: tuple[int, int, int]) -> dict[str, Any]:
-    """Micro-benchmarks at one party (crypten initialised by the launcher)."""
+def _calibration_party(backend, rank: int, sizes: tuple[int, int], conv: tuple[int, int, int]) -> dict[str, Any]:
+    """Micro-benchmarks at one party (the launcher started ``backend``, CrypTen: these call it directly)."""
     import crypten
     import crypten.communicator as comm
     import torch
@@ -260,12 +261,13 @@ def calibrate(path: str | Path | None = None, *, quick: bool = False, save: bool
     Compute throughputs are wall time minus time inside communication, on this machine.
     """
     from ..compat import import_crypten
+    from .executor import CrypTenBackend
     from .launcher import spawn_two
 
     import_crypten()
     sizes = (2048, 8192) if quick else (4096, 32768)
     conv = (32, 16, 3) if quick else (64, 32, 3)
-    r0, _ = spawn_two(_calibration_party, ((sizes, conv), (sizes, conv)))
+    r0, _ = spawn_two(_calibration_party, ((sizes, conv), (sizes, conv)), backend=CrypTenBackend())
     n1, n2 = sizes
 
     def slope(key: str) -> tuple[float, int]:

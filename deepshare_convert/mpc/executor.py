@@ -12,10 +12,18 @@ a :class:`GateValue` (a group's DReLU bit, shared by its sites).  Every handler'
 communication is recorded per node (bytes, rounds, seconds) for the predicted-vs-measured
 table, and every comparison is counted (``comparisons``), so tests can check the number of
 comparisons against the plan without trusting byte arithmetic alone.
+
+:class:`CrypTenBackend` is this module behind the :class:`~.backend.Backend` seam: it starts
+and stops CrypTen at one party and reads its communication counters around a run.  CrypTen
+pitfalls handled there: communication is only counted with
+``crypten.cfg.communicator.verbose = True``; triples from the default trusted-first-party
+provider (and our :class:`~.protocols.Dealer`) are generated locally and not counted -- the
+numbers are the online phase.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +35,10 @@ import torch.nn as nn
 from ..compat import import_crypten
 from ..errors import DeepShareError
 from . import protocols as P
+from .backend import Backend, NodeStats, PartyRun
 from .lowering import Program
 
-__all__ = ["CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program"]
+__all__ = ["CrypTenBackend", "CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program"]
 
 
 @dataclass
@@ -44,14 +53,6 @@ class GateValue:
         if self._replicated is None:
             self._replicated = self.bit.replicate(self.mapping)
         return self._replicated
-
-
-@dataclass
-class NodeStats:
-    bytes: int = 0
-    rounds: int = 0
-    seconds: float = 0.0
-    comparisons: int = 0
 
 
 def _comm():
@@ -359,3 +360,44 @@ def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: P.D
     interp.stats["output"] = NodeStats(int(after["bytes"] - before["bytes"]), int(after["rounds"] - before["rounds"]),
                                        time.perf_counter() - tic)  # fmt: skip
     return RunOutput(logits if rank == 1 else None, interp.stats, interp.comparisons)
+
+
+class CrypTenBackend(Backend):
+    """CrypTen 0.4.1 over gloo (TCP): the :class:`~.backend.Backend` the launcher uses by default."""
+
+    name = "crypten"
+
+    def __init__(self):
+        self.rank: int | None = None
+        self._crypten = None
+
+    def start(self, rank: int, master_addr: str, master_port: int) -> None:
+        """Environment for CrypTen's DistributedCommunicator, then ``crypten.init()`` with counting on."""
+        os.environ.update(
+            RENDEZVOUS=f"tcp://{master_addr}:{master_port}", WORLD_SIZE="2", RANK=str(rank),
+            DISTRIBUTED_BACKEND="gloo", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+        )  # fmt: skip
+        torch.set_num_threads(1)
+        crypten = import_crypten()
+        crypten.init()
+        crypten.cfg.communicator.verbose = True
+        self.rank, self._crypten = rank, crypten
+
+    def run(self, program: Program, x: torch.Tensor | None) -> PartyRun:
+        """Both parties in step (barrier), counters reset, then :func:`run_program`."""
+        if self.rank is None:
+            raise DeepShareError("the CrypTen backend runs a program only between start() and stop()")
+        comm = _comm()
+        comm.barrier()
+        comm.reset_communication_stats()
+        tic = time.perf_counter()
+        result = run_program(program, self.rank, x)
+        wall = time.perf_counter() - tic
+        stats = comm.get_communication_stats()
+        return PartyRun(result.output, int(stats["bytes"]), int(stats["rounds"]), wall, float(stats["time"]),
+                        int(result.comparisons), result.stats)  # fmt: skip
+
+    def stop(self) -> None:
+        if self._crypten is not None:
+            self._crypten.uninit()
+        self.rank, self._crypten = None, None

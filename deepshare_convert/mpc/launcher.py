@@ -3,14 +3,15 @@
 :func:`run_two_party` starts both parties as separate processes on 127.0.0.1 (gloo over TCP).
 They are *spawned*, not forked, so each process holds exactly what it was sent: party 0 the
 prepared model and the input shape; party 1 the inputs and -- in ``private`` mode -- only a
-weightless skeleton of the graph (:func:`~.lowering.strip_weights`).  :func:`run_party` runs
-one party of a deployment across two hosts (``deepshare private-infer --rank R``).
+weightless skeleton of the graph (:func:`~.prepare.strip_weights`), sent as
+:func:`~.transport.pack`-ed data.  :func:`run_party` runs one party of a deployment across two
+hosts (``deepshare private-infer --rank R``).
 
-CrypTen 0.4.1 pitfalls handled here: communication is only counted with
-``crypten.cfg.communicator.verbose = True``; results cross the process boundary as numpy
-(never torch tensors); the parent runs with one torch thread while it starts the parties;
-triples from the default trusted-first-party provider (and our :class:`~.protocols.Dealer`)
-are generated locally and not counted -- the numbers are the online phase.
+The MPC framework itself is behind :class:`~.backend.Backend` (``backend=``; CrypTen by
+default): this module only decides which process holds what, and collects the reports.
+Results cross the process boundary as numpy (never torch tensors); the parent runs with one
+torch thread while it starts the parties (a CrypTen pitfall: a multi-threaded parent can hang
+the next run).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import multiprocessing as mp
-import os
 import socket
 import time
 from collections.abc import Sequence
@@ -32,7 +32,10 @@ import torch.nn as nn
 
 from ..errors import DeepShareError
 from . import WEIGHT_MODES
-from .lowering import lower, pack, prepare, snap_input, strip_weights, unpack
+from .backend import Backend, default_backend
+from .lowering import lower
+from .prepare import prepare, snap_input, strip_weights
+from .transport import pack, unpack
 
 __all__ = ["PartyReport", "PrivateRun", "run_two_party", "run_party", "spawn_two", "tensor_digest", "free_port"]
 
@@ -125,42 +128,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _init_party(rank: int, master_addr: str, master_port: int):
-    """Environment for CrypTen's DistributedCommunicator, then ``crypten.init()`` with counting on."""
-    os.environ.update(
-        RENDEZVOUS=f"tcp://{master_addr}:{master_port}", WORLD_SIZE="2", RANK=str(rank),
-        DISTRIBUTED_BACKEND="gloo", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    from ..compat import import_crypten
-
-    crypten = import_crypten()
-    crypten.init()
-    crypten.cfg.communicator.verbose = True
-    return crypten
-
-
-def _inference_party(rank: int, gm: fx.GraphModule | dict, input_shape: tuple[int, ...],
+def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, input_shape: tuple[int, ...],
                      inputs: np.ndarray | None, weights_mode: str, inventory: bool) -> dict[str, Any]:  # fmt: skip
-    """One party's inference (crypten already initialised); returns only numpy / Python values."""
-    import crypten.communicator as comm
-
-    from .executor import run_program
-
+    """One party's inference (``backend`` already started); returns only numpy / Python values."""
     program = lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode)
     x = torch.from_numpy(inputs) if inputs is not None else None
-    comm.get().barrier()
-    comm.get().reset_communication_stats()
-    tic = time.perf_counter()
-    result = run_program(program, rank, x)
-    wall = time.perf_counter() - tic
-    stats = comm.get().get_communication_stats()
+    result = backend.run(program, x)
     out = result.output.detach().float().numpy() if result.output is not None else None
     report = {
-        "rank": rank, "bytes": int(stats["bytes"]), "rounds": int(stats["rounds"]), "wall_s": wall,
-        "comm_s": float(stats["time"]), "comparisons": int(result.comparisons),
+        "rank": rank, "bytes": result.bytes, "rounds": result.rounds, "wall_s": result.wall_s,
+        "comm_s": result.comm_s, "comparisons": result.comparisons,
         "per_node": {k: {"bytes": v.bytes, "rounds": v.rounds, "seconds": v.seconds, "comparisons": v.comparisons}
-                     for k, v in result.stats.items()},
+                     for k, v in result.per_node.items()},
         "output": out,
     }  # fmt: skip
     del result
@@ -169,33 +148,34 @@ def _inference_party(rank: int, gm: fx.GraphModule | dict, input_shape: tuple[in
     return report
 
 
-def _party_entry(queue, rank: int, master_addr: str, master_port: int, fn, args: tuple) -> None:
-    """Process body: init CrypTen, run ``fn(rank, *args)``, send its (numpy) result or one error line."""
+def _party_entry(queue, rank: int, master_addr: str, master_port: int, backend: Backend, fn, args: tuple) -> None:
+    """Process body: start the backend, run ``fn(backend, rank, *args)``, send its (numpy) result or one error line."""
     try:
-        crypten = _init_party(rank, master_addr, master_port)
+        backend.start(rank, master_addr, master_port)
         try:
-            result = fn(rank, *args)
+            result = fn(backend, rank, *args)
         finally:
-            crypten.uninit()
+            backend.stop()
         queue.put(("ok", rank, result))
     except BaseException as e:  # noqa: BLE001 - report any failure as one line to the parent
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         queue.put(("error", rank, msg if isinstance(e, DeepShareError) else f"{type(e).__name__}: {msg}"))
 
 
-def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0) -> list[Any]:
-    """Run ``fn(rank, *args[rank])`` in two spawned processes joined by CrypTen; their results.
+def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend: Backend | None = None) -> list[Any]:
+    """Run ``fn(backend, rank, *args[rank])`` in two spawned processes joined by ``backend``; their results.
 
-    ``fn`` must be a module-level function; everything crossing the boundary must pickle
-    (numpy, not torch tensors, on the way back).
+    ``backend`` defaults to CrypTen.  ``fn`` must be a module-level function; everything
+    crossing the boundary must pickle (numpy, not torch tensors, on the way back).
     """
+    backend = backend or default_backend()
     port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CrypTen pitfall: a multi-threaded parent can hang the next run
     procs = [
-        ctx.Process(target=_party_entry, args=(queue, r, "127.0.0.1", port, fn, args[r]), daemon=True)
+        ctx.Process(target=_party_entry, args=(queue, r, "127.0.0.1", port, backend, fn, args[r]), daemon=True)
         for r in range(2)
     ]
     started = []
@@ -229,8 +209,9 @@ def run_two_party(
     inventory: bool = False,
     plaintext: bool = True,
     leaf_modules: Sequence[str] = (),
+    backend: Backend | None = None,
 ) -> PrivateRun:
-    """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine."""
+    """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen)."""
     _check_mode(weights_mode)
     tic = time.perf_counter()
     gm = prepare(model, leaf_modules=leaf_modules)
@@ -245,7 +226,7 @@ def run_two_party(
     client_gm = pack(strip_weights(gm) if weights_mode == "private" else gm)
     client = (client_gm, shape, inputs.detach().float().numpy(), weights_mode, inventory)
     setup = time.perf_counter() - tic
-    reports = spawn_two(_inference_party, (server, client), timeout=timeout)
+    reports = spawn_two(_inference_party, (server, client), timeout=timeout, backend=backend)
     parties = [PartyReport(**r) for r in reports]
     return PrivateRun(weights_mode, parties, parties[1].output, clear, expected, setup)
 
@@ -281,6 +262,7 @@ def run_party(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     leaf_modules: Sequence[str] = (),
+    backend: Backend | None = None,
 ) -> PartyReport:
     """Run one party in this process; the other runs the same call elsewhere with the other rank.
 
@@ -296,10 +278,11 @@ def run_party(
     if rank == 1 and weights_mode == "private":
         gm = strip_weights(gm)
     arr = inputs.detach().float().numpy() if (rank == 1 and inputs is not None) else None
+    backend = backend or default_backend()
     threads = torch.get_num_threads()
-    crypten = _init_party(rank, master_addr, master_port)
+    backend.start(rank, master_addr, master_port)
     try:
-        return PartyReport(**_inference_party(rank, gm, tuple(input_shape), arr, weights_mode, False))
+        return PartyReport(**_inference_party(backend, rank, gm, tuple(input_shape), arr, weights_mode, False))
     finally:
-        crypten.uninit()
+        backend.stop()
         torch.set_num_threads(threads)

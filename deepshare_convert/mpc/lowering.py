@@ -1,25 +1,28 @@
 """fx graph -> MPC program: what each node does under two-party computation, and what it costs.
 
-:func:`prepare` turns any model the tracer understands (original or converted) into the graph
-both parties execute: gates in ``step`` mode (inference computes the DReLU, not its GELU
-surrogate) and every BatchNorm that follows a convolution folded into it (a fold is free in
-plaintext, a BatchNorm on shares is a multiplication).  :func:`lower` then classifies each
-node into an :class:`MPCOp`: its handler, whether its value is secret-shared, and the work it
-puts on the wire -- elements compared, elements opened by multiplications, elements revealed.
+:func:`lower` classifies each node of a :func:`~.prepare.prepare`-d graph into an
+:class:`MPCOp`: its handler, whether its value is secret-shared, and the work it puts on the
+wire -- elements compared, elements opened by multiplications, elements revealed.  Two tables
+decide this: node -> handler (``_MODULE_HANDLERS``, ``_FUNCTION_HANDLERS``, ``_METHOD_HANDLERS``;
+activations come from the registry in :mod:`deepshare_convert.activations`) and handler -> cost
+rule (:data:`COST_RULES`).  Supporting a new op is one entry in each (plus the backend's
+handler that executes it).
 
-The executor dispatches on ``MPCOp.handler`` and the cost model sums the counts, so the two
+The backend dispatches on ``MPCOp.handler`` and the cost model sums the counts, so the two
 cannot disagree about which nodes communicate.  Anything that cannot run on shares is refused
 here, before a party starts, with a one-line error naming the node.  This module does not
-import crypten.
+import crypten, and knows nothing of the backend that will execute the program.
+
+:func:`prepare` and :func:`snap_input` are re-exported from :mod:`.prepare` (their home) because
+callers lower what they prepare and import both from here.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -31,10 +34,11 @@ from ..activations import is_inplace as activation_inplace
 from ..activations import kind_of
 from ..errors import DeepShareError
 from ..gates import PrototypeGate, SharedGate
-from ..tracing import example_input, owner_module, propagate_shapes, trace
+from ..tracing import example_input, owner_module, propagate_shapes
 from . import WEIGHT_MODES
+from .prepare import prepare, snap_input
 
-__all__ = ["MPCOp", "Program", "prepare", "snap_to_grid", "snap_input", "lower", "fold_batchnorm", "strip_weights", "pack", "unpack", "WEIGHT_MODES"]
+__all__ = ["MPCOp", "Program", "CostInput", "COST_RULES", "lower", "prepare", "snap_input", "WEIGHT_MODES"]
 
 
 # ---- node -> handler tables ------------------------------------------------------------------
@@ -126,104 +130,6 @@ class Program:
         return sum(o.comparisons for o in self.ops)
 
 
-# ---- preparation -----------------------------------------------------------------------------
-PRECISION_BITS = 16  # CrypTen's default fixed-point precision (cfg.encoder.precision_bits)
-
-
-def prepare(model: nn.Module, precision_bits: int | None = PRECISION_BITS, *,
-            leaf_modules: Sequence[str] = ()) -> fx.GraphModule:  # fmt: skip
-    """A traced, eval-mode copy with step gates, BatchNorm folded into preceding convs, and every
-    floating parameter and buffer snapped to the fixed-point grid (multiples of 2^-precision_bits).
-
-    Snapping makes the deployed model explicit: MPC encodes weights on that grid anyway, so
-    the plaintext reference run on the snapped copy differs from MPC only by the protocol's
-    own rounding (activation truncation), not by where each weight was rounded.
-    ``precision_bits=None`` keeps the float weights. ``leaf_modules`` (class names) are traced
-    as opaque calls, as ``--leaf`` does for the census; the lowering then names any it cannot run.
-    """
-    from ..rewrite import set_gate_mode
-
-    gm = trace(model, leaf_modules) if not isinstance(model, fx.GraphModule) else model
-    gm = copy.deepcopy(gm).eval()
-    set_gate_mode(gm, "step")
-    gm = fold_batchnorm(gm)
-    if precision_bits is not None:
-        snap_to_grid(gm, precision_bits)
-    return gm
-
-
-def snap_to_grid(module: nn.Module, precision_bits: int = PRECISION_BITS) -> nn.Module:
-    """Round floating parameters and buffers of ``module`` (in place) to multiples of 2^-bits."""
-    scale = float(2**precision_bits)
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            if t.is_floating_point():
-                t.copy_(torch.round(t.double() * scale) / scale)
-    return module
-
-
-def snap_input(x: torch.Tensor, precision_bits: int = PRECISION_BITS) -> torch.Tensor:
-    """The input as the client encodes it (round to the fixed-point grid)."""
-    scale = float(2**precision_bits)
-    return (torch.round(x.double() * scale) / scale).float()
-
-
-def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
-    """Fold ``conv -> bn`` (and ``linear -> bn1d``) pairs, in place on ``gm``; returns it.
-
-    Only when the conv's output feeds nothing but the BatchNorm and each module is called
-    once (a shared module cannot be folded for one call site).  Uses the eval-mode statistics.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-
-    modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
-    folded = False
-    for n in list(gm.graph.nodes):
-        if n.op != "call_module" or not isinstance(modules.get(n.target), (nn.BatchNorm2d, nn.BatchNorm1d)):
-            continue
-        prev = n.args[0] if n.args else None
-        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
-            continue
-        bn, lin = modules[n.target], modules.get(prev.target)
-        if calls[n.target] != 1 or calls[prev.target] != 1 or not bn.track_running_stats:
-            continue
-        if isinstance(lin, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            fused = fuse_conv_bn_eval(lin.eval(), bn.eval())
-        elif isinstance(lin, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
-            fused = fuse_linear_bn_eval(lin.eval(), bn.eval())
-        else:
-            continue
-        parent, _, attr = prev.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
-        n.replace_all_uses_with(prev)
-        gm.graph.erase_node(n)
-        folded = True
-    if folded:
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.graph.lint()
-        gm.recompile()
-    return gm
-
-
-def strip_weights(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy with every floating parameter and buffer zeroed: the architecture only.
-
-    This is what the input party receives in ``private`` mode: the graph, shapes, P counts and
-    the gates' channel maps (balanced maps, fixed by C and P) -- never a weight, α or β.
-    """
-    skel = copy.deepcopy(gm)
-    with torch.no_grad():
-        for t in list(skel.parameters()) + list(skel.buffers()):
-            if t.is_floating_point():
-                t.zero_()
-    return skel
-
-
 # ---- lowering --------------------------------------------------------------------------------
 def _handler(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     kind = kind_of(node, modules)
@@ -286,7 +192,7 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 
 def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "public") -> Program:
-    """Classify every node of a :func:`prepare`-d graph for a batch of ``input_shape`` (N, C, ...)."""
+    """Classify every node of a :func:`~.prepare.prepare`-d graph for a batch of ``input_shape`` (N, C, ...)."""
     if weights_mode not in WEIGHT_MODES:
         raise DeepShareError(f"--weights-mode must be 'private' or 'public', got {weights_mode!r}")
     input_shape = tuple(int(d) for d in input_shape)
@@ -332,52 +238,106 @@ def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "p
         op = MPCOp(node.name, handler, owner_module(node), handler != "shape", elements=_numel(shape))
         if _is_inplace(node, modules) and inputs:
             op.inplace_of = inputs[0].name
-        _count(op, node, modules, weights_mode, secret, shape)
+        rule = COST_RULES.get(handler)
+        if rule is not None:
+            rule(op, CostInput(node, modules, weights_mode, secret, _numel(shape)))
         secret[node] = op.secret
         ops.append(op)
     return Program(gm, ops, input_shape, output_shape, weights_mode)
 
 
-def _count(op: MPCOp, node: fx.Node, modules, mode: str, secret: dict, shape: tuple[int, ...]) -> None:
-    """Fill the communication counts of ``op`` (see the protocols module for each formula)."""
-    h = op.handler
-    x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    n = _numel(shape)
-    if h == "relu":
-        # DReLU (one comparison per element) + the masked-bit product x*g (opens x - a)
-        op.comparisons, op.compare_steps, op.opened, op.open_rounds = n, 1, n, 1
-    elif h == "gate":
-        gate = modules[node.target]
-        if gate.mode != "step":
-            raise DeepShareError(f"gate {node.target!r} is in {gate.mode!r} mode; private inference needs 'step'")
-        in_shape = _shape(x)
-        op.comparisons, op.compare_steps = _numel((in_shape[0], gate.prototypes, *in_shape[2:])), 1
-        op.elements = _numel(in_shape)
-    elif h == "site":
-        if mode == "public":  # α, β public: y = α·(x·g) + β·x, one masked product
-            op.opened, op.open_rounds = n, 1
-        else:  # α·g opens α - a (C elements; g's mask is reused), then Beaver x·s opens 2n
-            op.opened, op.open_rounds = modules[node.target].channels + 2 * n, 2
-    elif h in ("conv2d", "linear"):
-        w_shape, secret_w = _weight(node, modules, secret, mode)
-        op.macs = n * _numel(w_shape[1:])
-        if secret_w:
-            op.opened, op.open_rounds = _numel(_shape(x)) + _numel(w_shape), 1
-    elif h == "bn":
-        if mode == "private":  # per-channel secret scale: a Beaver product (shift is an addition)
-            op.opened, op.open_rounds = n + modules[node.target].num_features, 1
-    elif h == "maxpool":
-        window = _pool_window(node, modules)
-        steps, pairs = _max_tree(window)
-        op.comparisons, op.compare_steps = n * pairs, steps
-        op.opened, op.open_rounds = n * pairs, steps
-    elif h == "mul":
-        a, b = node.args[0], node.args[1]
-        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and secret.get(a) and secret.get(b):
-            op.opened, op.open_rounds = _numel(_shape(a)) + _numel(_shape(b)), 1
-    elif h == "div":
-        if isinstance(node.args[1], fx.Node) and secret.get(node.args[1]):
-            raise DeepShareError(f"cannot run node {node.name!r} under MPC: division by a secret value")
+# ---- handler -> cost rule -------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostInput:
+    """What a cost rule may read about one node (counts are for the whole batch, per party)."""
+
+    node: fx.Node
+    modules: dict[str, nn.Module]
+    weights_mode: str
+    secret: dict[fx.Node, bool]  # which nodes lowered so far hold secret-shared values
+    elements: int  # the node's output elements
+
+    @property
+    def x(self) -> fx.Node | None:
+        """The first argument, when it is a node (the data input of most ops)."""
+        args = self.node.args
+        return args[0] if args and isinstance(args[0], fx.Node) else None
+
+
+CostRule = Callable[[MPCOp, CostInput], None]
+
+
+def _cost_relu(op: MPCOp, c: CostInput) -> None:
+    # DReLU (one comparison per element) + the masked-bit product x*g (opens x - a)
+    op.comparisons, op.compare_steps, op.opened, op.open_rounds = c.elements, 1, c.elements, 1
+
+
+def _cost_gate(op: MPCOp, c: CostInput) -> None:
+    # one comparison call on the first P channels only; replication to C channels is local
+    gate = c.modules[c.node.target]
+    if gate.mode != "step":
+        raise DeepShareError(f"gate {c.node.target!r} is in {gate.mode!r} mode; private inference needs 'step'")
+    in_shape = _shape(c.x)
+    op.comparisons, op.compare_steps = _numel((in_shape[0], gate.prototypes, *in_shape[2:])), 1
+    op.elements = _numel(in_shape)
+
+
+def _cost_site(op: MPCOp, c: CostInput) -> None:
+    if c.weights_mode == "public":  # α, β public: y = α·(x·g) + β·x, one masked product
+        op.opened, op.open_rounds = c.elements, 1
+    else:  # α·g opens α - a (C elements; g's mask is reused), then Beaver x·s opens 2n
+        op.opened, op.open_rounds = c.modules[c.node.target].channels + 2 * c.elements, 2
+
+
+def _cost_linear(op: MPCOp, c: CostInput) -> None:
+    # conv2d / linear: local with a public weight, a Beaver product with a secret one
+    w_shape, secret_w = _weight(c.node, c.modules, c.secret, c.weights_mode)
+    op.macs = c.elements * _numel(w_shape[1:])
+    if secret_w:
+        op.opened, op.open_rounds = _numel(_shape(c.x)) + _numel(w_shape), 1
+
+
+def _cost_bn(op: MPCOp, c: CostInput) -> None:
+    if c.weights_mode == "private":  # per-channel secret scale: a Beaver product (shift is an addition)
+        op.opened, op.open_rounds = c.elements + c.modules[c.node.target].num_features, 1
+
+
+def _cost_maxpool(op: MPCOp, c: CostInput) -> None:
+    # a pairwise max tree: each step compares pairs, then selects with a product
+    steps, pairs = _max_tree(_pool_window(c.node, c.modules))
+    op.comparisons, op.compare_steps = c.elements * pairs, steps
+    op.opened, op.open_rounds = c.elements * pairs, steps
+
+
+def _cost_mul(op: MPCOp, c: CostInput) -> None:
+    # secret * secret is a Beaver product; by a public value it is local
+    a, b = c.node.args[0], c.node.args[1]
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node) and c.secret.get(a) and c.secret.get(b):
+        op.opened, op.open_rounds = _numel(_shape(a)) + _numel(_shape(b)), 1
+
+
+def _cost_div(op: MPCOp, c: CostInput) -> None:
+    # by a public value it is local; by a secret one there is no protocol here
+    if isinstance(c.node.args[1], fx.Node) and c.secret.get(c.node.args[1]):
+        raise DeepShareError(f"cannot run node {c.node.name!r} under MPC: division by a secret value")
+
+
+COST_RULES: dict[str, CostRule] = {
+    "relu": _cost_relu,
+    "gate": _cost_gate,
+    "site": _cost_site,
+    "conv2d": _cost_linear,
+    "linear": _cost_linear,
+    "bn": _cost_bn,
+    "maxpool": _cost_maxpool,
+    "mul": _cost_mul,
+    "div": _cost_div,
+}
+"""Handler -> the rule filling an op's counts (see :mod:`.protocols` for each formula).
+
+A handler with no rule is local to each party (additions, pooling by a public divisor,
+reshapes, slicing, ...): no communication.  A rule may refuse the node with a one-line error.
+"""
 
 
 def _weight(node: fx.Node, modules, secret: dict, mode: str) -> tuple[tuple[int, ...], bool]:
@@ -413,43 +373,3 @@ def _max_tree(window: int) -> tuple[int, int]:
         m = m // 2 + m % 2
         steps += 1
     return steps, pairs
-
-
-# ---- transport -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Ref:
-    name: str
-
-
-def pack(gm: fx.GraphModule) -> dict[str, Any]:
-    """A picklable form of ``gm`` (torch 2.13 cannot pickle GraphModules: a str in its globals).
-
-    The module tree travels as plain modules; the graph as (op, name, target, args, kwargs)
-    rows whose node references become names.
-    """
-    root = nn.Module()
-    for name, child in gm.named_children():
-        root.add_module(name, child)
-    for name, p in gm.named_parameters(recurse=False):
-        root.register_parameter(name, p)
-    for name, b in gm.named_buffers(recurse=False):
-        root.register_buffer(name, b)
-    rows = []
-    for n in gm.graph.nodes:
-        args = map_aggregate(n.args, lambda a: _Ref(a.name) if isinstance(a, fx.Node) else a)
-        kwargs = map_aggregate(n.kwargs, lambda a: _Ref(a.name) if isinstance(a, fx.Node) else a)
-        rows.append((n.op, n.name, n.target, args, kwargs))
-    return {"root": root, "nodes": rows, "class_name": type(gm).__name__}
-
-
-def unpack(packed: dict[str, Any]) -> fx.GraphModule:
-    graph = fx.Graph()
-    env: dict[str, fx.Node] = {}
-    for op, name, target, args, kwargs in packed["nodes"]:
-        args = map_aggregate(args, lambda a: env[a.name] if isinstance(a, _Ref) else a)
-        kwargs = map_aggregate(kwargs, lambda a: env[a.name] if isinstance(a, _Ref) else a)
-        if op == "output":
-            env[name] = graph.output(args[0])
-        else:
-            env[name] = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
-    return fx.GraphModule(packed["root"], graph, packed["class_name"]).eval()
