@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from .lowering import Program
 
-__all__ = ["Backend", "NodeStats", "PartyRun", "default_backend"]
+__all__ = ["Backend", "NodeStats", "PartyRun"]
 
 
 @dataclass
@@ -73,10 +73,3 @@ class Backend(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Leave the session; the process may start another one afterwards."""
-
-
-def default_backend() -> Backend:
-    """CrypTen, the one backend (imported on use, so this module does not depend on it)."""
-    from .executor import CrypTenBackend
-
-    return CrypTenBackend()

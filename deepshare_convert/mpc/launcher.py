@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..errors import DeepShareError
 from . import WEIGHT_MODES
-from .backend import Backend, default_backend
+from .backend import Backend
 from .lowering import lower
 from .prepare import prepare, snap_input, strip_weights
 from .transport import pack, unpack
@@ -193,6 +193,13 @@ def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend:
         queue.close()
         queue.join_thread()
     return [reports[0], reports[1]]
+
+
+def default_backend() -> Backend:
+    """CrypTen, the one backend (imported on use: launching needs no crypten until a party runs)."""
+    from .executor import CrypTenBackend
+
+    return CrypTenBackend()
 
 
 def _check_mode(weights_mode: str) -> None:

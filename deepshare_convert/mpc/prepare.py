@@ -14,7 +14,7 @@ checks) need it without starting a party.  No crypten import.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
