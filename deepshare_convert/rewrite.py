@@ -19,11 +19,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .activations import activation_input, get_activation, is_inplace
+from .activations import activation_input, get_activation
 from .budget import allocate, parse_budget
 from .errors import DeepShareError, PlanError
 from .gates import GATE_MODES, PrototypeGate, SharedGate, balanced_mapping
 from .grouping import group_sites, select_kept
+from .passes import PassResult, SiteRewrite, swap_site
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
 from .settings import ConversionSettings, settings_from
 from .tracing import census, example_input, find_sites, propagate_shapes, trace
@@ -140,57 +141,57 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     gm = trace(copy.deepcopy(model), plan.leaf_modules)
     gm.eval()
     propagate_shapes(gm, example_input(plan.input_size, gm))
-    _check_sites_match(gm, plan)
-    for attr in (GATES_ATTR, SITES_ATTR):
-        if hasattr(gm, attr):
-            raise PlanError(f"model already has an attribute {attr!r} (converted twice?)")
-        gm.add_module(attr, nn.Module())
-    graph = gm.graph
-    modules = dict(gm.named_modules())
-    nodes = {n.name: n for n in graph.nodes}
-    for g in plan.groups:
-        leader = nodes[g.leader]
-        gate_name = f"g{g.index}"
-        getattr(gm, GATES_ATTR).add_module(
-            gate_name,
-            PrototypeGate(g.channels, g.prototypes, torch.tensor(g.mapping), mode=plan.gate, gamma=plan.gamma),
-        )
-        with graph.inserting_before(leader):
-            gate = graph.call_module(f"{GATES_ATTR}.{gate_name}", (activation_input(leader),))
-        for site in g.sites:
-            _replace_site(gm, nodes[site], gate, g.channels, plan.gate, modules)
-    graph.lint()
-    gm.recompile()
-    _check_census(gm, plan)
-    return gm
+    return SharedGatePass(plan)(gm).graph_module
+
+
+class SharedGatePass(SiteRewrite):
+    """The DeepShare rewrite of a shape-propagated graph: one PrototypeGate per group, one
+    SharedGate per site. Requires the plan's sites (names, shapes) in the graph; ensures the
+    converted census equals the plan's DReLUs."""
+
+    holders = (GATES_ATTR, SITES_ATTR)
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        _check_sites_match(gm, self.plan)
+        super().requires(gm)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        plan = self.plan
+        self.add_holders(gm)
+        graph = gm.graph
+        modules = dict(gm.named_modules())
+        nodes = {n.name: n for n in graph.nodes}
+        for g in plan.groups:
+            leader = nodes[g.leader]
+            gate_name = f"g{g.index}"
+            getattr(gm, GATES_ATTR).add_module(
+                gate_name,
+                PrototypeGate(g.channels, g.prototypes, torch.tensor(g.mapping), mode=plan.gate, gamma=plan.gamma),
+            )
+            with graph.inserting_before(leader):
+                gate = graph.call_module(f"{GATES_ATTR}.{gate_name}", (activation_input(leader),))
+            for site in g.sites:
+                _replace_site(gm, nodes[site], gate, g.channels, plan.gate, modules)
+        gm.recompile()
+        return PassResult(gm, True)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        super().ensures(gm)
+        _check_census(gm, self.plan)
 
 
 def _replace_site(gm, node: fx.Node, gate: fx.Node, channels: int, mode: str, modules) -> None:
-    """Swap one ReLU node for a SharedGate call; honour in-place semantics for later readers."""
+    """Swap one activation node for a SharedGate call; honour in-place semantics for later readers."""
     shared = SharedGate(channels)
     shared.mode = mode
     getattr(gm, SITES_ATTR).add_module(node.name, shared)
-    swap_relu(gm, node, f"{SITES_ATTR}.{node.name}", modules, extra_args=(gate,))
+    swap_site(gm, node, f"{SITES_ATTR}.{node.name}", modules, extra_args=(gate,))
 
 
-def swap_relu(gm: fx.GraphModule, node: fx.Node, target: str, modules: dict[str, nn.Module],
-              extra_args: tuple = ()) -> fx.Node:  # fmt: skip
-    """Replace ReLU ``node`` by a call of submodule ``target`` on its input (and ``extra_args``).
-
-    An in-place ReLU also rewrote its input x: readers of x after it must now read
-    the new value, or they would see the un-rectified tensor.
-    """
-    x = activation_input(node)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(target, (x, *extra_args))
-    if is_inplace(node, modules):
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        for user in list(x.users):
-            if user is not new and user not in extra_args and order[user] > order[node]:
-                user.replace_input_with(x, new)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    return new
+swap_relu = swap_site  # the name SNL and the feature taps import (an activation site, ReLU or other kind)
 
 
 def _check_sites_match(gm: fx.GraphModule, plan: Plan) -> None:

@@ -364,3 +364,22 @@ def test_allocator_registry():
         assert settings_from(budget="1k", allocator="first-heavy").allocator == "first-heavy"
     finally:
         budget._ALLOCATORS.pop("first-heavy")
+
+
+def test_shared_gate_pass_checks_before_and_after():
+    """apply_plan is a torch.fx pass (requires -> call -> ensures): a second run is refused up front."""
+    from torch.fx.passes.infra.pass_base import PassBase
+
+    from deepshare_convert.rewrite import SharedGatePass, build_plan
+    from deepshare_convert.tracing import example_input, propagate_shapes, trace
+
+    loaded = load_model("digits_cnn")
+    plan = build_plan(loaded.model, loaded.input_size, budget="10%")
+    gm = trace(loaded.model)
+    propagate_shapes(gm, example_input(loaded.input_size, gm))
+    p = SharedGatePass(plan)
+    assert isinstance(p, PassBase)
+    result = p(gm)
+    assert result.modified and census(result.graph_module, loaded.input_size).total_relus == plan.achieved
+    with pytest.raises(PlanError, match="is not a ReLU of this model"):  # its sites are gates now
+        p(result.graph_module)

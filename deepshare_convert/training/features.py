@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..passes import swap_site
 from ..plan import Plan
-from ..rewrite import SITES_ATTR, swap_relu
+from ..rewrite import SITES_ATTR
 from ..tracing import register_leaf_module, trace
 from .engine import PhaseHooks
 
@@ -50,7 +51,7 @@ def tapped_teacher(original: nn.Module, plan: Plan) -> nn.Module:
     for g in plan.groups:
         for site in g.sites:
             getattr(gm, TAPS_ATTR).add_module(site, _Tap())
-            swap_relu(gm, nodes[site], f"{TAPS_ATTR}.{site}", modules)
+            swap_site(gm, nodes[site], f"{TAPS_ATTR}.{site}", modules)
     gm.graph.lint()
     gm.recompile()
     return gm.eval()
