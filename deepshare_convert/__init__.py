@@ -54,6 +54,31 @@ def estimate_latency(model, input_size, **kwargs):
     return estimate(model, input_size, **kwargs)
 
 
+def _register_plan_kinds() -> None:
+    """Plan kinds beyond the shared gates, for ``rewrite.apply_plan``/``load`` (see :mod:`.plan_kinds`).
+
+    Registered here, the package every submodule's import runs first, so any ``load``
+    finds them; their code is imported only when such a plan is replayed (no torch at
+    ``import deepshare_convert``, and no import cycle: ``snl`` imports ``rewrite``, not the reverse).
+    """
+    from .plan_kinds import register_plan_kind
+
+    def apply_snl_plan(model, plan):
+        from .snl.plan import apply_snl_plan
+
+        return apply_snl_plan(model, plan)
+
+    def check_snl_weights(gm, plan, weights) -> None:
+        from .snl.plan import check_kept
+
+        check_kept(gm, plan, weights)
+
+    register_plan_kind("snl", apply_snl_plan, check_loaded=check_snl_weights)
+
+
+_register_plan_kinds()
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)

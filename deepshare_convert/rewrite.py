@@ -26,6 +26,7 @@ from .gates import GATE_MODES, PrototypeGate, SharedGate, balanced_mapping
 from .grouping import group_sites, select_kept
 from .passes import PassResult, SiteRewrite, swap_site
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
+from .plan_kinds import registered_plan_kind
 from .settings import ConversionSettings, settings_from
 from .tracing import census, example_input, find_sites, propagate_shapes, trace
 
@@ -134,10 +135,8 @@ def _unconvertible(sites) -> set[str]:
 
 def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     """Trace a copy of ``model`` and replace the plan's sites by shared gates (or SNL masks)."""
-    if plan.kind == "snl":
-        from .snl import apply_snl_plan
-
-        return apply_snl_plan(model, plan)
+    if (kind := registered_plan_kind(plan.kind)) is not None:  # e.g. "snl" (registered in __init__.py)
+        return kind.apply(model, plan)
     gm = trace(copy.deepcopy(model), plan.leaf_modules)
     gm.eval()
     propagate_shapes(gm, example_input(plan.input_size, gm))
@@ -291,10 +290,8 @@ def load(out: str | os.PathLike, *, trust_pickle: bool = False) -> Converted:
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise PlanError(f"{weights} does not fit the plan's model: {what}")
-    if plan.kind == "snl":  # which ReLUs stay is in the weights (bool masks): check them against the plan
-        from .snl import check_kept
-
-        check_kept(gm, plan, weights)
+    if (kind := registered_plan_kind(plan.kind)) is not None and kind.check_loaded is not None:
+        kind.check_loaded(gm, plan, weights)  # e.g. SNL: the weights' bool masks keep the plan's ReLUs
     for g in plan.groups:
         if getattr(gm, GATES_ATTR).get_submodule(f"g{g.index}").mapping.tolist() != g.mapping:
             raise PlanError(f"{weights} does not fit the plan: group {g.index} was saved with another mapping")

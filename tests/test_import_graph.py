@@ -22,13 +22,10 @@ PACKAGE = "deepshare_convert"
 ROOT = Path(__file__).resolve().parents[1]
 
 # Library cycles that exist today, each the set of modules of one strongly connected component.
-# To be removed by the activation-registry / convert package work (rewrite.py and snl.py are being
-# reworked there: rewrite imports snl.apply_snl_plan/check_kept, snl imports rewrite.swap_relu/save).
+# Empty since the plan-kind registry (plan_kinds.py) broke rewrite <-> snl.
 # The test fails on a cycle not listed here AND on a listed cycle that no longer exists, so this
 # list can only shrink: delete an entry in the change that breaks its cycle.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"deepshare_convert.rewrite", "deepshare_convert.snl"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()  # rewrite <-> snl went with the plan-kind registry (plan_kinds.py)
 
 
 def _modules(root: Path = ROOT) -> dict[str, tuple[Path, bool]]:

@@ -213,6 +213,26 @@ def test_inspect_of_the_snl_model_counts_kept_relus(snl_out, capsys):
     assert [s["relus"] for s in d["sites"]] == list(_counts(snl_out)["sites"].values())
 
 
+def test_rewrite_reaches_snl_plans_through_the_registry_without_importing_snl(snl_out):
+    """No rewrite <-> snl import cycle (function-level imports count); a fresh `load` still replays SNL plans."""
+    import ast
+    import subprocess
+    import sys
+
+    import deepshare_convert.rewrite as rw
+
+    tree = ast.parse(Path(rw.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if "snl" in m]
+    code = ("import sys; from deepshare_convert.rewrite import load; c = load(sys.argv[1]); "
+            "print(c.plan.kind, sum(m.drelus_per_example() for m in c.model.snl_masks.children()))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(snl_out)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["snl", str(_counts(snl_out)["kept"])]
+
+
 def test_loading_weights_that_keep_other_relus_fails(snl_out, tmp_path):
     import shutil
 

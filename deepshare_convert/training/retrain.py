@@ -28,14 +28,14 @@ from ..errors import DeepShareError
 from ..evaluate import evaluate
 from ..interrupts import deferred_sigint
 from ..models import load_model
-from ..outputs import check_output_dir
-from ..plan import WEIGHTS_FILE, Plan, save_tensors_atomic, write_json_atomic
+from ..plan import WEIGHTS_FILE, Plan
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
 from ..rewrite import apply_plan, convert, save, set_gate_mode
 from ..tracing import census
 from .distributed import DistContext, init_from_env, wrap_ddp
-from .engine import CHECKPOINT, METRICS, PhaseSpec, Reporter, Trainer, resume_state_or_restart
+from .engine import PhaseSpec, Reporter, Trainer
 from .phases import hooks_for
+from .rundir import RunDir
 
 __all__ = ["retrain", "resume", "RetrainResult"]
 
@@ -60,10 +60,6 @@ def _phase_spec(phase: Phase, teacher: nn.Module | None) -> PhaseSpec:
     )  # fmt: skip
 
 
-def _save_tensors(model: nn.Module, path: Path) -> None:
-    save_tensors_atomic(model, path)
-
-
 def _load_tensors(model: nn.Module, path: Path) -> nn.Module:
     from safetensors.torch import load_model as st_load
 
@@ -79,6 +75,7 @@ class _Run:
     def __init__(self, recipe: Recipe, out: Path, reporter: Reporter | None, fail_at_step: int | None):
         self.recipe, self.out = recipe, out
         self.dist: DistContext = init_from_env()
+        self.run_dir = RunDir(out, writer=self.dist.is_main)
         torch.manual_seed(recipe.seed)
         self.info, self.train_split, self.test_split = load_dataset(recipe.data.spec)
         m = recipe.model
@@ -93,11 +90,11 @@ class _Run:
         self.plan: Plan | None = None
         self.reporter, self.fail_at_step = reporter, fail_at_step
         self.global_step = 0  # steps across phases: names where a run failed or stopped
-        self.results: dict[str, Any] = {"recipe": recipe.name, "data": recipe.data.spec}
-        if (out / "results.json").is_file():  # a resumed run keeps what it measured before
-            import json
+        self.run_dir.load_results(recipe=recipe.name, data=recipe.data.spec)  # a resumed run keeps its results
 
-            self.results.update(json.loads((out / "results.json").read_text()))
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.run_dir.results
 
     def _from_converted(self, directory: Path) -> None:
         from ..rewrite import load as load_converted
@@ -135,9 +132,7 @@ class _Run:
 
     def note(self, **values: Any) -> None:
         """Record results as soon as they are known (a resumed run keeps them)."""
-        self.results.update(values)
-        if self.dist.is_main:
-            write_json_atomic(self.out / "results.json", self.results)
+        self.run_dir.note(**values)
 
     def ensure_converted(self) -> None:
         if self.student is not None:
@@ -206,8 +201,7 @@ class _Run:
                     self.note(converted_acc_before_retraining=self.accuracy(model))
             self._run_phase(index, phase, model, state if index == start else None)
             if phase.kind == "pretrain":
-                if self.dist.is_main:
-                    _save_tensors(self.original, self.out / PRETRAINED)
+                self.run_dir.save_tensors(self.original, PRETRAINED)
                 self.note(original_acc=self.accuracy(self.original))
         return self.finish()
 
@@ -230,8 +224,7 @@ class _Run:
             hooks = FeatureDistillation(hooks, teacher, phase.kd.feature_weight)
         trainer.run_phase(index, _phase_spec(phase, teacher), hooks, teacher, resume=state)
         self.fail_at_step, self.global_step = trainer.fail_at_step, trainer.global_step
-        if self.dist.is_main:
-            _save_tensors(model, self.out / "phases" / f"phase{index}.safetensors")
+        self.run_dir.save_tensors(model, f"phases/phase{index}.safetensors")
         self.dist.barrier()
 
     def finish(self) -> dict[str, Any]:
@@ -244,12 +237,8 @@ class _Run:
         if self.dist.enabled:  # data-parallel replicas must have ended identical
             self.results["replica_checksums"] = self.dist.gather_floats(_checksum(self.student))
         drelus = census(self.student, self.plan.input_size).total_relus
-        self.results.update(
-            final_acc=self.accuracy(self.student), drelus=drelus, total_relus=self.plan.total_relus,
-            budget=self.plan.budget,
-        )  # fmt: skip
-        if self.dist.is_main:
-            write_json_atomic(self.out / "results.json", self.results)
+        self.note(final_acc=self.accuracy(self.student), drelus=drelus, total_relus=self.plan.total_relus,
+                  budget=self.plan.budget)  # fmt: skip
         return self.results
 
 
@@ -274,9 +263,7 @@ def retrain(
     """Run a recipe from scratch into ``out`` (an existing checkpoint there is an error)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, quick)
-    out = check_output_dir(out)
-    if (out / CHECKPOINT).exists():
-        raise DeepShareError(f"{out} already holds a run; use --resume {out} or another --out")
+    out = RunDir.new(out, advice="use --resume {out} or another --out").path
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(dump_recipe(recipe))
     with deferred_sigint():  # a Ctrl-C during setup stops at the first step boundary, resumably
@@ -291,7 +278,7 @@ def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: i
     """
     out = Path(out)
     recipe = load_recipe(out / RECIPE_FILE)
-    state = resume_state_or_restart(out, partial=(METRICS, "results.json", "plan.json", WEIGHTS_FILE))
+    state = RunDir(out).resume_state(partial=("plan.json", WEIGHTS_FILE))  # None: stopped before a checkpoint
     with deferred_sigint():
         run = _Run(recipe, out, reporter, fail_at_step)
         if state is not None and run.plan is None and _converted_before(recipe, state) and (out / "plan.json").is_file():
