@@ -25,7 +25,7 @@ _LAZY = {
     "convert": ".rewrite",
     "load": ".rewrite",
     "save": ".rewrite",
-    "set_gate_mode": ".rewrite",
+    "set_gate_mode": ".gates",
     "retrain": ".training.retrain",
     "DeepShareError": ".errors",
     "LoadedModel": ".models",
@@ -87,8 +87,9 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .errors import DeepShareError
+    from .gates import set_gate_mode
     from .model_or_out import load_any
     from .models import LoadedModel, ModelSpec, list_models, load_model
-    from .rewrite import convert, load, save, set_gate_mode
+    from .rewrite import convert, load, save
     from .tracing import Census, census
     from .training.retrain import retrain

@@ -14,7 +14,17 @@ __all__ = [
     "BudgetError",
     "PlanError",
     "OutputError",
+    "first_line",
 ]
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of a (third-party) error, cut to ``limit`` characters: what a
+    one-line message quotes. An empty message gives the exception's type name."""
+    text = str(error).strip()
+    lines = text.splitlines()
+    fallback = type(error).__name__ if isinstance(error, BaseException) else ""
+    return (lines[0] if lines else fallback)[:limit]
 
 
 class DeepShareError(Exception):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import DeepShareError
+from .errors import DeepShareError, first_line
 
 __all__ = ["export_onnx", "ExportReport"]
 
@@ -56,7 +56,7 @@ def export_onnx(
         import onnxruntime as ort
     except ImportError as e:
         raise DeepShareError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing): pip install '.[export]'") from None
-    from .rewrite import set_gate_mode
+    from .gates import set_gate_mode
 
     if opset < 12:
         raise DeepShareError(f"--opset {opset} is too old: the gate's GreaterOrEqual needs opset 12 or later")
@@ -71,7 +71,7 @@ def export_onnx(
             torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=["logits"], do_constant_folding=True)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             raise DeepShareError(f"ONNX export failed: {first}") from e
         expected = net(x).numpy()
     proto = onnx.load(str(path))

@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .errors import DeepShareError
 from .tracing import register_leaf_module
 
 __all__ = ["PrototypeGate", "SharedGate", "balanced_mapping", "GATE_MODES", "step_gate", "gelu_gate", "ste_gate"]
@@ -212,3 +213,12 @@ class SharedGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"C={self.channels}, mode={self.mode}"
+
+
+def set_gate_mode(model: nn.Module, mode: str) -> None:
+    """Put every gate of a converted model in ``step``, ``gelu`` or ``mixed`` mode."""
+    if mode not in GATE_MODES:
+        raise DeepShareError(f"gate mode must be one of {GATE_MODES}, got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, (PrototypeGate, SharedGate)):
+            m.mode = mode

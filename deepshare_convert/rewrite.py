@@ -22,7 +22,7 @@ import torch.nn as nn
 from .activations import activation_input, get_activation
 from .budget import allocate, parse_budget
 from .errors import DeepShareError, PlanError
-from .gates import GATE_MODES, PrototypeGate, SharedGate, balanced_mapping
+from .gates import PrototypeGate, SharedGate, balanced_mapping, set_gate_mode  # noqa: F401 (re-export)
 from .grouping import group_sites, select_kept
 from .passes import PassResult, SiteRewrite, swap_site
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
@@ -211,15 +211,6 @@ def _check_census(gm: fx.GraphModule, plan: Plan) -> None:
         raise PlanError(f"internal: converted census {counted:,} != plan {plan.achieved:,} DReLUs")
 
 
-def set_gate_mode(model: nn.Module, mode: str) -> None:
-    """Put every gate of a converted model in ``step``, ``gelu`` or ``mixed`` mode."""
-    if mode not in GATE_MODES:
-        raise DeepShareError(f"gate mode must be one of {GATE_MODES}, got {mode!r}")
-    for m in model.modules():
-        if isinstance(m, (PrototypeGate, SharedGate)):
-            m.mode = mode
-
-
 # ---- save / load ------------------------------------------------------------------------------
 def save(converted: Converted | fx.GraphModule, out: str | os.PathLike, plan: Plan | None = None) -> Path:
     """Write ``OUT/plan.json`` and ``OUT/model.safetensors`` (atomically, no pickles)."""
@@ -271,9 +262,8 @@ def load(out: str | os.PathLike, *, trust_pickle: bool = False) -> Converted:
     spec = ModelSpec.from_dict(plan.model) if "source" in plan.model else None
     if spec is None or spec.source == "python":
         raise PlanError(f"{out / PLAN_FILE} has no rebuildable model spec (converted from a Python object)")
-    name = f"timm:{spec.name}" if spec.source == "timm" else spec.name
     loaded = load_model(
-        name, num_classes=spec.num_classes, input_size=tuple(plan.input_size), trust_pickle=trust_pickle
+        spec.display, num_classes=spec.num_classes, input_size=tuple(plan.input_size), trust_pickle=trust_pickle
     )
     gm = apply_plan(loaded.model, plan)
     weights = out / WEIGHTS_FILE

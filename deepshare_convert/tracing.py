@@ -21,7 +21,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .activations import functional_forms, is_inplace, kind_of, kind_of_module
-from .errors import TraceError
+from .errors import TraceError, first_line
 
 __all__ = [
     "DeepShareTracer",
@@ -218,7 +218,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] | Sequence[s
                 expand.remove(stuck[-1])
                 continue
             path, cls = failed_at[-1] if failed_at else ("", type(model))
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            first = first_line(e, 160)
             if path:
                 fix = f"mark it opaque with --leaf {cls.__name__}"
                 name = f"module {path!r} ({cls.__name__})"
@@ -283,7 +283,7 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
         root = e
         while root.__cause__ is not None:
             root = root.__cause__
-        msg = (str(root).strip().splitlines() or [type(root).__name__])[0][:200]
+        msg = first_line(root, 200)
         raise TraceError(
             f"shape propagation failed at node {prop.current} for input size "
             f"{tuple(example.shape[1:])}: {msg}"

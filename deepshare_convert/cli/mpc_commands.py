@@ -44,8 +44,7 @@ def _original_of(path: str):
     spec = ModelSpec.from_dict(plan.model) if "source" in plan.model else None
     if spec is None or spec.source == "python":
         return None
-    name = f"timm:{spec.name}" if spec.source == "timm" else spec.name
-    return load_model(name, num_classes=spec.num_classes, input_size=tuple(plan.input_size)).model
+    return load_model(spec.display, num_classes=spec.num_classes, input_size=tuple(plan.input_size)).model
 
 
 def _architecture_only(path: str):
@@ -56,8 +55,7 @@ def _architecture_only(path: str):
 
     plan = Plan.read(path)
     spec = ModelSpec.from_dict(plan.model)
-    name = f"timm:{spec.name}" if spec.source == "timm" else spec.name
-    loaded = load_model(name, num_classes=spec.num_classes, input_size=tuple(plan.input_size))
+    loaded = load_model(spec.display, num_classes=spec.num_classes, input_size=tuple(plan.input_size))
     return apply_plan(loaded.model, plan), tuple(plan.input_size)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from ..errors import DeepShareError, ModelNotFoundError, WeightsError
+from ..errors import DeepShareError, ModelNotFoundError, WeightsError, first_line
 from .registry import get_entry
 
 __all__ = ["ModelSpec", "LoadedModel", "load_model", "load_weights", "load_state_dict_file"]
@@ -173,7 +173,7 @@ def _timm_pretrained(timm, name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as e:  # noqa: BLE001 - network, cache or format errors of third-party code
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e, 160)
         raise WeightsError(f"cannot load timm's pretrained weights for {name}: {first}; "
                            "pass --weights FILE (a state dict) instead") from None  # fmt: skip
 

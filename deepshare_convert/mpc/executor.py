@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..compat import import_crypten
-from ..errors import DeepShareError
+from ..errors import DeepShareError, first_line
 from . import protocols as P
 from .backend import Backend, NodeStats, PartyRun
 from .lowering import Program
@@ -103,7 +103,7 @@ class CrypTenInterpreter(fx.Interpreter):
         except DeepShareError:
             raise
         except Exception as e:  # noqa: BLE001 - name the node, keep one line
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            msg = first_line(e, 200)
             raise DeepShareError(f"MPC execution failed at node {n.name!r} ({op.handler}): {msg}") from e
         after = comm.get_communication_stats()
         self.stats[n.name] = NodeStats(

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import DeepShareError
+from ..errors import DeepShareError, first_line
 from . import WEIGHT_MODES
 from .backend import Backend
 from .lowering import lower
@@ -158,7 +158,7 @@ def _party_entry(queue, rank: int, master_addr: str, master_port: int, backend: 
             backend.stop()
         queue.put(("ok", rank, result))
     except BaseException as e:  # noqa: BLE001 - report any failure as one line to the parent
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        msg = first_line(e, 300)
         queue.put(("error", rank, msg if isinstance(e, DeepShareError) else f"{type(e).__name__}: {msg}"))
 
 

@@ -38,7 +38,7 @@ def prepare(model: nn.Module, precision_bits: int | None = PRECISION_BITS, *,
     ``precision_bits=None`` keeps the float weights. ``leaf_modules`` (class names) are traced
     as opaque calls, as ``--leaf`` does for the census; the lowering then names any it cannot run.
     """
-    from ..rewrite import set_gate_mode
+    from ..gates import set_gate_mode
 
     gm = trace(model, leaf_modules) if not isinstance(model, fx.GraphModule) else model
     gm = copy.deepcopy(gm).eval()
