@@ -56,7 +56,7 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def train_step_ratio(model_name: str, budget: str, batch: int, repeats: int) -> dict:
     """Train-step time (fwd + bwd + SGD) of the converted model in each phase's gate mode vs the original."""
-    from deepshare_convert.rewrite import set_gate_mode
+    from deepshare_convert.gates import set_gate_mode
     from deepshare_convert.training.phases import apply_switch_fraction
 
     loaded = load_model(model_name)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from .activations import activation_input, get_activation
 from .budget import allocate, parse_budget
 from .errors import DeepShareError, PlanError
-from .gates import PrototypeGate, SharedGate, balanced_mapping, set_gate_mode  # noqa: F401 (re-export)
+from .gates import PrototypeGate, SharedGate, balanced_mapping
 from .grouping import group_sites, select_kept
 from .passes import PassResult, SiteRewrite, swap_site
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
@@ -30,7 +30,7 @@ from .plan_kinds import registered_plan_kind
 from .settings import ConversionSettings, settings_from
 from .tracing import census, example_input, find_sites, propagate_shapes, trace
 
-__all__ = ["convert", "apply_plan", "build_plan", "ConversionSettings", "set_gate_mode", "save", "save_new", "load", "Converted", "swap_relu"]
+__all__ = ["convert", "apply_plan", "build_plan", "ConversionSettings", "save", "save_new", "load", "Converted", "swap_relu"]
 
 GATES_ATTR = "deepshare_gates"
 SITES_ATTR = "deepshare_sites"

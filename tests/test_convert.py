@@ -11,9 +11,9 @@ import torch.nn as nn
 from deepshare_convert import census, load_model
 from deepshare_convert.budget import allocate, parse_budget
 from deepshare_convert.errors import BudgetError, DeepShareError, PlanError
-from deepshare_convert.gates import PrototypeGate, SharedGate, balanced_mapping
+from deepshare_convert.gates import PrototypeGate, SharedGate, balanced_mapping, set_gate_mode
 from deepshare_convert.grouping import group_sites
-from deepshare_convert.rewrite import convert, load, save, set_gate_mode
+from deepshare_convert.rewrite import convert, load, save
 
 from .handmade import HANDMADE
 from .test_census import TIMM_MODELS

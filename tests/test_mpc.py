@@ -276,9 +276,8 @@ def test_unsupported_op_is_a_one_line_error_naming_the_node():
 def test_gelu_gates_run_as_step_gates_under_mpc():
     import copy
 
-    from deepshare_convert.gates import PrototypeGate
+    from deepshare_convert.gates import PrototypeGate, set_gate_mode
     from deepshare_convert.mpc.lowering import lower, prepare
-    from deepshare_convert.rewrite import set_gate_mode
 
     net, plan, size = model("digits_cnn", "10%")
     gelu = copy.deepcopy(net)

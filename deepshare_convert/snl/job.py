@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import BudgetError, DeepShareError, PlanError
+from ..errors import BudgetError, DeepShareError, PlanError, first_line
 from ..interrupts import deferred_sigint
 from ..plan import PLAN_FILE, WEIGHTS_FILE, write_json_atomic
 from ..tracing import census, check_leaf_names, example_input
@@ -228,7 +228,7 @@ class _Job:
                 outputs = self.original(example_input(self.input_size, self.original, batch=2)).shape[-1]
         except RuntimeError as e:
             size = "x".join(map(str, self.input_size))
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            first = first_line(e, 160)
             raise DeepShareError(
                 f"{self.config.model} cannot run on the {size} images of {self.config.data}: {first}"
             ) from None

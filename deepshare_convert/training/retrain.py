@@ -26,11 +26,12 @@ from ..ablation import apply_ablation
 from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
+from ..gates import set_gate_mode
 from ..interrupts import deferred_sigint
-from ..models import load_model
+from ..models import ModelSpec, load_model
 from ..plan import WEIGHTS_FILE, Plan
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
-from ..rewrite import apply_plan, convert, save, set_gate_mode
+from ..rewrite import apply_plan, convert, save
 from ..tracing import census
 from .distributed import DistContext, init_from_env, wrap_ddp
 from .engine import PhaseSpec, Reporter, Trainer
@@ -101,7 +102,7 @@ class _Run:
 
         conv = load_converted(directory)
         spec = conv.plan.model
-        name = f"timm:{spec['name']}" if spec.get("source") == "timm" else spec["name"]
+        name = ModelSpec(spec.get("source", "builtin"), spec["name"]).display  # timm:NAME for timm models
         self.loaded = load_model(name, weights=spec.get("weights"), num_classes=spec.get("num_classes"),
                                  input_size=tuple(conv.plan.input_size))  # fmt: skip
         self.plan = conv.plan
