@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from deepshare_convert import load_model  # noqa: E402
-from deepshare_convert.rewrite import apply_plan, build_plan, convert, save  # noqa: E402
+from deepshare_convert.conversion.rewrite import apply_plan, build_plan, convert, save  # noqa: E402
 
 from common import add_out_arg, median_time, update_docs_section, write_results  # noqa: E402
 
@@ -32,7 +32,7 @@ def conversion_breakdown(model_name: str, input_size: str, budget: str) -> dict:
     gm = apply_plan(loaded.model, plan)
     t2 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        from deepshare_convert.rewrite import Converted
+        from deepshare_convert.conversion.rewrite import Converted
 
         save(Converted(gm, plan), Path(d) / "out")
     t3 = time.perf_counter()
@@ -56,7 +56,7 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def train_step_ratio(model_name: str, budget: str, batch: int, repeats: int) -> dict:
     """Train-step time (fwd + bwd + SGD) of the converted model in each phase's gate mode vs the original."""
-    from deepshare_convert.gates import set_gate_mode
+    from deepshare_convert.conversion.gates import set_gate_mode
     from deepshare_convert.training.phases import apply_switch_fraction
 
     loaded = load_model(model_name)

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "convert": ".rewrite",
-    "load": ".rewrite",
-    "save": ".rewrite",
-    "set_gate_mode": ".gates",
+    "convert": ".conversion.rewrite",
+    "load": ".conversion.rewrite",
+    "save": ".conversion.rewrite",
+    "set_gate_mode": ".conversion.gates",
     "retrain": ".training.retrain",
     "DeepShareError": ".errors",
     "LoadedModel": ".models",
@@ -33,16 +33,16 @@ _LAZY = {
     "list_models": ".models",
     "load_model": ".models",
     "load_any": ".model_or_out",
-    "Census": ".tracing",
-    "census": ".tracing",
+    "Census": ".conversion.census",
+    "census": ".conversion.census",
 }
 
 __all__ = sorted([*_LAZY, "inspect", "estimate_latency"])
 
 
 def inspect(model, input_size, **kwargs):
-    """ReLU census of ``model`` at ``input_size`` (see :func:`deepshare_convert.tracing.census`)."""
-    from .tracing import census
+    """ReLU census of ``model`` at ``input_size`` (see :func:`deepshare_convert.conversion.census.census`)."""
+    from .conversion.census import census
 
     return census(model, input_size, **kwargs)
 
@@ -86,10 +86,10 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .conversion.census import Census, census
+    from .conversion.gates import set_gate_mode
+    from .conversion.rewrite import convert, load, save
     from .errors import DeepShareError
-    from .gates import set_gate_mode
     from .model_or_out import load_any
     from .models import LoadedModel, ModelSpec, list_models, load_model
-    from .rewrite import convert, load, save
-    from .tracing import Census, census
     from .training.retrain import retrain

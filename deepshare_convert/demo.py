@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from .conversion.plan import write_json_atomic
+from .conversion.rewrite import load as load_converted
 from .data import load_dataset, make_loader
 from .errors import DeepShareError
 from .models import load_model
-from .plan import write_json_atomic
 from .recipes import load_recipe
-from .rewrite import load as load_converted
 from .training.engine import Reporter, learning_curve
 from .training.retrain import PRETRAINED, retrain
 

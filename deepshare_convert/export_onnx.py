@@ -1,9 +1,9 @@
 """ONNX export of original or converted models, the shared gate lowered to standard ONNX ops.
 
 Other private-inference frameworks read ONNX, so the gate must not be a custom op: in
-``step`` mode a :class:`~deepshare_convert.gates.PrototypeGate` exports as
+``step`` mode a :class:`~deepshare_convert.conversion.gates.PrototypeGate` exports as
 ``Slice`` (the first P channels) -> ``GreaterOrEqual`` + ``Cast`` (the DReLU) -> ``Gather``
-(replication by the channel map π), and each :class:`~deepshare_convert.gates.SharedGate` as
+(replication by the channel map π), and each :class:`~deepshare_convert.conversion.gates.SharedGate` as
 ``Mul``/``Add`` (``x * (α·g + β)``).  We use the TorchScript exporter (``dynamo=False``):
 the dynamo exporter needs onnxscript and handles the leaf modules less predictably.
 
@@ -56,7 +56,7 @@ def export_onnx(
         import onnxruntime as ort
     except ImportError as e:
         raise DeepShareError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing): pip install '.[export]'") from None
-    from .gates import set_gate_mode
+    from .conversion.gates import set_gate_mode
 
     if opset < 12:
         raise DeepShareError(f"--opset {opset} is too old: the gate's GreaterOrEqual needs opset 12 or later")

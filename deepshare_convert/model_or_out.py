@@ -2,11 +2,11 @@
 
 :func:`load_any` is the library side of the CLI's model loading: a built-in name, ``timm:NAME``,
 a Python file or a checkpoint goes to :func:`deepshare_convert.models.load_model`; a directory
-written by :func:`deepshare_convert.rewrite.save` is loaded as the converted model it holds.
+written by :func:`deepshare_convert.conversion.rewrite.save` is loaded as the converted model it holds.
 It prints nothing: the CLI wraps it with a spinner and its random-weights note
 (:mod:`deepshare_convert.cli.loading`).
 
-It lives outside :mod:`deepshare_convert.models` because it needs :mod:`deepshare_convert.rewrite`,
+It lives outside :mod:`deepshare_convert.models` because it needs :mod:`deepshare_convert.conversion.rewrite`,
 which imports :mod:`deepshare_convert.models` (putting it there would be an import cycle).
 """
 
@@ -38,12 +38,12 @@ def load_any(
     the one it was converted at.  ``leaf`` names are checked against the model's module classes.
     ``status(message)`` (a context manager, e.g. a console spinner) wraps the slow part.
     """
+    from .conversion.tracing import check_leaf_names
     from .models import LoadedModel, ModelSpec, load_model
-    from .tracing import check_leaf_names
 
     status = status or (lambda message: contextlib.nullcontext())
     if Path(model).is_dir():
-        from .rewrite import load as load_converted
+        from .conversion.rewrite import load as load_converted
 
         _refuse_for_converted(model, weights=weights, num_classes=num_classes, pretrained=pretrained, leaf=leaf)
         with status(f"loading converted model {model}"):

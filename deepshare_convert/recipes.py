@@ -16,8 +16,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .conversion.settings import ConversionSettings
 from .errors import DeepShareError
-from .settings import ConversionSettings
 
 __all__ = [
     "Recipe",

@@ -34,9 +34,9 @@ import torch.nn as nn
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .conversion.rewrite import convert
 from .evaluate import evaluate
 from .models.small import XorMLP
-from .rewrite import convert
 from .training.engine import PhaseSpec, Trainer
 from .training.phases import hooks_for
 

@@ -15,8 +15,8 @@ from deepshare_convert.activations import (
     register_activation,
     unregister_activation,
 )  # fmt: skip
+from deepshare_convert.conversion.census import census
 from deepshare_convert.errors import DeepShareError, PlanError
-from deepshare_convert.tracing import census
 
 
 class ToyReLU(nn.Module):
@@ -65,8 +65,8 @@ def test_unregistered_toy_is_invisible():
 
 
 def test_toy_kind_counted_converted_and_refused_by_mpc(toy_kind):
+    from deepshare_convert.conversion.rewrite import convert
     from deepshare_convert.mpc.lowering import lower, prepare
-    from deepshare_convert.rewrite import convert
 
     model = _net()
     c = census(model, (3, 4, 4))
@@ -83,7 +83,7 @@ def test_toy_kind_counted_converted_and_refused_by_mpc(toy_kind):
 
 
 def test_kind_with_no_drelu_decomposition_is_counted_but_kept(toy_kind):
-    from deepshare_convert.rewrite import convert
+    from deepshare_convert.conversion.rewrite import convert
     from deepshare_convert.snl import mask_relus
 
     register_activation(ActivationKind("toy", modules=(ToyReLU,), functions=(toy_relu,), gate=None,

@@ -6,8 +6,8 @@ import pytest
 import torch.nn as nn
 
 from deepshare_convert import census, load_model
+from deepshare_convert.conversion.tracing import trace
 from deepshare_convert.errors import TraceError
-from deepshare_convert.tracing import trace
 
 from .handmade import HANDMADE, hook_count_relus
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 from deepshare_convert import census, load_model
-from deepshare_convert.budget import allocate, parse_budget
+from deepshare_convert.conversion.budget import allocate, parse_budget
+from deepshare_convert.conversion.gates import PrototypeGate, SharedGate, balanced_mapping, set_gate_mode
+from deepshare_convert.conversion.grouping import group_sites
+from deepshare_convert.conversion.rewrite import convert, load, save
 from deepshare_convert.errors import BudgetError, DeepShareError, PlanError
-from deepshare_convert.gates import PrototypeGate, SharedGate, balanced_mapping, set_gate_mode
-from deepshare_convert.grouping import group_sites
-from deepshare_convert.rewrite import convert, load, save
 
 from .handmade import HANDMADE
 from .test_census import TIMM_MODELS
@@ -319,10 +319,10 @@ def test_top_level_api(tmp_path):
 
 def test_one_settings_object_for_cli_recipes_convert_and_plan():
     """ConversionSettings is what convert() takes, what a recipe's conversion section is, and what a plan gives back."""
+    from deepshare_convert.conversion.rewrite import build_plan
+    from deepshare_convert.conversion.settings import ConversionSettings, settings_from
     from deepshare_convert.models import load_model
     from deepshare_convert.recipes import Conversion
-    from deepshare_convert.rewrite import build_plan
-    from deepshare_convert.settings import ConversionSettings, settings_from
 
     loaded = load_model("digits_cnn")
     s = settings_from(budget="30%", allocator="equal", group_size=1, keep=["features.12"])
@@ -346,7 +346,7 @@ def test_one_settings_object_for_cli_recipes_convert_and_plan():
     (dict(gamma=-1), "--gamma must be above 0, got -1"),
 ])  # fmt: skip
 def test_settings_errors_are_one_line(given, message):
-    from deepshare_convert.settings import settings_from
+    from deepshare_convert.conversion.settings import settings_from
 
     with pytest.raises(DeepShareError) as e:
         settings_from(budget="1k", **given)
@@ -356,7 +356,7 @@ def test_settings_errors_are_one_line(given, message):
 def test_allocator_registry():
     """A registered allocator is usable by name everywhere (convert, recipes, CLI help) at once."""
     from deepshare_convert import budget
-    from deepshare_convert.settings import settings_from
+    from deepshare_convert.conversion.settings import settings_from
 
     budget.register_allocator("first-heavy")(lambda groups, counts: [len(groups) - i for i in range(len(groups))])
     try:
@@ -370,8 +370,8 @@ def test_shared_gate_pass_checks_before_and_after():
     """apply_plan is a torch.fx pass (requires -> call -> ensures): a second run is refused up front."""
     from torch.fx.passes.infra.pass_base import PassBase
 
-    from deepshare_convert.rewrite import SharedGatePass, build_plan
-    from deepshare_convert.tracing import example_input, propagate_shapes, trace
+    from deepshare_convert.conversion.rewrite import SharedGatePass, build_plan
+    from deepshare_convert.conversion.tracing import example_input, propagate_shapes, trace
 
     loaded = load_model("digits_cnn")
     plan = build_plan(loaded.model, loaded.input_size, budget="10%")

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 import torch
 
+from deepshare_convert.conversion.gates import SharedGate
 from deepshare_convert.errors import DeepShareError
-from deepshare_convert.gates import SharedGate
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 def _converted(name: str, budget: str):
     from deepshare_convert import load_model
-    from deepshare_convert.rewrite import convert
+    from deepshare_convert.conversion.rewrite import convert
 
     torch.manual_seed(0)
     loaded = load_model(name)
@@ -101,7 +101,7 @@ def test_cli_export(tmp_path, capsys):
     import json
 
     from deepshare_convert.cli.app import run as cli
-    from deepshare_convert.rewrite import save
+    from deepshare_convert.conversion.rewrite import save
 
     conv, _ = _converted("digits_cnn", "10%")
     out = save(conv, tmp_path / "d")

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from deepshare_convert.conversion.gates import SharedGate
 from deepshare_convert.errors import DeepShareError
-from deepshare_convert.gates import SharedGate
 from deepshare_convert.models.batchnorm import recalibrate_batchnorm
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("crypten") is None, reason="crypten not installed")
@@ -47,7 +47,7 @@ RANDOM_GATES = {"digits_cnn": True, "resnet20": False}
 
 def _build(name: str, budget: str | None, seed: int = 0):
     from deepshare_convert import load_model
-    from deepshare_convert.rewrite import convert
+    from deepshare_convert.conversion.rewrite import convert
 
     torch.manual_seed(seed)
     loaded = load_model(name)
@@ -73,7 +73,7 @@ def model(name: str, budget: str | None):
 
 def gate_margins(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per example, the smallest |input| of any comparison (prototype or plain ReLU) in plaintext."""
-    from deepshare_convert.gates import PrototypeGate
+    from deepshare_convert.conversion.gates import PrototypeGate
 
     mins = []
     hooks = [m.register_forward_pre_hook(lambda m, a: mins.append(a[0][:, : m.prototypes].abs().flatten(1).min(1).values))
@@ -164,7 +164,7 @@ def test_bytes_move_by_exactly_one_comparison_per_drelu(mode):
 
 
 def test_original_model_runs_every_relu_as_a_comparison():
-    from deepshare_convert.tracing import census
+    from deepshare_convert.conversion.census import census
 
     net, _, size = model("digits_cnn", None)
     r = run("digits_cnn", None, "public", DIGITS_BATCH)
@@ -276,7 +276,7 @@ def test_unsupported_op_is_a_one_line_error_naming_the_node():
 def test_gelu_gates_run_as_step_gates_under_mpc():
     import copy
 
-    from deepshare_convert.gates import PrototypeGate, set_gate_mode
+    from deepshare_convert.conversion.gates import PrototypeGate, set_gate_mode
     from deepshare_convert.mpc.lowering import lower, prepare
 
     net, plan, size = model("digits_cnn", "10%")
@@ -299,7 +299,7 @@ def test_bad_weights_mode_is_refused():
 # ---- CLI ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_out(tmp_path_factory):
-    from deepshare_convert.rewrite import Converted, save
+    from deepshare_convert.conversion.rewrite import Converted, save
 
     net, plan, _ = model("digits_cnn", "10%")
     return str(save(Converted(net, plan), tmp_path_factory.mktemp("mpc") / "digits-10pct"))

@@ -110,7 +110,7 @@ def test_convert_refuses_non_empty_folder(capsys, tmp_path):
 
 
 def test_convert_force_replaces_whole_folder(capsys, tmp_path):
-    from deepshare_convert.rewrite import load
+    from deepshare_convert.conversion.rewrite import load
 
     out = tmp_path / "run"
     out.mkdir()
@@ -135,7 +135,7 @@ def test_concurrent_converts_never_mix_files(tmp_path, monkeypatch, force):
 
     import torch
 
-    import deepshare_convert.rewrite as rw
+    import deepshare_convert.conversion.rewrite as rw
     from deepshare_convert.errors import OutputError
     from deepshare_convert.models import load_model
 
@@ -176,8 +176,8 @@ def test_concurrent_converts_never_mix_files(tmp_path, monkeypatch, force):
 # ---- item 4: a hand-edited plan.json is refused, naming the field -----------------------------------
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory):
+    from deepshare_convert.conversion.rewrite import convert, save_new
     from deepshare_convert.models import load_model
-    from deepshare_convert.rewrite import convert, save_new
 
     loaded = load_model("digits_cnn")
     out = tmp_path_factory.mktemp("plan") / "conv"
@@ -207,7 +207,7 @@ def _bump_prototypes_and_count(p):  # a careful editor who also fixes the DReLU 
 
 
 def _balanced_remap(p):  # consistent in itself, but not the mapping the weights were trained with
-    from deepshare_convert.gates import balanced_mapping
+    from deepshare_convert.conversion.gates import balanced_mapping
 
     g = p["groups"][0]
     g["prototypes"] += 1
@@ -246,8 +246,8 @@ def _set(path, value):
     ],
 )
 def test_edited_plan_is_refused(capsys, converted_dir, tmp_path, edit, field):
+    from deepshare_convert.conversion.rewrite import load
     from deepshare_convert.errors import PlanError
-    from deepshare_convert.rewrite import load
 
     bad = _edited(converted_dir, tmp_path / "bad", edit)
     with pytest.raises(PlanError, match=re.escape(field)):
@@ -256,7 +256,7 @@ def test_edited_plan_is_refused(capsys, converted_dir, tmp_path, edit, field):
 
 
 def test_unedited_plan_still_loads(converted_dir):
-    from deepshare_convert.rewrite import load
+    from deepshare_convert.conversion.rewrite import load
 
     assert load(converted_dir).plan.achieved <= 614
 
@@ -359,7 +359,7 @@ def _stale_partial_outputs(out: Path) -> None:
 
 def test_snl_resume_before_first_checkpoint_starts_over(tmp_path):
     """The bench calls resume_snl whenever snl_run.json exists; it used to fail with `no checkpoint`."""
-    from deepshare_convert.plan import write_json_atomic
+    from deepshare_convert.conversion.plan import write_json_atomic
     from deepshare_convert.snl import RUN_FILE, SNLConfig, resume_snl, run_snl
 
     settings = dict(model="digits_cnn", data="digits", budget="10%", max_steps=4, batch_size=64, limit=256,
@@ -378,7 +378,7 @@ def test_snl_resume_before_first_checkpoint_starts_over(tmp_path):
 
 
 def test_snl_cli_resume_before_first_checkpoint(tmp_path, capsys):
-    from deepshare_convert.plan import write_json_atomic
+    from deepshare_convert.conversion.plan import write_json_atomic
     from deepshare_convert.snl import RUN_FILE, SNLConfig
 
     out = tmp_path / "killed"
@@ -445,7 +445,7 @@ def _gated_model():
 
 
 def test_functional_relus_inside_leaves_are_counted():
-    from deepshare_convert.tracing import census
+    from deepshare_convert.conversion.census import census
 
     from .handmade import hook_count_relus
 
@@ -502,8 +502,8 @@ def test_untraceable_top_level_does_not_suggest_leaf():
     import torch
     import torch.nn as nn
 
+    from deepshare_convert.conversion.census import census
     from deepshare_convert.errors import TraceError
-    from deepshare_convert.tracing import census
 
     class Branchy(nn.Module):
         def __init__(self):

@@ -13,10 +13,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from deepshare_convert.calibration import channel_distortion, fit_sharing
-from deepshare_convert.gates import PrototypeGate, SharedGate, ste_gate, step_gate
+from deepshare_convert.conversion.census import census
+from deepshare_convert.conversion.gates import PrototypeGate, SharedGate, ste_gate, step_gate
+from deepshare_convert.conversion.rewrite import convert, load
 from deepshare_convert.recipes import RecipeError, recipe_from_dict
-from deepshare_convert.rewrite import convert, load
-from deepshare_convert.tracing import census
 from deepshare_convert.training.engine import Interrupted
 from deepshare_convert.training.phases import ProgressivePhase
 from deepshare_convert.training.retrain import resume, retrain

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from deepshare_convert.conversion.gates import PrototypeGate, SharedGate
+from deepshare_convert.conversion.rewrite import convert, load
 from deepshare_convert.errors import DeepShareError
-from deepshare_convert.gates import PrototypeGate, SharedGate
 from deepshare_convert.recipes import RecipeError, load_recipe, recipe_from_dict
-from deepshare_convert.rewrite import convert, load
 from deepshare_convert.training.engine import Interrupted, TrainingError
 from deepshare_convert.training.phases import SwitchPhase
 from deepshare_convert.training.retrain import resume, retrain

@@ -11,10 +11,10 @@ import torch.nn as nn
 
 from deepshare_convert import census, load_model
 from deepshare_convert.cli.app import run
+from deepshare_convert.conversion.rewrite import load
 from deepshare_convert.data import load_dataset, make_loader
 from deepshare_convert.errors import DeepShareError, PlanError
 from deepshare_convert.evaluate import evaluate
-from deepshare_convert.rewrite import load
 from deepshare_convert.snl import (
     MaskedReLU,
     SNLConfig,
@@ -146,7 +146,7 @@ def test_census_counts_live_then_kept_relus():
 
 
 def test_masking_a_converted_model_is_refused():
-    from deepshare_convert.rewrite import convert
+    from deepshare_convert.conversion.rewrite import convert
 
     loaded = load_model("digits_cnn")
     converted = convert(loaded.model, loaded.input_size, budget="10%")
@@ -219,13 +219,13 @@ def test_rewrite_reaches_snl_plans_through_the_registry_without_importing_snl(sn
     import subprocess
     import sys
 
-    import deepshare_convert.rewrite as rw
+    import deepshare_convert.conversion.rewrite as rw
 
     tree = ast.parse(Path(rw.__file__).read_text())
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in imported if "snl" in m]
-    code = ("import sys; from deepshare_convert.rewrite import load; c = load(sys.argv[1]); "
+    code = ("import sys; from deepshare_convert.conversion.rewrite import load; c = load(sys.argv[1]); "
             "print(c.plan.kind, sum(m.drelus_per_example() for m in c.model.snl_masks.children()))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code, str(snl_out)], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..budget import allocator_names  # light: budget.py imports no torch
+from ..conversion.budget import allocator_names  # light: budget.py imports no torch
 from . import errors as cli_errors, mpc_commands, snl_commands
 from .console import console, err_console
 from .loading import NOTES, load_model_or_out, note_random_weights
@@ -45,7 +45,7 @@ def inspect(
     MODEL may also be a converted-model directory (from `deepshare convert`): then the
     census counts the DReLUs of its gates.
     """
-    from ..tracing import census
+    from ..conversion.census import census
 
     loaded = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
     result = census(loaded.model, loaded.input_size, name=loaded.spec.display, leaf_modules=leaf or ())
@@ -87,10 +87,10 @@ def convert(
 
     OUT must be new or empty unless --force: a converted model never lands among another run's files.
     """
-    from ..budget import read_snl_counts
+    from ..conversion.budget import read_snl_counts
+    from ..conversion.rewrite import convert as run_convert, save_new
+    from ..conversion.settings import settings_from
     from ..outputs import check_fresh_dir
-    from ..rewrite import convert as run_convert, save_new
-    from ..settings import settings_from
 
     settings = settings_from(budget=budget, allocator=allocator, snl_counts=snl_counts, group_size=group_size,
                              gate=gate, gamma=gamma, keep=keep, leaf_modules=leaf)  # fmt: skip
@@ -177,7 +177,7 @@ def xor(
     """The paper's XOR experiment: four one-comparison networks on the 2x2 checkerboard."""
     from pathlib import Path
 
-    from ..plan import write_json_atomic
+    from ..conversion.plan import write_json_atomic
     from ..plots import xor_maps
     from ..xor import decision_map, load_xor_config, run_xor
     from .progress import progress_bar
@@ -286,7 +286,7 @@ def _warn_if_classes_differ(loaded, info, data: str) -> None:
     """Top-1 against labels the model was not trained for reads as 0%: say so instead of scoring silently."""
     import torch
 
-    from ..tracing import example_input
+    from ..conversion.tracing import example_input
 
     with torch.no_grad():
         outputs = loaded.model(example_input(loaded.input_size, loaded.model)).shape[-1]

@@ -37,8 +37,8 @@ def _original_of(path: str):
 
     if not Path(path).is_dir():
         return None
+    from ..conversion.plan import Plan
     from ..models import ModelSpec, load_model
-    from ..plan import Plan
 
     plan = Plan.read(path)
     spec = ModelSpec.from_dict(plan.model) if "source" in plan.model else None
@@ -49,9 +49,9 @@ def _original_of(path: str):
 
 def _architecture_only(path: str):
     """A converted model rebuilt from plan.json alone (no weights read): what party 1 may hold."""
+    from ..conversion.plan import Plan
+    from ..conversion.rewrite import apply_plan
     from ..models import ModelSpec, load_model
-    from ..plan import Plan
-    from ..rewrite import apply_plan
 
     plan = Plan.read(path)
     spec = ModelSpec.from_dict(plan.model)
@@ -61,9 +61,9 @@ def _architecture_only(path: str):
 
 def _normalisation(path: str):
     """The input normalisation of a converted directory's built-in model (None if unknown)."""
+    from ..conversion.plan import Plan
     from ..errors import DeepShareError
     from ..models import get_entry
-    from ..plan import Plan
 
     try:
         entry = get_entry(Plan.read(path).model.get("name", ""))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..plan import Plan
-from ..tracing import Census
+from ..conversion.census import Census
+from ..conversion.plan import Plan
 
 
 def _shape(shape) -> str:

@@ -67,7 +67,7 @@ class CostTable:
         return cls(**data)
 
     def save(self, path: str | Path | None = None) -> Path:
-        from ..plan import write_json_atomic
+        from ..conversion.plan import write_json_atomic
 
         path = Path(path) if path else TABLE_PATH
         write_json_atomic(path, asdict(self))

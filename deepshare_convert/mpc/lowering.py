@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -30,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
-from ..activations import is_inplace as activation_inplace
-from ..activations import kind_of
+from ..activations import is_inplace as activation_inplace, kind_of
+from ..conversion.census import owner_module
+from ..conversion.gates import PrototypeGate, SharedGate
+from ..conversion.tracing import example_input, propagate_shapes
 from ..errors import DeepShareError
-from ..gates import PrototypeGate, SharedGate
-from ..tracing import example_input, owner_module, propagate_shapes
 from . import WEIGHT_MODES
 from .prepare import prepare, snap_input
 

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..tracing import trace
+from ..conversion.tracing import trace
 
 __all__ = ["PRECISION_BITS", "prepare", "snap_to_grid", "snap_input", "fold_batchnorm", "strip_weights"]
 
@@ -38,7 +38,7 @@ def prepare(model: nn.Module, precision_bits: int | None = PRECISION_BITS, *,
     ``precision_bits=None`` keeps the float weights. ``leaf_modules`` (class names) are traced
     as opaque calls, as ``--leaf`` does for the census; the lowering then names any it cannot run.
     """
-    from ..gates import set_gate_mode
+    from ..conversion.gates import set_gate_mode
 
     gm = trace(model, leaf_modules) if not isinstance(model, fx.GraphModule) else model
     gm = copy.deepcopy(gm).eval()

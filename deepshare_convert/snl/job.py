@@ -16,10 +16,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..conversion.census import census
+from ..conversion.plan import PLAN_FILE, WEIGHTS_FILE, write_json_atomic
+from ..conversion.tracing import check_leaf_names, example_input
 from ..errors import BudgetError, DeepShareError, PlanError, first_line
 from ..interrupts import deferred_sigint
-from ..plan import PLAN_FILE, WEIGHTS_FILE, write_json_atomic
-from ..tracing import census, check_leaf_names, example_input
 from ..training.engine import PhaseHooks, PhaseSpec, Reporter, Trainer
 from ..training.rundir import RunDir
 from .masks import THRESHOLD, binarise, kept_counts, mask_relus
@@ -185,7 +186,7 @@ class _Job:
     """One SNL run: the original (teacher), the masked student, loaders and the trainer."""
 
     def __init__(self, config: SNLConfig, run_dir: RunDir, reporter: Reporter | None, fail_at_step: int | None):
-        from ..budget import parse_budget
+        from ..conversion.budget import parse_budget
         from ..data import load_dataset
         from ..models import load_model
 
@@ -336,7 +337,7 @@ class _Job:
             self.model.load_state_dict(state["model"])
         plan = snl_plan(self.census, kept_counts(self.model), spec=self.loaded.spec.to_dict(), budget=self.budget,
                         budget_requested=c.budget, leaf_modules=c.leaf_modules)  # fmt: skip
-        from ..rewrite import save
+        from ..conversion.rewrite import save
 
         self.model.eval()
         save(self.model, self.out, plan=plan)

@@ -16,9 +16,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..activations import get_activation
+from ..conversion.census import census, find_sites
+from ..conversion.rewrite import swap_relu
+from ..conversion.tracing import example_input, model_dtype, propagate_shapes, register_leaf_module, trace
 from ..errors import DeepShareError, PlanError
-from ..rewrite import swap_relu
-from ..tracing import census, example_input, find_sites, model_dtype, propagate_shapes, register_leaf_module, trace
 
 __all__ = ["MaskedReLU", "mask_relus", "masked_relus", "kept_counts", "binarise", "THRESHOLD", "MASKS_ATTR"]
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch.fx as fx
 import torch.nn as nn
 
+from ..conversion.plan import Plan
 from ..errors import PlanError
-from ..plan import Plan
 from .masks import kept_counts, mask_relus, masked_relus
 
 __all__ = ["snl_plan", "apply_snl_plan", "check_kept"]

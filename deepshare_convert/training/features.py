@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..passes import swap_site
-from ..plan import Plan
-from ..rewrite import SITES_ATTR
-from ..tracing import register_leaf_module, trace
+from ..conversion.passes import swap_site
+from ..conversion.plan import Plan
+from ..conversion.rewrite import SITES_ATTR
+from ..conversion.tracing import register_leaf_module, trace
 from .engine import PhaseHooks
 
 __all__ = ["FeatureDistillation", "tapped_teacher"]

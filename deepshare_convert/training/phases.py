@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..gates import PrototypeGate, SharedGate, set_gate_mode
-from ..rewrite import GATES_ATTR, SITES_ATTR
+from ..conversion.gates import PrototypeGate, SharedGate, set_gate_mode
+from ..conversion.rewrite import GATES_ATTR, SITES_ATTR
 from .engine import PhaseHooks
 
 __all__ = ["GeluPhase", "SwitchPhase", "StepPhase", "ProgressivePhase", "hooks_for", "switched_count",

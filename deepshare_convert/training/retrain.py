@@ -23,16 +23,16 @@ import torch
 import torch.nn as nn
 
 from ..ablation import apply_ablation
+from ..conversion.census import census
+from ..conversion.gates import set_gate_mode
+from ..conversion.plan import WEIGHTS_FILE, Plan
+from ..conversion.rewrite import apply_plan, convert, save
 from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
-from ..gates import set_gate_mode
 from ..interrupts import deferred_sigint
 from ..models import ModelSpec, load_model
-from ..plan import WEIGHTS_FILE, Plan
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
-from ..rewrite import apply_plan, convert, save
-from ..tracing import census
 from .distributed import DistContext, init_from_env, wrap_ddp
 from .engine import PhaseSpec, Reporter, Trainer
 from .phases import hooks_for
@@ -98,7 +98,7 @@ class _Run:
         return self.run_dir.results
 
     def _from_converted(self, directory: Path) -> None:
-        from ..rewrite import load as load_converted
+        from ..conversion.rewrite import load as load_converted
 
         conv = load_converted(directory)
         spec = conv.plan.model

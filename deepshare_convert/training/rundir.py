@@ -22,9 +22,9 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..conversion.plan import save_tensors_atomic, write_json_atomic
 from ..errors import DeepShareError
 from ..outputs import check_output_dir
-from ..plan import save_tensors_atomic, write_json_atomic
 from .engine import CHECKPOINT, METRICS, resume_state_or_restart
 
 __all__ = ["RunDir", "RESULTS_FILE"]

@@ -4,7 +4,7 @@
 
 Left to right: the leader's input x^l, the DReLU on the two prototype channels (the
 only comparisons), the balanced map pi copying each prototype's gate to its
-replicates (replicate c -> (c - P) mod P, as in deepshare_convert.gates), the
+replicates (replicate c -> (c - P) mod P, as in deepshare_convert.conversion.gates), the
 per-channel affine of layer l, and a second layer of the same group that reuses the
 same gates (layer sharing).  Pure drawing: nothing is trained or measured.
 """
@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
-from deepshare_convert.gates import balanced_mapping  # noqa: E402
+from deepshare_convert.conversion.gates import balanced_mapping  # noqa: E402
 from deepshare_convert.plots import save_figure  # noqa: E402
 
 C, P = 6, 2

@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import DeepShareError
-from .tracing import ActivationSite
+from ..errors import DeepShareError
+from .census import ActivationSite
 
 __all__ = ["Group", "GroupShape", "group_sites", "select_kept"]
 

@@ -5,7 +5,7 @@ the recipe schema, ``build_plan`` and ``convert`` keyword arguments) with valida
 over the passes. Now ``deepshare convert`` builds a :class:`ConversionSettings`, a recipe's
 ``conversion:`` section *is* one (plus the training-only fields of
 :class:`deepshare_convert.recipes.Conversion`), ``build_plan``/``convert`` take one, and
-:meth:`deepshare_convert.plan.Plan.settings` gives back the settings a plan was made with.
+:meth:`deepshare_convert.conversion.plan.Plan.settings` gives back the settings a plan was made with.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..errors import DeepShareError
 from .budget import check_allocator
-from .errors import DeepShareError
 
 __all__ = ["ConversionSettings", "settings_from"]
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import BudgetError
+from ..errors import BudgetError
 
 if TYPE_CHECKING:  # budget.py stays free of torch: the CLI lists allocators without importing it
     from .grouping import Group

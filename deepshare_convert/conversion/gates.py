@@ -36,7 +36,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .errors import DeepShareError
+from ..errors import DeepShareError
 from .tracing import register_leaf_module
 
 __all__ = ["PrototypeGate", "SharedGate", "balanced_mapping", "GATE_MODES", "step_gate", "gelu_gate", "ste_gate"]

@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .activations import activation_input, get_activation
+from ..activations import activation_input, get_activation
+from ..errors import DeepShareError, PlanError
+from ..plan_kinds import registered_plan_kind
 from .budget import allocate, parse_budget
-from .errors import DeepShareError, PlanError
+from .census import census, find_sites
 from .gates import PrototypeGate, SharedGate, balanced_mapping
 from .grouping import group_sites, select_kept
 from .passes import PassResult, SiteRewrite, swap_site
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
-from .plan_kinds import registered_plan_kind
 from .settings import ConversionSettings, settings_from
-from .tracing import census, example_input, find_sites, propagate_shapes, trace
+from .tracing import example_input, propagate_shapes, trace
 
 __all__ = ["convert", "apply_plan", "build_plan", "ConversionSettings", "save", "save_new", "load", "Converted", "swap_relu"]
 
@@ -236,7 +238,7 @@ def save_new(converted: Converted, out: str | os.PathLike, *, force: bool = Fals
     import shutil
     import tempfile
 
-    from .outputs import check_fresh_dir, publish_dir
+    from ..outputs import check_fresh_dir, publish_dir
 
     out = check_fresh_dir(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +257,7 @@ def load(out: str | os.PathLike, *, trust_pickle: bool = False) -> Converted:
     from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load_model
 
-    from .models import ModelSpec, load_model
+    from ..models import ModelSpec, load_model
 
     out = Path(out)
     plan = Plan.read(out)

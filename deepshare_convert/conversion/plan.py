@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .activations import get_activation
-from .errors import PlanError
+from ..activations import get_activation
+from ..errors import PlanError
 from .grouping import GroupShape
 from .settings import ConversionSettings
 
@@ -64,7 +64,7 @@ class Plan:
     format: str = PLAN_FORMAT
 
     def settings(self):
-        """The :class:`~deepshare_convert.settings.ConversionSettings` this plan was made with
+        """The :class:`~deepshare_convert.conversion.settings.ConversionSettings` this plan was made with
         (``keep`` as the resolved site names; re-running them on the same model gives this plan)."""
         return ConversionSettings(budget=self.budget_requested, allocator=self.allocator, group_size=self.group_size,
                                   gate=self.gate if self.gate in ("step", "gelu") else "step", gamma=self.gamma,

@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .activations import activation_input, is_inplace
-from .errors import PlanError
+from ..activations import activation_input, is_inplace
+from ..errors import PlanError
 
 __all__ = ["SiteRewrite", "PassResult", "swap_site"]
 
