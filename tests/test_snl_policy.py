@@ -84,3 +84,17 @@ def test_fast_grows_every_epoch_above_budget_faithful_only_on_stalls():
     assert lambdas(False, falling) == [1.0, 1.0, 1.0]
     assert lambdas(True, falling) == [2.0, 4.0, 8.0]
     assert lambdas(False, [90, 95, 80]) == [1.0, 2.0, 2.0]
+
+
+def test_binarise_cost_is_noted():
+    """A large soft -> binarised drop without a finetune gets one note naming the way back."""
+    from deepshare_convert.cli.loading import NOTES
+    from deepshare_convert.cli.snl_commands import _note_binarise_cost
+
+    NOTES.clear()
+    _note_binarise_cost({"masked_acc": 57.4, "binarised_acc": 10.7, "finetune_epochs": 0}, "OUT")
+    _note_binarise_cost({"masked_acc": 57.4, "binarised_acc": 55.0, "finetune_epochs": 0}, "OUT")  # small: quiet
+    _note_binarise_cost({"masked_acc": 57.4, "binarised_acc": 10.7, "finetune_epochs": 2}, "OUT")  # finetuned
+    assert NOTES == ["note: binarising the masks cost 46.7 points (57.4% -> 10.7%); finetune with "
+                     "`deepshare snl --resume OUT --finetune-epochs N`"]  # fmt: skip
+    NOTES.clear()
