@@ -278,7 +278,7 @@ def test_load_errors(tmp_path):
 @pytest.mark.parametrize("mode", ["step", "gelu", "mixed"])
 def test_shared_gate_gradients_match_autograd(mode, monkeypatch):
     """The memory-saving backward of SharedGate equals plain autograd, for inputs and parameters."""
-    from deepshare_convert import gates
+    from deepshare_convert.conversion import gates
 
     model = nn.Sequential(nn.Conv2d(2, 6, 1), nn.ReLU(), nn.Conv2d(6, 6, 1), nn.ReLU()).double()
     m = convert(model, (2, 3, 3), budget=18, group_size=2).model
@@ -355,7 +355,7 @@ def test_settings_errors_are_one_line(given, message):
 
 def test_allocator_registry():
     """A registered allocator is usable by name everywhere (convert, recipes, CLI help) at once."""
-    from deepshare_convert import budget
+    from deepshare_convert.conversion import budget
     from deepshare_convert.conversion.settings import settings_from
 
     budget.register_allocator("first-heavy")(lambda groups, counts: [len(groups) - i for i in range(len(groups))])
