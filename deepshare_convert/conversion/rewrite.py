@@ -32,7 +32,7 @@ from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
 from .settings import ConversionSettings, settings_from
 from .tracing import example_input, propagate_shapes, trace
 
-__all__ = ["convert", "apply_plan", "build_plan", "ConversionSettings", "save", "save_new", "load", "Converted", "swap_relu"]
+__all__ = ["convert", "apply_plan", "build_plan", "ConversionSettings", "save", "save_new", "load", "Converted", "SharedGatePass"]
 
 GATES_ATTR = "deepshare_gates"
 SITES_ATTR = "deepshare_sites"
@@ -190,9 +190,6 @@ def _replace_site(gm, node: fx.Node, gate: fx.Node, channels: int, mode: str, mo
     shared.mode = mode
     getattr(gm, SITES_ATTR).add_module(node.name, shared)
     swap_site(gm, node, f"{SITES_ATTR}.{node.name}", modules, extra_args=(gate,))
-
-
-swap_relu = swap_site  # the name SNL and the feature taps import (an activation site, ReLU or other kind)
 
 
 def _check_sites_match(gm: fx.GraphModule, plan: Plan) -> None:

@@ -27,7 +27,7 @@ work as for retraining.  The masks are put in by an fx pass that mirrors
 
 The modules, one concept each::
 
-    masks.py    MaskedReLU and the fx pass that puts one at every site (mask_relus, kept_counts, binarise)
+    masks.py    MaskedReLU and MaskPass, the fx pass that puts one at every site (mask_relus, kept_counts, binarise)
     plan.py     the SNL plan kind: snl_plan, apply_snl_plan, check_kept (rewrite reaches them via plan_kinds)
     search.py   the search as loop hooks (SNLSearch), the lambda policies, the masks' lr group
     job.py      SNLConfig (snl_run.json), run_snl, resume_snl and the job that runs both stages
@@ -61,7 +61,17 @@ from .job import (  # noqa: F401
     resume_snl,
     run_snl,
 )
-from .masks import MASKS_ATTR, THRESHOLD, MaskedReLU, _check_masked, binarise, kept_counts, mask_relus, masked_relus  # noqa: F401
+from .masks import (  # noqa: F401
+    MASKS_ATTR,
+    THRESHOLD,
+    MaskedReLU,
+    MaskPass,
+    _check_masked,
+    binarise,
+    kept_counts,
+    mask_relus,
+    masked_relus,
+)
 from .plan import apply_snl_plan, check_kept, snl_plan  # noqa: F401
 from .search import LAMBDA_POLICIES, SNLSearch, _mask_groups, _SearchReporter  # noqa: F401
 

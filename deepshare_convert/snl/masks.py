@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..activations import get_activation
 from ..conversion.census import census, find_sites
-from ..conversion.rewrite import swap_relu
+from ..conversion.passes import PassResult, SiteRewrite, swap_site
 from ..conversion.tracing import example_input, model_dtype, propagate_shapes, register_leaf_module, trace
 from ..errors import DeepShareError, PlanError
 
@@ -87,38 +87,60 @@ def mask_relus(model: nn.Module, input_size: Sequence[int], *, leaf_modules: Seq
                binary: bool = False, threshold: float = THRESHOLD) -> fx.GraphModule:  # fmt: skip
     """Trace a copy of ``model`` and put a :class:`MaskedReLU` (all ones) at every activation site.
 
-    Mirrors :func:`~.rewrite.apply_plan`: the caller's model is untouched, each
-    mask is the submodule ``snl_masks.<site name>`` (so counts carry the census'
-    names), in-place ReLUs keep their meaning for later readers, the graph is
-    linted and recompiled, and the census of the result must show the same sites
-    with every neuron live -- with all masks at 1 it computes what the model did.
+    Mirrors :func:`~deepshare_convert.conversion.rewrite.apply_plan`: the caller's model is
+    untouched, and :class:`MaskPass` does the surgery with its own pre- and post-conditions.
     """
     gm = trace(copy.deepcopy(model), leaf_modules)
     gm.eval()
     propagate_shapes(gm, example_input(input_size, gm))
-    sites = find_sites(gm)
-    if any(s.kind in ("gate", MaskedReLU.site_kind) for s in sites):
-        raise DeepShareError("the model is already converted or linearised; SNL starts from the original model")
-    if not sites:
-        raise DeepShareError("the model has no ReLU activation sites to linearise")
-    odd = next((s for s in sites if not get_activation(s.activation).convertible), None)
-    if odd is not None:
-        raise DeepShareError(f"SNL masks activations of the form x*DReLU(x); site {odd.name!r} is a "
-                             f"{odd.activation!r} activation")  # fmt: skip
-    if hasattr(gm, MASKS_ATTR):
-        raise PlanError(f"model already has an attribute {MASKS_ATTR!r} (masked twice?)")
-    holder = nn.Module()
-    gm.add_module(MASKS_ATTR, holder)
-    modules = dict(gm.named_modules())
-    nodes = {n.name: n for n in gm.graph.nodes}
-    dtype = model_dtype(gm)
-    for site in sites:
-        holder.add_module(site.name, MaskedReLU(site.shape, binary=binary, threshold=threshold, dtype=dtype))
-        swap_relu(gm, nodes[site.name], f"{MASKS_ATTR}.{site.name}", modules)
-    gm.graph.lint()
-    gm.recompile()
-    _check_masked(gm, input_size, sites, leaf_modules)
-    return gm
+    return MaskPass(input_size, leaf_modules, binary=binary, threshold=threshold)(gm).graph_module
+
+
+class MaskPass(SiteRewrite):
+    """SNL's site pass: every activation site -> ``snl_masks.<site name>`` (a MaskedReLU).
+
+    Requires an original model (no gates or masks yet) whose sites all have the x*DReLU(x)
+    form. Ensures the census of the result shows the same sites, each mask counting every
+    neuron live -- with all masks at 1 the graph computes what the model did.
+    """
+
+    holders = (MASKS_ATTR,)
+
+    def __init__(self, input_size: Sequence[int], leaf_modules: Sequence[str] = (), *, binary: bool = False,
+                 threshold: float = THRESHOLD):  # fmt: skip
+        self.input_size, self.leaf_modules = input_size, leaf_modules
+        self.binary, self.threshold = binary, threshold
+        self.sites = []
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        self.sites = find_sites(gm)
+        if any(s.kind in ("gate", MaskedReLU.site_kind) for s in self.sites):
+            raise DeepShareError("the model is already converted or linearised; SNL starts from the original model")
+        if not self.sites:
+            raise DeepShareError("the model has no ReLU activation sites to linearise")
+        odd = next((s for s in self.sites if not get_activation(s.activation).convertible), None)
+        if odd is not None:
+            raise DeepShareError(f"SNL masks activations of the form x*DReLU(x); site {odd.name!r} is a "
+                                 f"{odd.activation!r} activation")  # fmt: skip
+        if hasattr(gm, MASKS_ATTR):
+            raise PlanError(f"model already has an attribute {MASKS_ATTR!r} (masked twice?)")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.add_holders(gm)
+        holder = getattr(gm, MASKS_ATTR)
+        modules = dict(gm.named_modules())
+        nodes = {n.name: n for n in gm.graph.nodes}
+        dtype = model_dtype(gm)
+        for site in self.sites:
+            holder.add_module(site.name, MaskedReLU(site.shape, binary=self.binary, threshold=self.threshold,
+                                                   dtype=dtype))  # fmt: skip
+            swap_site(gm, nodes[site.name], f"{MASKS_ATTR}.{site.name}", modules)
+        gm.recompile()
+        return PassResult(gm, True)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        super().ensures(gm)
+        _check_masked(gm, self.input_size, self.sites, self.leaf_modules)
 
 
 def _check_masked(gm: fx.GraphModule, input_size, sites, leaf_modules) -> None:
