@@ -146,6 +146,29 @@ def test_affine_summary_reads_fig10():
     assert affine_summary([1.0, 1.0], [0.0, 0.0], [False, False])["replicate_spread_deg"] == 0.0
 
 
+class _Forms(nn.Module):
+    """The same two ReLUs as a module (in place or not) or as functions: one analysis."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.form = form
+        self.act = nn.ReLU(inplace=form == "inplace")
+
+    def forward(self, x):
+        relu = torch.relu if self.form == "function" else self.act
+        return relu(self.conv2(relu(self.conv1(x)))).mean((2, 3))
+
+
+def test_inplace_and_functional_sites_record_the_input_before_the_relu():
+    images = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    reports = {form: analyze(_Forms(form), (1, 8, 8), images) for form in ("module", "inplace", "function")}
+    aligned = {form: [s.aligned for s in r.sites] for form, r in reports.items()}
+    assert len(aligned["module"]) == 2 and not any(math.isnan(v) for v in aligned["inplace"][0])
+    assert aligned["module"] == aligned["inplace"] == aligned["function"]
+
+
 # ---- bad inputs ---------------------------------------------------------------------------------
 def test_model_without_sites_is_one_line_error():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
