@@ -11,7 +11,7 @@ import yaml
 
 from deepshare_convert.cli.app import app, run
 
-MODEL_COMMANDS = ("inspect", "convert", "evaluate", "estimate-latency", "export", "private-infer", "snl")
+MODEL_COMMANDS = ("inspect", "convert", "evaluate", "estimate-latency", "export", "private-infer", "snl", "analyze")
 MODEL_OPTIONS = {"--weights", "--input-size", "--num-classes", "--leaf", "--trust-pickle", "--pretrained"}
 
 

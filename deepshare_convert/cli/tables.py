@@ -117,3 +117,39 @@ def demo_summary_table(s: dict) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _num(value, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def analysis_table(report: dict) -> Table:
+    """Per site: d, median ED/d aligned vs shuffled; for a converted model agreement and (beta, alpha) stats."""
+    converted = report["converted"]
+    table = Table(title=f"gate analysis: {report['model']} on {report['data']} (N = {report['num_images']}), "
+                        "ED/d median [q1-q3]")  # fmt: skip
+    cols = ["site", "d", "aligned ED/d", "shuffled ED/d"]
+    if converted:
+        cols += ["P", "agree", "agree repl.", "affine agree", "|α|<0.1", "proto α +/-", "repl. spread°"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for s in report["sites"]:
+        aligned = f"{_num(s['aligned_median'])} [{_num(s['aligned_q1'])}-{_num(s['aligned_q3'])}]"
+        row = [s["module"] or s["name"], str(s["d"]), aligned, _num(s["shuffled_median"])]
+        if converted:
+            signs = "-" if s["prototypes_positive"] is None else f"{s['prototypes_positive']}/{s['prototypes_negative']}"
+            row += [str(s["prototypes"]) if s["leader"] else "(shared)", _num(s["agreement"]),
+                    _num(s["replicate_agreement"]), _num(s["affine_agreement"]), f"{s['near_linear']:.0%}",
+                    signs, _num(s["replicate_spread_deg"], "{:.0f}")]  # fmt: skip
+        table.add_row(*row)
+    return table
+
+
+def suggestion_table(groups: list[dict], budget: str) -> Table:
+    table = Table(title=f"suggested prototypes per group for {budget} (ED-proportional)")
+    for col in ("group", "sites", "C", "H*W", "P", "DReLUs"):
+        table.add_column(col, justify="left" if col == "sites" else "right")
+    for g in groups:
+        table.add_row(str(g["group"]), ", ".join(g["sites"]), str(g["channels"]), str(g["spatial"]),
+                      str(g["prototypes"]), f"{g['drelus']:,}")  # fmt: skip
+    return table
