@@ -6,8 +6,12 @@ MODEL forms, in the order they are tried:
   ``pretrained=True`` (``--pretrained``): then timm fetches its published weights itself, through
   its cache; offline, a cached copy is used or the error names ``--weights`` at once;
 * ``package.module:factory`` -- a Python entry point returning an ``nn.Module``;
-* an existing file -- a full pickled ``nn.Module``, only with ``trust_pickle=True``
-  (unpickling runs code; a weights file needs an architecture and ``--weights``);
+* an existing file -- by its contents: a torch.export archive (``.pt2``, read with
+  ``torch.export.load``, no code runs), an ONNX model (``.onnx``, through ``onnx2torch``), a
+  TorchScript archive (refused in one line: export it instead), else a full pickled
+  ``nn.Module``, only with ``trust_pickle=True`` (unpickling runs code; a weights file needs an
+  architecture and ``--weights``). ``.pt2`` and ``.onnx`` models take their input size from the
+  file (see :mod:`.formats`);
 * a built-in architecture name (see ``deepshare_convert.models.list_models()``).
 
 Weights are always read with ``weights_only=True`` and ``map_location="cpu"``.
@@ -31,7 +35,7 @@ from .registry import get_entry
 
 __all__ = ["ModelSpec", "LoadedModel", "load_model", "load_weights", "load_state_dict_file"]
 
-Source = Literal["builtin", "timm", "entrypoint", "pickle", "converted"]
+Source = Literal["builtin", "timm", "entrypoint", "pickle", "converted", "pt2", "onnx"]
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -112,7 +116,7 @@ def load_model(
     elif ":" in model and not Path(model).exists():
         loaded = _load_entrypoint(model, num_classes, size)
     elif Path(model).is_file():
-        loaded = _load_pickled_module(model, trust_pickle, size)
+        loaded = _load_file(model, trust_pickle, size)
     elif Path(model).is_dir():
         raise DeepShareError(
             f"{model} is a directory; converted-model directories are read with deepshare_convert.load"
@@ -244,7 +248,7 @@ def _load_entrypoint(target: str, num_classes: int | None, size: tuple[int, ...]
     return LoadedModel(module, ModelSpec("entrypoint", target, num_classes, size), size)
 
 
-_FILE_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".safetensors", ".pkl", ".ckpt", ".onnx", ".json")
+_FILE_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".safetensors", ".pkl", ".ckpt", ".onnx", ".pt2", ".json")
 
 
 def _looks_like_path(model: str) -> bool:
@@ -277,6 +281,20 @@ def _unreadable(path: str | os.PathLike, e: BaseException) -> WeightsError:
     text = str(e)
     reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
     return WeightsError(f"{path} is not a readable weights file: a damaged pickle ({_short(Exception(reason))})")
+
+
+def _load_file(path: str, trust_pickle: bool, size: tuple[int, ...] | None) -> LoadedModel:
+    """A model file, by what it holds: torch.export, ONNX, TorchScript (refused) or a pickle."""
+    from .formats import load_onnx, load_pt2, sniff_model_file, torchscript_error
+
+    form = sniff_model_file(path)
+    if form == "torchscript":
+        raise torchscript_error(path)
+    if form in ("pt2", "onnx"):
+        got = (load_pt2 if form == "pt2" else load_onnx)(path, size)
+        spec = ModelSpec(form, str(Path(path).resolve()), None, got.input_size)
+        return LoadedModel(got.model, spec, got.input_size, got.mean, got.std)
+    return _load_pickled_module(path, trust_pickle, size)
 
 
 def _load_pickled_module(path: str, trust_pickle: bool, size: tuple[int, ...] | None) -> LoadedModel:
