@@ -208,3 +208,43 @@ phases:
     assert run(["retrain", "--recipe", str(recipe), "-o", str(tmp_path / "run")]) == 2
     line = _one_error_line(capsys)
     assert "cannot retrain" in line and "frozen in eval mode" in line
+
+
+# ---- private inference of a converted .pt2 (ATen graph: conv2d, batch_norm folded, add, slice, pad, ...) ----
+def test_pt2_prepare_folds_aten_batchnorm(tmp_path):
+    from deepshare_convert.mpc.lowering import lower, prepare
+
+    eager = _digits()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the fold has something to do
+        for m in eager.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
+    loaded = load_model(_save_pt2(eager, (1, 8, 8), tmp_path / "d.pt2"))
+    conv = convert(loaded.model, (1, 8, 8), budget="50%")
+    deployed = prepare(conv.model, precision_bits=None)
+    assert not [n for n in deployed.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert (deployed(x) - conv.model(x)).abs().max().item() < 1e-4
+    assert lower(prepare(conv.model), (4, 1, 8, 8)).comparisons == 4 * conv.plan.achieved
+
+
+@pytest.mark.parametrize("mode", ["public", "private"])
+def test_pt2_two_party_run_agrees_with_plaintext(tmp_path, mode):
+    from deepshare_convert.mpc.launcher import run_two_party
+
+    loaded = load_model(_save_pt2(_digits(), (1, 8, 8), tmp_path / "d.pt2"))
+    conv = convert(loaded.model, (1, 8, 8), budget="50%")
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    run = run_two_party(conv.model, x, weights_mode=mode, timeout=300)
+    assert run.top1_agreement == 1.0 and run.max_logit_error < 1e-2
+    assert run.comparisons_expected == 4 * conv.plan.achieved == run.parties[0].comparisons
+
+
+@needs_onnx2torch
+def test_onnx_private_inference_names_the_unsupported_op(tmp_path, capsys):
+    out = tmp_path / "conv"
+    assert run(["convert", _save_onnx(_digits(), (1, 8, 8), tmp_path / "d.onnx"), "--budget", "50%", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert run(["estimate-latency", str(out)]) == 2
+    assert "under MPC" in _one_error_line(capsys)
