@@ -248,3 +248,16 @@ def test_onnx_private_inference_names_the_unsupported_op(tmp_path, capsys):
     capsys.readouterr()
     assert run(["estimate-latency", str(out)]) == 2
     assert "under MPC" in _one_error_line(capsys)
+
+
+def test_trusted_pickle_takes_input_size_from_the_model(tmp_path, capsys):
+    model = _digits()
+    plain = tmp_path / "plain.pt"
+    torch.save(model, plain)
+    assert run(["inspect", str(plain), "--trust-pickle"]) == 2
+    assert "--input-size" in _one_error_line(capsys)
+    model.pretrained_cfg = {"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.25,)}  # as timm models carry it
+    with_cfg = tmp_path / "cfg.pt"
+    torch.save(model, with_cfg)
+    loaded = load_model(str(with_cfg), trust_pickle=True)
+    assert (loaded.input_size, loaded.mean, loaded.std) == ((1, 8, 8), (0.5,), (0.25,))

@@ -313,9 +313,15 @@ def _load_pickled_module(path: str, trust_pickle: bool, size: tuple[int, ...] | 
         raise WeightsError(
             f"{path} holds a {type(obj).__name__}, not an nn.Module; pass it with --weights and an architecture"
         )
+    cfg = getattr(obj, "pretrained_cfg", None) or getattr(obj, "default_cfg", None)  # timm models carry theirs
+    cfg = cfg if isinstance(cfg, dict) else {}
+    size = size or (tuple(int(d) for d in cfg["input_size"]) if cfg.get("input_size") else None)
     if size is None:
-        raise DeepShareError("a pickled model needs --input-size (e.g. 3,32,32)")
-    return LoadedModel(obj, ModelSpec("pickle", str(path), None, size), size)
+        raise DeepShareError(f"{path} holds a model that does not say its input size: pass --input-size "
+                             "(e.g. 3,32,32), or save it with torch.export.save, which records it")  # fmt: skip
+    mean, std = cfg.get("mean"), cfg.get("std")
+    return LoadedModel(obj, ModelSpec("pickle", str(path), None, size), size,
+                       tuple(mean) if mean else None, tuple(std) if std else None)  # fmt: skip
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
