@@ -261,3 +261,10 @@ def test_trusted_pickle_takes_input_size_from_the_model(tmp_path, capsys):
     torch.save(model, with_cfg)
     loaded = load_model(str(with_cfg), trust_pickle=True)
     assert (loaded.input_size, loaded.mean, loaded.std) == ((1, 8, 8), (0.5,), (0.25,))
+
+
+def test_torch_save_archive_named_pt2_is_treated_as_a_pickle(tmp_path, capsys):
+    path = tmp_path / "weights.pt2"
+    torch.save(_digits().state_dict(), path)
+    assert run(["inspect", str(path)]) == 2
+    assert "--weights" in _one_error_line(capsys)  # the weights-file advice, not "damaged torch.export archive"

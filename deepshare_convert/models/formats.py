@@ -41,6 +41,7 @@ __all__ = ["sniff_model_file", "load_pt2", "load_onnx", "torchscript_error", "no
 
 EXPORTED_SOURCES = ("pt2", "onnx")  # sources whose architecture is the file itself
 METADATA_NAME = "deepshare.json"  # the .pt2 extra file / ONNX metadata_props key with mean and std
+_GUARD_MODULES = ("_guards_fn",)  # torch.export's input-guard submodule, called from the graph
 
 
 @dataclass
@@ -70,7 +71,6 @@ def _normalisation(text: str | bytes | None, path) -> tuple[tuple[float, ...] | 
     if len(mean) != len(std) or not mean or any(v <= 0 for v in std):
         raise DeepShareError(f"{path}: its {METADATA_NAME} entry needs one mean and one positive std per channel")
     return mean, std
-_GUARD_MODULES = ("_guards_fn",)  # torch.export's input-guard submodule, called from the graph
 
 
 def sniff_model_file(path: str | os.PathLike) -> str | None:
@@ -88,6 +88,8 @@ def sniff_model_file(path: str | os.PathLike) -> str | None:
         return "pt2"
     if any(n == "constants.pkl" or n.startswith("code/") for n in parts):
         return "torchscript"
+    if "data.pkl" in parts:
+        return None  # a torch.save archive, whatever its suffix: weights, or a pickled module
     suffix = p.suffix.lower()
     if suffix == ".pt2":
         return "pt2"  # a damaged one: load_pt2 says so in one line
