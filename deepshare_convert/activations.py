@@ -149,12 +149,14 @@ def functional_forms() -> dict[Callable[..., Any], ActivationKind]:
     return forms
 
 
+_aten = torch.ops.aten  # the forms in torch.export graphs (``.pt2``): overloads and their packets
 RELU = register_activation(ActivationKind(
     "relu",
     modules=(nn.ReLU,),
-    functions=(F.relu, torch.relu, torch.relu_, F.relu_),
+    functions=(F.relu, torch.relu, torch.relu_, F.relu_,
+               _aten.relu.default, _aten.relu_.default, _aten.relu, _aten.relu_),
     methods=("relu", "relu_"),
-    inplace_functions=(torch.relu_, F.relu_),
+    inplace_functions=(torch.relu_, F.relu_, _aten.relu_.default, _aten.relu_),
     inplace_methods=("relu_",),
     mpc_handler="relu",
 ))  # fmt: skip

@@ -6,7 +6,7 @@ Two mismatches are known on the project's CPU machine (torch 2.13.0+cpu):
   does not load beside the CPU torch, so ``import torchvision`` dies with
   "operator torchvision::nms does not exist" (torchvision registers fake kernels
   for ``nms``/``qnms`` at import and needs their schemas).  timm imports
-  torchvision at import time, so timm needs it too.  Remedy: try the compiled
+  torchvision at import time, so timm needs it too (and so does onnx2torch).  Remedy: try the compiled
   library first; only if it fails, define the two schemas ourselves.  Defining
   them beside a working library aborts the process, hence the guard.
 * **crypten 0.4.1** imports ``torch.onnx._internal.registration``, a module that
@@ -14,7 +14,7 @@ Two mismatches are known on the project's CPU machine (torch 2.13.0+cpu):
   2.x.  Remedy: alias the old name in ``sys.modules`` before importing crypten.
 
 Both are applied lazily, at most once, through :func:`import_timm` /
-:func:`import_crypten`; nothing here runs at package import time.
+:func:`import_crypten` / :func:`import_onnx2torch`; nothing here runs at package import time.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import sys
 from functools import cache
 
-__all__ = ["patch_torchvision", "patch_crypten", "import_timm", "import_crypten", "check_install"]
+__all__ = ["patch_torchvision", "patch_crypten", "import_timm", "import_crypten", "import_onnx2torch", "check_install"]
 
 _TORCHVISION_SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -74,6 +74,12 @@ def import_timm():
     """Import timm after making torchvision importable."""
     patch_torchvision()
     return importlib.import_module("timm")
+
+
+def import_onnx2torch():
+    """Import onnx2torch (the optional ``onnx-import`` extra) after making torchvision importable."""
+    patch_torchvision()
+    return importlib.import_module("onnx2torch")
 
 
 @cache

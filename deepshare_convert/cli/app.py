@@ -11,7 +11,7 @@ import typer
 from ..conversion.budget import allocator_names  # light: budget.py imports no torch
 from . import analyze_command, errors as cli_errors, mpc_commands, snl_commands
 from .console import console, err_console
-from .loading import NOTES, load_model_or_out, note_random_weights
+from .loading import NOTES, load_model_or_out, note_no_normalisation, note_random_weights
 
 from .options import (  # isort: skip (one compact list, see pyproject)
     InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
@@ -116,6 +116,7 @@ def _default_out(name: str, budget: str) -> str:
     import re
 
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.split(":")[-1].split("/")[-1])
+    stem = re.sub(r"\.(pt2|onnx)$", "", stem, flags=re.IGNORECASE)  # out/r20-12k for r20.pt2
     return f"out/{stem}-{budget.replace('%', 'pct')}"
 
 
@@ -252,6 +253,7 @@ def evaluate(
     if batch_size < 1:
         raise typer.BadParameter("--batch-size must be at least 1")
     loaded = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+    note_no_normalisation(loaded)
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
     check_input_fits(loaded.input_size, info, data, hint=_size_hint(model, info))

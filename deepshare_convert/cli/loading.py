@@ -28,6 +28,15 @@ def load_model_or_out(model, weights=None, input_size=None, num_classes=None, tr
     return loaded
 
 
+def note_no_normalisation(loaded) -> None:
+    """One stderr note when a .pt2 / .onnx file does not say how its inputs are normalised."""
+    from ..models.formats import EXPORTED_SOURCES, METADATA_NAME
+
+    if loaded.spec.source in EXPORTED_SOURCES and loaded.mean is None:
+        NOTES.append(f"note: {loaded.spec.name} records no input normalisation ({METADATA_NAME}); data is "
+                     "normalised with its own mean/std (see docs/models.md to record the model's)")  # fmt: skip
+
+
 def note_random_weights(spec, has_weights: bool) -> None:
     """One stderr note when a built-in or timm architecture has no trained weights."""
     if isinstance(spec, str):  # a MODEL argument not built here (snl, recipes): judge it by its form

@@ -29,8 +29,8 @@ ModelArg = Annotated[
     str,
     typer.Argument(
         metavar="MODEL",
-        help="Built-in name (see `deepshare models`), timm:NAME, package.module:factory, "
-        "or a pickled nn.Module file (with --trust-pickle).",
+        help="Built-in name (see `deepshare models`), timm:NAME, package.module:factory, a torch.export .pt2 "
+        "or .onnx file, or a pickled nn.Module file (with --trust-pickle).",
         show_default=False,
     ),
 ]

@@ -46,6 +46,15 @@ OTHER_FUNCTIONS = {
     torch.softmax, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d,
     torch.max_pool2d, torch.clamp, torch.clip, torch.maximum, torch.minimum,
 }  # fmt: skip
+_ATEN_OTHER = ("relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "mish", "hardswish", "hardswish_",
+               "hardsigmoid", "sigmoid", "sigmoid_", "tanh", "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_",
+               "selu", "softplus", "softmax", "_softmax", "max_pool1d", "max_pool2d", "max_pool3d",
+               "max_pool2d_with_indices", "adaptive_max_pool2d", "clamp", "clamp_", "clip", "maximum", "minimum")
+OTHER_FUNCTIONS |= {  # the same operations in torch.export graphs (every overload of each ATen op)
+    getattr(packet, overload)
+    for packet in (getattr(torch.ops.aten, name, None) for name in _ATEN_OTHER) if packet is not None
+    for overload in packet.overloads()
+}  # fmt: skip
 OTHER_METHODS = {"sigmoid", "tanh", "softmax", "clamp", "clamp_", "clip", "sigmoid_", "tanh_"}
 _ACTIVATION_WORDS = ("relu", "gelu", "silu", "swish", "mish", "sigmoid", "tanh", "elu", "softmax")
 

@@ -6,8 +6,12 @@ MODEL forms, in the order they are tried:
   ``pretrained=True`` (``--pretrained``): then timm fetches its published weights itself, through
   its cache; offline, a cached copy is used or the error names ``--weights`` at once;
 * ``package.module:factory`` -- a Python entry point returning an ``nn.Module``;
-* an existing file -- a full pickled ``nn.Module``, only with ``trust_pickle=True``
-  (unpickling runs code; a weights file needs an architecture and ``--weights``);
+* an existing file -- by its contents: a torch.export archive (``.pt2``, read with
+  ``torch.export.load``, no code runs), an ONNX model (``.onnx``, through ``onnx2torch``), a
+  TorchScript archive (refused in one line: export it instead), else a full pickled
+  ``nn.Module``, only with ``trust_pickle=True`` (unpickling runs code; a weights file needs an
+  architecture and ``--weights``). ``.pt2`` and ``.onnx`` models take their input size from the
+  file (see :mod:`.formats`);
 * a built-in architecture name (see ``deepshare_convert.models.list_models()``).
 
 Weights are always read with ``weights_only=True`` and ``map_location="cpu"``.
@@ -31,7 +35,7 @@ from .registry import get_entry
 
 __all__ = ["ModelSpec", "LoadedModel", "load_model", "load_weights", "load_state_dict_file"]
 
-Source = Literal["builtin", "timm", "entrypoint", "pickle", "converted"]
+Source = Literal["builtin", "timm", "entrypoint", "pickle", "converted", "pt2", "onnx"]
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -112,7 +116,7 @@ def load_model(
     elif ":" in model and not Path(model).exists():
         loaded = _load_entrypoint(model, num_classes, size)
     elif Path(model).is_file():
-        loaded = _load_pickled_module(model, trust_pickle, size)
+        loaded = _load_file(model, trust_pickle, size)
     elif Path(model).is_dir():
         raise DeepShareError(
             f"{model} is a directory; converted-model directories are read with deepshare_convert.load"
@@ -244,7 +248,7 @@ def _load_entrypoint(target: str, num_classes: int | None, size: tuple[int, ...]
     return LoadedModel(module, ModelSpec("entrypoint", target, num_classes, size), size)
 
 
-_FILE_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".safetensors", ".pkl", ".ckpt", ".onnx", ".json")
+_FILE_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".safetensors", ".pkl", ".ckpt", ".onnx", ".pt2", ".json")
 
 
 def _looks_like_path(model: str) -> bool:
@@ -279,6 +283,20 @@ def _unreadable(path: str | os.PathLike, e: BaseException) -> WeightsError:
     return WeightsError(f"{path} is not a readable weights file: a damaged pickle ({_short(Exception(reason))})")
 
 
+def _load_file(path: str, trust_pickle: bool, size: tuple[int, ...] | None) -> LoadedModel:
+    """A model file, by what it holds: torch.export, ONNX, TorchScript (refused) or a pickle."""
+    from .formats import load_onnx, load_pt2, sniff_model_file, torchscript_error
+
+    form = sniff_model_file(path)
+    if form == "torchscript":
+        raise torchscript_error(path)
+    if form in ("pt2", "onnx"):
+        got = (load_pt2 if form == "pt2" else load_onnx)(path, size)
+        spec = ModelSpec(form, str(Path(path).resolve()), None, got.input_size)
+        return LoadedModel(got.model, spec, got.input_size, got.mean, got.std)
+    return _load_pickled_module(path, trust_pickle, size)
+
+
 def _load_pickled_module(path: str, trust_pickle: bool, size: tuple[int, ...] | None) -> LoadedModel:
     if Path(path).suffix.lower() == ".safetensors":
         raise _weights_not_model(path)
@@ -295,9 +313,15 @@ def _load_pickled_module(path: str, trust_pickle: bool, size: tuple[int, ...] | 
         raise WeightsError(
             f"{path} holds a {type(obj).__name__}, not an nn.Module; pass it with --weights and an architecture"
         )
+    cfg = getattr(obj, "pretrained_cfg", None) or getattr(obj, "default_cfg", None)  # timm models carry theirs
+    cfg = cfg if isinstance(cfg, dict) else {}
+    size = size or (tuple(int(d) for d in cfg["input_size"]) if cfg.get("input_size") else None)
     if size is None:
-        raise DeepShareError("a pickled model needs --input-size (e.g. 3,32,32)")
-    return LoadedModel(obj, ModelSpec("pickle", str(path), None, size), size)
+        raise DeepShareError(f"{path} holds a model that does not say its input size: pass --input-size "
+                             "(e.g. 3,32,32), or save it with torch.export.save, which records it")  # fmt: skip
+    mean, std = cfg.get("mean"), cfg.get("std")
+    return LoadedModel(obj, ModelSpec("pickle", str(path), None, size), size,
+                       tuple(mean) if mean else None, tuple(std) if std else None)  # fmt: skip
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -262,6 +262,13 @@ class CrypTenInterpreter(fx.Interpreter):
     def _h_getitem(self, n, args, kwargs):
         return args[0][args[1]]
 
+    def _h_slice(self, n, args, kwargs):
+        """``aten.slice(x, dim, start, end, step)``: basic indexing, local to each party."""
+        names = ("dim", "start", "end", "step")
+        v = {"dim": 0, "start": None, "end": None, "step": 1, **dict(zip(names, args[1:])), **kwargs}
+        index = (slice(None),) * (v["dim"] % args[0].dim()) + (slice(v["start"], v["end"], v["step"]),)
+        return args[0][index]
+
     def _h_pad(self, n, args, kwargs):
         pad = args[1] if len(args) > 1 else kwargs["pad"]
         mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")

@@ -70,6 +70,16 @@ _FUNCTION_HANDLERS: dict[Any, str] = {
     F.conv2d: "conv2d", F.linear: "linear", torch.mean: "mean", torch.sum: "sum",
     F.dropout: "identity", getattr: "shape",
 }  # fmt: skip
+_aten = torch.ops.aten  # torch.export (.pt2) graphs: the same operations as ATen overloads
+_FUNCTION_HANDLERS.update({
+    _aten.conv2d.default: "conv2d", _aten.linear.default: "linear",
+    _aten.add.Tensor: "add", _aten.add_.Tensor: "add", _aten.sub.Tensor: "sub", _aten.mul.Tensor: "mul",
+    _aten.neg.default: "neg", _aten.pad.default: "pad", _aten.cat.default: "cat",
+    _aten.flatten.using_ints: "flatten", _aten.view.default: "reshape", _aten.reshape.default: "reshape",
+    _aten.avg_pool2d.default: "avgpool", _aten.adaptive_avg_pool2d.default: "adaptive_avgpool",
+    _aten.max_pool2d.default: "maxpool", _aten.mean.dim: "mean", _aten.slice.Tensor: "slice",
+    _aten.dropout.default: "identity", _aten.contiguous.default: "identity",
+})  # fmt: skip
 _METHOD_HANDLERS: dict[str, str] = {
     "add": "add", "add_": "add", "sub": "sub", "sub_": "sub",
     "mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "neg": "neg", "mean": "mean", "sum": "sum",
@@ -77,7 +87,7 @@ _METHOD_HANDLERS: dict[str, str] = {
     "permute": "shape_op", "transpose": "shape_op", "squeeze": "shape_op", "unsqueeze": "shape_op",
     "size": "shape", "dim": "shape",
 }  # fmt: skip
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul}
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, _aten.add_.Tensor}
 _INPLACE_METHODS = {"add_", "sub_", "mul_", "div_"}
 # activations (ReLU, ...) come from the registry in deepshare_convert.activations: kind.mpc_handler
 

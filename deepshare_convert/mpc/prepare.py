@@ -73,6 +73,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+    _fold_aten_batchnorm(gm)
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -105,6 +106,75 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _fold_aten_batchnorm(gm: fx.GraphModule) -> None:
+    """Fold ``aten.conv2d -> aten.batch_norm(training=False)`` of a torch.export graph, in place.
+
+    The function-form twin of the module fold above: the convolution's weight (and bias) are
+    ``get_attr`` tensors used by that convolution alone; the folded weight replaces the
+    convolution's parameter and the folded bias becomes a new parameter beside it.
+    """
+    aten = torch.ops.aten
+    folded = False
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not aten.batch_norm.default or len(n.args) < 8:
+            continue
+        conv, bn_w, bn_b, mean, var, training, _, eps = n.args[:8]
+        if training or not isinstance(conv, fx.Node) or conv.target is not aten.conv2d.default or len(conv.users) != 1:
+            continue
+        w_node = conv.args[1]
+        b_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+        attrs = [a for a in (w_node, b_node, bn_w, bn_b, mean, var) if a is not None]
+        if any(not isinstance(a, fx.Node) or a.op != "get_attr" for a in attrs) or len(w_node.users) != 1:
+            continue
+        if b_node is not None and len(b_node.users) != 1:
+            continue
+        w = gm.get_parameter(w_node.target) if _is_param(gm, w_node.target) else None
+        if w is None or mean is None or var is None:
+            continue
+        with torch.no_grad():
+            scale = torch.rsqrt(_attr(gm, var).double() + eps)
+            if bn_w is not None:
+                scale = scale * _attr(gm, bn_w).double()
+            bias = -_attr(gm, mean).double() * scale
+            if bn_b is not None:
+                bias = bias + _attr(gm, bn_b).double()
+            if b_node is not None:
+                bias = bias + _attr(gm, b_node).double() * scale
+            w.copy_((w.double() * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        owner, _, attr = w_node.target.rpartition(".")
+        holder = gm.get_submodule(owner) if owner else gm
+        bias_name = f"{attr}_bn_bias"
+        holder.register_parameter(bias_name, nn.Parameter(bias.to(w.dtype), requires_grad=False))
+        with gm.graph.inserting_before(conv):
+            b_new = gm.graph.get_attr(f"{owner}.{bias_name}" if owner else bias_name)
+        args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
+        args[2] = b_new
+        conv.args = tuple(args)
+        conv.kwargs = {k: v for k, v in conv.kwargs.items() if k != "bias"}
+        n.replace_all_uses_with(conv)
+        gm.graph.erase_node(n)
+        folded = True
+    if folded:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _attr(gm: fx.GraphModule, target: fx.Node) -> torch.Tensor:
+    t = gm
+    for part in target.target.split("."):
+        t = getattr(t, part)
+    return t
+
+
+def _is_param(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def strip_weights(gm: fx.GraphModule) -> fx.GraphModule:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.node import map_aggregate
@@ -22,6 +23,24 @@ __all__ = ["pack", "unpack"]
 @dataclass(frozen=True)
 class _Ref:
     name: str
+
+
+@dataclass(frozen=True)
+class _Op:
+    """An ATen operator (torch.export graphs): OpOverloads do not pickle, their names do."""
+
+    packet: str  # "conv2d"
+    overload: str  # "default"
+
+
+def _encode_target(target: Any) -> Any:
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        return _Op(target.__name__.split(".")[0], target._overloadname)
+    return target
+
+
+def _decode_target(target: Any) -> Any:
+    return getattr(getattr(torch.ops.aten, target.packet), target.overload) if isinstance(target, _Op) else target
 
 
 def pack(gm: fx.GraphModule) -> dict[str, Any]:
@@ -41,7 +60,7 @@ def pack(gm: fx.GraphModule) -> dict[str, Any]:
     for n in gm.graph.nodes:
         args = map_aggregate(n.args, lambda a: _Ref(a.name) if isinstance(a, fx.Node) else a)
         kwargs = map_aggregate(n.kwargs, lambda a: _Ref(a.name) if isinstance(a, fx.Node) else a)
-        rows.append((n.op, n.name, n.target, args, kwargs))
+        rows.append((n.op, n.name, _encode_target(n.target), args, kwargs))
     return {"root": root, "nodes": rows, "class_name": type(gm).__name__}
 
 
@@ -55,5 +74,5 @@ def unpack(packed: dict[str, Any]) -> fx.GraphModule:
         if op == "output":
             env[name] = graph.output(args[0])
         else:
-            env[name] = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
+            env[name] = graph.create_node(op, _decode_target(target), tuple(args), dict(kwargs), name=name)
     return fx.GraphModule(packed["root"], graph, packed["class_name"]).eval()

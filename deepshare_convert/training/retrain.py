@@ -70,12 +70,36 @@ def _load_tensors(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+_FROZEN = {
+    "pt2": "a torch.export (.pt2) graph is frozen in eval mode (aten.batch_norm uses its running statistics, "
+           "dropout is off)",
+    "onnx": "an ONNX graph is frozen in eval mode (torch.onnx.export folds BatchNorm into the convolutions)",
+}  # fmt: skip
+
+
+def _refuse_exported(m) -> None:
+    """Retraining needs a trainable graph: .pt2 / .onnx sources (or OUT/ converted from one) are refused, one line."""
+    from ..models.formats import sniff_model_file
+
+    if m.converted:
+        plan_file = Path(m.converted) / "plan.json"
+        source = Plan.read(Path(m.converted)).model.get("source") if plan_file.is_file() else None
+        name = m.converted
+    else:
+        source = sniff_model_file(m.name) if m.name and Path(m.name).is_file() else None
+        name = m.name
+    if source in _FROZEN:
+        raise DeepShareError(f"cannot retrain {name}: {_FROZEN[source]}; retrain the eager model (its architecture "
+                             "with --weights) and convert that, or use the converted model without retraining")  # fmt: skip
+
+
 class _Run:
     """State of one retraining run (kept small: everything else is rebuilt on resume)."""
 
     def __init__(self, recipe: Recipe, out: Path, reporter: Reporter | None, fail_at_step: int | None):
         self.recipe, self.out = recipe, out
         self.dist: DistContext = init_from_env()
+        _refuse_exported(recipe.model)
         self.run_dir = RunDir(out, writer=self.dist.is_main)
         torch.manual_seed(recipe.seed)
         self.info, self.train_split, self.test_split = load_dataset(recipe.data.spec)

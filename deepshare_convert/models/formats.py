@@ -1,0 +1,299 @@
+"""Model files that carry their own architecture: torch.export ``.pt2`` and ONNX; TorchScript refused.
+
+* ``.pt2`` (``torch.export.save``) is read with ``torch.export.load`` -- no pickled code runs --
+  and becomes a plain :class:`torch.fx.GraphModule` of ATen ops (``ep.module()`` without its
+  pytree calling convention and input guards, so ``.eval()``/``.train()`` and other batch
+  sizes work). The input size is the exported example input's (or the signature's).
+* ``.onnx`` goes through ``onnx2torch`` (the optional extra ``deepshare[onnx-import]``), which
+  yields a GraphModule of ``nn`` modules; the input size is the graph input's shape.
+* TorchScript archives (``torch.jit.save``) are recognised from their zip entries
+  (``code/``, ``constants.pkl``) without loading them and refused in one line: their graphs are
+  not torch.fx graphs, so nothing here could find or rewrite their activation sites.
+
+Neither format says how inputs are normalised. A model saved with a ``deepshare.json`` entry
+holding ``{"mean": [...], "std": [...]}`` -- an extra file of the ``.pt2``
+(``torch.export.save(ep, f, extra_files={"deepshare.json": ...})``) or a ``metadata_props`` entry
+of the ``.onnx`` -- is fed data normalised that way; otherwise the data's own statistics are used
+(the CLI says so in a note). :func:`normalisation_json` writes that entry.
+
+Exported graphs are frozen in eval mode (``aten.batch_norm`` with ``training=False``, BatchNorm
+folded into convolutions by ``torch.onnx.export``), which is why retraining refuses these sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from ..errors import DeepShareError, first_line
+
+__all__ = ["sniff_model_file", "load_pt2", "load_onnx", "torchscript_error", "normalisation_json", "EXPORTED_SOURCES",
+           "METADATA_NAME", "Exported"]
+
+EXPORTED_SOURCES = ("pt2", "onnx")  # sources whose architecture is the file itself
+METADATA_NAME = "deepshare.json"  # the .pt2 extra file / ONNX metadata_props key with mean and std
+_GUARD_MODULES = ("_guards_fn",)  # torch.export's input-guard submodule, called from the graph
+
+
+@dataclass
+class Exported:
+    """A model read from a .pt2 / .onnx file: the GraphModule, its input size, its normalisation if recorded."""
+
+    model: fx.GraphModule
+    input_size: tuple[int, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def normalisation_json(mean: Sequence[float], std: Sequence[float]) -> str:
+    """The ``deepshare.json`` entry that tells deepshare how a saved model's inputs are normalised."""
+    return json.dumps({"mean": [float(v) for v in mean], "std": [float(v) for v in std]})
+
+
+def _normalisation(text: str | bytes | None, path) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    if not text:
+        return None, None
+    try:
+        d = json.loads(text)
+        mean, std = tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise DeepShareError(f"{path}: its {METADATA_NAME} entry is not {{\"mean\": [...], \"std\": [...]}} "
+                             f"({first_line(e, 80)})") from None  # fmt: skip
+    if len(mean) != len(std) or not mean or any(v <= 0 for v in std):
+        raise DeepShareError(f"{path}: its {METADATA_NAME} entry needs one mean and one positive std per channel")
+    return mean, std
+
+
+def sniff_model_file(path: str | os.PathLike) -> str | None:
+    """``"pt2"``, ``"torchscript"``, ``"onnx"`` or None (anything else: a pickle, weights, junk)."""
+    p = Path(path)
+    names: list[str] = []
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            names = []
+    parts = [n.split("/", 1)[1] if "/" in n else n for n in names]
+    if any(n in ("archive_format", "serialized_exported_program.json", "models/model.json") for n in parts):
+        return "pt2"
+    if any(n == "constants.pkl" or n.startswith("code/") for n in parts):
+        return "torchscript"
+    if "data.pkl" in parts:
+        return None  # a torch.save archive, whatever its suffix: weights, or a pickled module
+    suffix = p.suffix.lower()
+    if suffix == ".pt2":
+        return "pt2"  # a damaged one: load_pt2 says so in one line
+    if suffix == ".onnx":
+        return "onnx"
+    return None
+
+
+def torchscript_error(path: str | os.PathLike) -> DeepShareError:
+    return DeepShareError(
+        f"{path} is a TorchScript archive (torch.jit.save), which cannot be converted: its graph is not a torch.fx "
+        "graph; save the model with torch.export.save(torch.export.export(model, (x,)), 'model.pt2'), export it "
+        "to ONNX, or name the architecture and pass its state dict with --weights"
+    )
+
+
+# ---- torch.export ------------------------------------------------------------------------------
+def load_pt2(path: str | os.PathLike, size: tuple[int, ...] | None) -> Exported:
+    """The exported program in ``path`` as a plain GraphModule, its input size (no batch dim), its normalisation."""
+    if not zipfile.is_zipfile(path):
+        raise DeepShareError(f"{path} is not a readable torch.export archive: not a zip file (truncated, or "
+                             "another format?)")  # fmt: skip
+    try:
+        with _quiet_torch_export():  # torch logs a traceback before trying its legacy reader
+            extra = {METADATA_NAME: ""}
+            ep = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:  # noqa: BLE001 - zip, JSON, schema or version errors of a damaged archive
+        why = first_line(e, 160)
+        if "warnings above" in why:  # torch's message points at the log lines silenced above
+            why = "a damaged or incomplete archive, or one written by an incompatible torch version"
+        raise DeepShareError(f"{path} is not a readable torch.export archive: {why}") from None
+    user_inputs = list(ep.graph_signature.user_inputs)
+    if len(user_inputs) != 1:
+        raise DeepShareError(f"{path} takes {len(user_inputs)} inputs; deepshare converts models of one image tensor")
+    exported = _exported_size(ep)
+    if size is not None and exported is not None and tuple(size) != exported:
+        raise DeepShareError(f"--input-size {','.join(map(str, size))} does not match {path}, exported at "
+                             f"{','.join(map(str, exported))}")  # fmt: skip
+    size = size or exported
+    if size is None:
+        raise DeepShareError(f"{path} records no concrete input size; pass --input-size (e.g. 3,32,32)")
+    mean, std = _normalisation(extra.get(METADATA_NAME), path)
+    gm = _plain_graph_module(ep.module(), path)
+    _check_batch_generic(gm, size, path)
+    return Exported(gm, size, mean, std)
+
+
+@contextlib.contextmanager
+def _quiet_torch_export():
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _exported_size(ep) -> tuple[int, ...] | None:
+    example = getattr(ep, "example_inputs", None)
+    if example:
+        args, kwargs = example
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if len(tensors) == 1 and tensors[0].dim() >= 2:
+            return tuple(int(d) for d in tensors[0].shape[1:])
+    name = ep.graph_signature.user_inputs[0]
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name == name and isinstance(val, torch.Tensor):
+            dims = val.shape[1:]
+            if all(isinstance(d, int) for d in dims):
+                return tuple(dims)
+    return None
+
+
+def _plain_graph_module(module: fx.GraphModule, path) -> fx.GraphModule:
+    """``ep.module()`` as an ordinary GraphModule: positional input, one tensor out, no guards.
+
+    The unlifted module refuses ``.eval()``/``.train()`` and checks the exported batch size
+    before every call; the graph itself is kept node for node (names, metadata, parameters).
+    """
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(module.graph, values)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target in _GUARD_MODULES and not node.users:
+            graph.erase_node(node)
+    if isinstance(out, (tuple, list)):
+        if len(out) != 1:
+            raise DeepShareError(f"{path} returns {len(out)} outputs; deepshare converts models with one logits output")
+        out = out[0]
+    graph.output(out)
+    graph.lint()
+    gm = fx.GraphModule(module, graph, "ExportedModel")
+    gm.eval()
+    return gm
+
+
+def _check_batch_generic(gm: fx.GraphModule, size: Sequence[int], path) -> None:
+    """Evaluation runs batches: a graph exported at batch 1 that bakes that in is refused now, in one line."""
+    try:
+        with torch.no_grad():
+            gm(torch.zeros((2, *size), dtype=_dtype(gm)))
+    except Exception as e:  # noqa: BLE001 - any failure of the graph at batch 2
+        raise DeepShareError(
+            f"{path} does not run at batch size 2 ({first_line(e, 120)}); export it with a dynamic batch: "
+            "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))"
+        ) from None
+
+
+def _dtype(gm: fx.GraphModule) -> torch.dtype:
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+# ---- ONNX --------------------------------------------------------------------------------------
+def load_onnx(path: str | os.PathLike, size: tuple[int, ...] | None) -> Exported:
+    """The ONNX model in ``path`` converted by onnx2torch, its input size (no batch dim), its normalisation."""
+    try:
+        import onnx
+    except ImportError:
+        raise DeepShareError("reading .onnx models needs onnx and onnx2torch: pip install 'deepshare[onnx-import]'") from None
+    try:
+        from ..compat import import_onnx2torch
+
+        onnx2torch = import_onnx2torch()
+    except ImportError:
+        raise DeepShareError("reading .onnx models needs onnx2torch: pip install 'deepshare[onnx-import]'") from None
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as e:  # noqa: BLE001 - protobuf decode or checker errors of a damaged file
+        raise DeepShareError(f"{path} is not a readable ONNX model: {first_line(e, 160)}") from None
+    exported = _onnx_size(proto, path)
+    if size is not None and exported is not None and tuple(size) != exported:
+        raise DeepShareError(f"--input-size {','.join(map(str, size))} does not match {path}, whose input is "
+                             f"{','.join(map(str, exported))}")  # fmt: skip
+    size = size or exported
+    if size is None:
+        raise DeepShareError(f"{path} has no fixed input shape (beyond the batch); pass --input-size (e.g. 3,32,32)")
+    meta = next((p.value for p in proto.metadata_props if p.key == METADATA_NAME), None)
+    mean, std = _normalisation(meta, path)
+    _inline_identity_initializers(proto)
+    gm = _onnx2torch(onnx2torch, proto, path)
+    gm.eval()
+    return Exported(gm, size, mean, std)
+
+
+def _inline_identity_initializers(proto) -> None:
+    """``Identity(initializer)`` -> a copy of the initializer under the output's name, in place.
+
+    torch.onnx.export shares equal constants (e.g. two zero biases) through Identity nodes, and
+    onnx2torch expects a convolution's weight and bias to be initializers.
+    """
+    import onnx
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    keep = []
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            proto.graph.initializer.append(copy)
+            inits[copy.name] = copy
+        else:
+            keep.append(node)
+    if len(keep) != len(proto.graph.node):
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+
+
+_ONNX2TORCH_OPSET = 17  # the newest opset whose operators onnx2torch 1.5 converts throughout
+
+
+def _onnx2torch(onnx2torch, proto, path) -> fx.GraphModule:
+    """onnx2torch's GraphModule; a newer opset than it knows is first down-converted by onnx itself."""
+    try:
+        return onnx2torch.convert(proto)
+    except Exception as e:  # noqa: BLE001 - an operator onnx2torch does not know, or a bad attribute
+        error = e
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset > _ONNX2TORCH_OPSET:
+        from onnx import version_converter
+
+        try:
+            return onnx2torch.convert(version_converter.convert_version(proto, _ONNX2TORCH_OPSET))
+        except Exception:  # noqa: BLE001 - no adapter for some operator, or still unconvertible
+            raise DeepShareError(f"onnx2torch cannot convert {path} (opset {opset}): {first_line(error, 120)}; "
+                                 f"export it with opset_version={_ONNX2TORCH_OPSET} "
+                                 f"(torch.onnx.export(..., opset_version={_ONNX2TORCH_OPSET}))") from None  # fmt: skip
+    raise DeepShareError(f"onnx2torch cannot convert {path}: {first_line(error, 160)}") from None
+
+
+def _onnx_size(proto, path) -> tuple[int, ...] | None:
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise DeepShareError(f"{path} takes {len(inputs)} inputs; deepshare converts models of one image tensor")
+    dims = inputs[0].type.tensor_type.shape.dim
+    values = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    if not values or any(v is None or v <= 0 for v in values):
+        return None
+    return tuple(values)
