@@ -170,7 +170,7 @@ def test_input_size_must_match_the_file(tmp_path, capsys):
     path = _save_pt2(_digits(), (1, 8, 8), tmp_path / "d.pt2")
     assert load_model(path, input_size="1,8,8").input_size == (1, 8, 8)
     assert run(["inspect", path, "--input-size", "1,16,16"]) == 2
-    assert "exported at 1,8,8" in _one_error_line(capsys)
+    assert "whose input is 1,8,8" in _one_error_line(capsys)
 
 
 @needs_onnx2torch

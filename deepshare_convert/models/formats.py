@@ -59,6 +59,16 @@ def normalisation_json(mean: Sequence[float], std: Sequence[float]) -> str:
     return json.dumps({"mean": [float(v) for v in mean], "std": [float(v) for v in std]})
 
 
+def _input_size(given: Sequence[int] | None, recorded: tuple[int, ...] | None, path) -> tuple[int, ...]:
+    """The file's input size (C, H, W); ``--input-size`` may repeat it, or supply one it lacks."""
+    if given is not None and recorded is not None and tuple(given) != recorded:
+        raise DeepShareError(f"--input-size {','.join(map(str, given))} does not match {path}, whose input is "
+                             f"{','.join(map(str, recorded))}")  # fmt: skip
+    if given is None and recorded is None:
+        raise DeepShareError(f"{path} records no fixed input size (beyond the batch); pass --input-size (e.g. 3,32,32)")
+    return tuple(given or recorded)
+
+
 def _normalisation(text: str | bytes | None, path) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
     if not text:
         return None, None
@@ -124,13 +134,7 @@ def load_pt2(path: str | os.PathLike, size: tuple[int, ...] | None) -> Exported:
     user_inputs = list(ep.graph_signature.user_inputs)
     if len(user_inputs) != 1:
         raise DeepShareError(f"{path} takes {len(user_inputs)} inputs; deepshare converts models of one image tensor")
-    exported = _exported_size(ep)
-    if size is not None and exported is not None and tuple(size) != exported:
-        raise DeepShareError(f"--input-size {','.join(map(str, size))} does not match {path}, exported at "
-                             f"{','.join(map(str, exported))}")  # fmt: skip
-    size = size or exported
-    if size is None:
-        raise DeepShareError(f"{path} records no concrete input size; pass --input-size (e.g. 3,32,32)")
+    size = _input_size(size, _exported_size(ep), path)
     mean, std = _normalisation(extra.get(METADATA_NAME), path)
     gm = _plain_graph_module(ep.module(), path)
     _check_batch_generic(gm, size, path)
@@ -225,13 +229,7 @@ def load_onnx(path: str | os.PathLike, size: tuple[int, ...] | None) -> Exported
         onnx.checker.check_model(proto)
     except Exception as e:  # noqa: BLE001 - protobuf decode or checker errors of a damaged file
         raise DeepShareError(f"{path} is not a readable ONNX model: {first_line(e, 160)}") from None
-    exported = _onnx_size(proto, path)
-    if size is not None and exported is not None and tuple(size) != exported:
-        raise DeepShareError(f"--input-size {','.join(map(str, size))} does not match {path}, whose input is "
-                             f"{','.join(map(str, exported))}")  # fmt: skip
-    size = size or exported
-    if size is None:
-        raise DeepShareError(f"{path} has no fixed input shape (beyond the batch); pass --input-size (e.g. 3,32,32)")
+    size = _input_size(size, _onnx_size(proto, path), path)
     meta = next((p.value for p in proto.metadata_props if p.key == METADATA_NAME), None)
     mean, std = _normalisation(meta, path)
     _inline_identity_initializers(proto)
