@@ -241,13 +241,45 @@ def test_pt2_two_party_run_agrees_with_plaintext(tmp_path, mode):
     assert run.comparisons_expected == 4 * conv.plan.achieved == run.parties[0].comparisons
 
 
+@needs(RESNET20_WEIGHTS)
 @needs_onnx2torch
-def test_onnx_private_inference_names_the_unsupported_op(tmp_path, capsys):
-    out = tmp_path / "conv"
-    assert run(["convert", _save_onnx(_digits(), (1, 8, 8), tmp_path / "d.onnx"), "--budget", "50%", "-o", str(out)]) == 0
-    capsys.readouterr()
-    assert run(["estimate-latency", str(out)]) == 2
-    assert "under MPC" in _one_error_line(capsys)
+def test_onnx_resnet20_costs_what_the_eager_one_costs(tmp_path):
+    """onnx2torch's Add / Slice / PadDynamic / GlobalAveragePool become torch calls the lowering knows:
+    the converted .onnx ResNet-20 lowers to the eager model's exact bytes, rounds and comparisons."""
+    from deepshare_convert.mpc.costs import estimate
+
+    eager = _resnet20()
+    loaded = load_model(_save_onnx(eager, (3, 32, 32), tmp_path / "r20.onnx"))
+    assert not [n for n in loaded.model.graph.nodes if n.op == "call_module"
+                and type(loaded.model.get_submodule(n.target)).__name__.startswith("Onnx")]  # fmt: skip
+    got = estimate(convert(loaded.model, (3, 32, 32), budget="12k").model, (3, 32, 32))
+    want = estimate(convert(eager, (3, 32, 32), budget="12k").model, (3, 32, 32))
+    assert (got.bytes, got.rounds) == (want.bytes, want.rounds) == (8_184_912, 100)
+
+
+@needs_onnx2torch
+def test_onnx_two_party_run_agrees_with_plaintext(tmp_path):
+    from deepshare_convert.mpc.launcher import run_two_party
+
+    loaded = load_model(_save_onnx(_digits(), (1, 8, 8), tmp_path / "d.onnx"))
+    conv = convert(loaded.model, (1, 8, 8), budget="50%")
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    run = run_two_party(conv.model, x, timeout=300)
+    assert run.top1_agreement == 1.0 and run.max_logit_error < 1e-2
+    assert run.parties[0].comparisons == 4 * conv.plan.achieved
+
+
+def test_onnx_slice_and_pad_constants_translate():
+    from deepshare_convert.models.formats import _onnx_pads, _onnx_slices
+
+    t = torch.tensor
+    x = torch.arange(2 * 4 * 6 * 6).reshape(2, 4, 6, 6)
+    index = _onnx_slices(t([0, 0]), t([2**63 - 1, 2**63 - 1]), t([2, 3]), t([2, 2]), ndim=4)
+    assert torch.equal(x[index], x[:, :, ::2, ::2])
+    assert _onnx_slices(t([5]), t([0]), t([1]), t([-1]), ndim=4) is None  # negative steps: left to the lowering
+    # ONNX: begins of axes 0..3, then ends; F.pad: last axis first
+    pads = _onnx_pads(t([0, 2, 0, 0, 0, 3, 0, 0]))
+    assert pads == [0, 0, 0, 0, 2, 3] and torch.nn.functional.pad(x, pads).shape == (2, 9, 6, 6)
 
 
 def test_trusted_pickle_takes_input_size_from_the_model(tmp_path, capsys):

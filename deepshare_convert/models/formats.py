@@ -30,6 +30,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -235,7 +236,100 @@ def load_onnx(path: str | os.PathLike, size: tuple[int, ...] | None) -> Exported
     _inline_identity_initializers(proto)
     gm = _onnx2torch(onnx2torch, proto, path)
     gm.eval()
+    _standard_ops(gm, size)
     return Exported(gm, size, mean, std)
+
+
+def _standard_ops(gm: fx.GraphModule, size: Sequence[int]) -> None:
+    """onnx2torch's modules -> the torch calls they stand for, where their parameters are constants.
+
+    The MPC lowering knows ``torch.add``, ``x[slices]``, ``F.pad`` and ``adaptive_avg_pool2d`` but
+    not onnx2torch's ``OnnxBinaryMathOperation``, ``OnnxSlice``, ``OnnxPadDynamic`` or
+    ``OnnxGlobalAveragePool*``; a Slice's starts/ends or a Pad's pads are small subgraphs of
+    constants, folded here by running the graph once. In place; anything else is left alone
+    (the lowering then names it in one line).
+    """
+    import operator
+
+    values = _node_values(gm, size)
+    constant = _constant_nodes(gm)
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        kind = type(modules.get(node.target)).__name__ if node.op == "call_module" else ""
+        replacement = None
+        if kind == "OnnxBinaryMathOperation" and len(node.args) == 2:
+            fn = modules[node.target].math_op_function
+            if fn in (torch.add, torch.sub, torch.mul, torch.div):
+                replacement = (fn, tuple(node.args))
+        elif kind.startswith("OnnxGlobalAveragePool") and len(node.args) == 1:
+            replacement = (torch.nn.functional.adaptive_avg_pool2d, (node.args[0], 1))
+        elif kind == "OnnxSlice" and all(a in constant for a in node.args[1:]):
+            index = _onnx_slices(*(values[a] for a in node.args[1:]), ndim=values[node.args[0]].dim())
+            if index is not None:
+                replacement = (operator.getitem, (node.args[0], index))
+        elif kind == "OnnxPadDynamic" and all(a in constant for a in node.args[1:]):
+            pads = _onnx_pads(values[node.args[1]])
+            value = float(values[node.args[2]]) if len(node.args) > 2 and node.args[2] is not None else 0.0
+            if modules[node.target].mode == "constant":
+                replacement = (torch.nn.functional.pad, (node.args[0], pads, "constant", value))
+        if replacement is not None:
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(*replacement)
+            new.meta, values[new] = dict(node.meta), values[node]
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _node_values(gm: fx.GraphModule, size: Sequence[int]) -> dict[fx.Node, Any]:
+    """Every node's value on one example input (the constants' values are what we need)."""
+    values: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n] = out = super().run_node(n)
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(torch.zeros(1, *size, dtype=_dtype(gm)))
+    return values
+
+
+def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that do not depend on the input (placeholders)."""
+    varying: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in varying for a in node.all_input_nodes):
+            varying.add(node)
+    return {n for n in gm.graph.nodes if n not in varying and n.op != "output"}
+
+
+def _onnx_slices(starts, ends, axes=None, steps=None, *, ndim: int) -> tuple | None:
+    """ONNX Slice inputs -> a Python index (None for negative steps, which the lowering has no need of)."""
+    starts, ends = [int(v) for v in starts.flatten()], [int(v) for v in ends.flatten()]
+    axes = [int(v) % ndim for v in axes.flatten()] if axes is not None else list(range(len(starts)))
+    steps = [int(v) for v in steps.flatten()] if steps is not None else [1] * len(starts)
+    if any(step <= 0 for step in steps):
+        return None
+    index: list[slice] = [slice(None)] * ndim
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        index[axis] = slice(start, min(end, 2**62), step)  # ONNX writes "to the end" as INT64_MAX
+    return tuple(index)
+
+
+def _onnx_pads(pads) -> list[int]:
+    """ONNX pads (all begins, then all ends, first axis first) -> F.pad's (last axis first, begin, end)."""
+    pads = [int(v) for v in pads.flatten()]
+    half = len(pads) // 2
+    begins, ends = pads[:half], pads[half:]
+    out: list[int] = []
+    for axis in reversed(range(half)):
+        out += [begins[axis], ends[axis]]
+    while len(out) > 2 and out[-1] == 0 and out[-2] == 0:  # F.pad may omit leading unpadded axes
+        out = out[:-2]
+    return out
 
 
 def _inline_identity_initializers(proto) -> None:
