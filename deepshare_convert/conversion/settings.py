@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import DeepShareError
-from .budget import check_allocator
+from .budget import check_allocator, read_snl_counts
 
 __all__ = ["ConversionSettings", "settings_from"]
 
@@ -53,8 +53,6 @@ class ConversionSettings(BaseModel):
             return override
         if self.snl_counts is None:
             return None
-        from .budget import read_snl_counts
-
         return read_snl_counts(self.snl_counts)
 
 
