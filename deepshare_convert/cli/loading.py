@@ -44,6 +44,6 @@ def note_random_weights(spec, has_weights: bool) -> None:
 
         source = "timm" if spec.startswith("timm:") else "builtin" if spec in list_models() else "other"
         spec = ModelSpec(source, spec.removeprefix("timm:"))
-    if not has_weights and spec.source in ("builtin", "timm"):
-        how = "--weights FILE" + (" or --pretrained" if spec.source == "timm" else "")
+    if not has_weights and spec.source in ("builtin", "timm", "deeplabv3"):
+        how = "--weights FILE" + (" or --pretrained" if spec.source in ("timm", "deeplabv3") else "")
         NOTES.append(f"note: no weights given: {spec.display} has randomly initialised weights (give {how})")

@@ -57,8 +57,8 @@ LeafOpt = Annotated[
 ]
 PretrainedOpt = Annotated[
     bool,
-    typer.Option("--pretrained", help="timm:NAME only: timm's published weights, fetched and cached by timm "
-                 "(offline: its cached copy, else use --weights)."),
+    typer.Option("--pretrained", help="timm:NAME (and DeepLabV3's timm backbone) only: timm's published weights, "
+                 "fetched and cached by timm (offline: its cached copy, else use --weights)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

@@ -5,6 +5,9 @@ MODEL forms, in the order they are tried:
 * ``timm:NAME`` -- ``timm.create_model(NAME, pretrained=False)``; nothing is downloaded unless
   ``pretrained=True`` (``--pretrained``): then timm fetches its published weights itself, through
   its cache; offline, a cached copy is used or the error names ``--weights`` at once;
+* ``deeplabv3:BACKBONE`` / ``deeplabv3-os8:BACKBONE`` -- DeepLabV3 (ASPP head, :mod:`.deeplab`) on
+  timm's ``BACKBONE`` features at output stride 16 / 8; ``pretrained=True`` loads timm's weights
+  into the backbone only;
 * ``package.module:factory`` -- a Python entry point returning an ``nn.Module``;
 * an existing file -- by its contents: a torch.export archive (``.pt2``, read with
   ``torch.export.load``, no code runs), an ONNX model (``.onnx``, through ``onnx2torch``), a
@@ -30,12 +33,14 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from ..errors import DeepShareError, ModelNotFoundError, WeightsError, first_line
+from ..errors import DeepShareError, ModelNotFoundError, WeightsError
+from .deeplab import deeplab_spec_name, parse_deeplab_spec
 from .registry import get_entry
+from .timm_weights import timm_pretrained
 
 __all__ = ["ModelSpec", "LoadedModel", "load_model", "load_weights", "load_state_dict_file"]
 
-Source = Literal["builtin", "timm", "entrypoint", "pickle", "converted", "pt2", "onnx"]
+Source = Literal["builtin", "timm", "deeplabv3", "entrypoint", "pickle", "converted", "pt2", "onnx"]
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -65,6 +70,8 @@ class ModelSpec:
 
     @property
     def display(self) -> str:
+        if self.source == "deeplabv3":
+            return deeplab_spec_name(self.name, int(self.kwargs.get("output_stride", 16)))
         return {"timm": f"timm:{self.name}"}.get(self.source, self.name)
 
 
@@ -106,13 +113,16 @@ def load_model(
 ) -> LoadedModel:
     """Build (and optionally load weights into) the model named by ``model``; eval mode."""
     size = parse_input_size(input_size)
-    if pretrained and not model.startswith("timm:"):
-        raise WeightsError(f"--pretrained fetches timm's published weights, for timm:NAME models only; "
-                           f"give {model} its weights with --weights FILE")  # fmt: skip
+    deeplab = parse_deeplab_spec(model)
+    if pretrained and not (model.startswith("timm:") or deeplab or _takes_pretrained_backbone(model)):
+        raise WeightsError(f"--pretrained fetches timm's published weights, for timm:NAME models (and the timm "
+                           f"backbone of DeepLabV3 models) only; give {model} its weights with --weights FILE")  # fmt: skip
     if pretrained and weights is not None:
         raise WeightsError("give --pretrained or --weights, not both")
     if model.startswith("timm:"):
         loaded = _load_timm(model[5:], num_classes, size, pretrained)
+    elif deeplab is not None:
+        loaded = _load_deeplab(*deeplab, num_classes, size, pretrained)
     elif ":" in model and not Path(model).exists():
         loaded = _load_entrypoint(model, num_classes, size)
     elif Path(model).is_file():
@@ -127,6 +137,8 @@ def load_model(
     else:
         entry = get_entry(model)
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        if pretrained:  # a built-in on a timm backbone (deeplabv3_mobilenetv2)
+            kwargs["pretrained_backbone"] = True
         module = entry.factory(**kwargs)
         spec = ModelSpec("builtin", model, num_classes, size or entry.input_size)
         loaded = LoadedModel(module, spec, size or entry.input_size, entry.mean, entry.std)
@@ -148,7 +160,7 @@ def _load_timm(name: str, num_classes: int | None, size: tuple[int, ...] | None,
         more = f"; did you mean {', '.join('timm:' + h for h in hint)}?" if hint else ""
         raise ModelNotFoundError(f"unknown timm model {name!r}{more}")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    module = _timm_pretrained(timm, name, kwargs) if pretrained else timm.create_model(name, pretrained=False, **kwargs)
+    module = timm_pretrained(timm, name, kwargs) if pretrained else timm.create_model(name, pretrained=False, **kwargs)
     cfg = getattr(module, "pretrained_cfg", {}) or {}
     default_size = tuple(cfg.get("input_size", (3, 224, 224)))
     spec = ModelSpec("timm", name, num_classes, size or default_size)
@@ -158,72 +170,25 @@ def _load_timm(name: str, num_classes: int | None, size: tuple[int, ...] | None,
     )
 
 
-def _timm_pretrained(timm, name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """``timm.create_model(name, pretrained=True)``: timm's own download and cache.
+def _takes_pretrained_backbone(model: str) -> bool:
+    """A built-in whose factory can load timm's weights into its backbone (the DeepLabV3 built-ins)."""
+    from .registry import list_models
 
-    The hub client retries an unreachable host for most of a minute, so the host is probed
-    first (3 s); offline, timm is pointed at its cached copy, or the error says so at once.
-    """
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise WeightsError(f"timm publishes no pretrained weights for {name}; pass --weights FILE (a state dict)")
-    overlay = None
-    if not _timm_source_reachable(cfg):
-        cached = _timm_cached_file(cfg)
-        if cached is None:
-            raise WeightsError(f"timm's pretrained weights for {name} are not in the local cache and the download "
-                               "host cannot be reached (offline?); pass --weights FILE (a state dict) instead")  # fmt: skip
-        overlay = {"file": cached, "source": ""}
-    try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except Exception as e:  # noqa: BLE001 - network, cache or format errors of third-party code
-        first = first_line(e, 160)
-        raise WeightsError(f"cannot load timm's pretrained weights for {name}: {first}; "
-                           "pass --weights FILE (a state dict) instead") from None  # fmt: skip
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def _timm_source_reachable(cfg) -> bool:
-    """Can the host timm would download from (the hub, or the weights URL) be reached in 3 s?"""
-    import socket
-    from urllib.parse import urlparse
-
-    if _offline():
+    if model not in list_models():
         return False
-    if cfg.hf_hub_id:
-        url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    else:
-        url = cfg.url or ""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy or url)
-    if not target.hostname:
-        return not url  # a local file needs no network
-    try:
-        socket.create_connection((target.hostname, target.port or (443 if target.scheme == "https" else 80)),
-                                 timeout=3.0).close()  # fmt: skip
-        return True
-    except OSError:
-        return False
+    return "pretrained_backbone" in inspect.signature(get_entry(model).factory).parameters
 
 
-def _timm_cached_file(cfg) -> str | None:
-    """timm's weights already in the local cache (the hub's, or torch.hub's for URL weights)."""
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
+def _load_deeplab(backbone: str, output_stride: int, num_classes: int | None, size: tuple[int, ...] | None,
+                  pretrained: bool) -> LoadedModel:  # fmt: skip
+    """``deeplabv3:BACKBONE``: the ASPP head on any timm backbone, with the built-in's defaults."""
+    from .deeplab import DEEPLAB_DEFAULTS, deeplabv3
 
-        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        for filename in names:
-            path = try_to_load_from_cache(cfg.hf_hub_id, filename)
-            if isinstance(path, str):
-                return path
-    if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        if path.is_file():
-            return str(path)
-    return None
+    classes = num_classes if num_classes is not None else DEEPLAB_DEFAULTS["num_classes"]
+    module = deeplabv3(backbone, classes, output_stride, pretrained_backbone=pretrained)
+    size = size or DEEPLAB_DEFAULTS["input_size"]
+    spec = ModelSpec("deeplabv3", backbone, num_classes, size, kwargs={"output_stride": output_stride})
+    return LoadedModel(module, spec, size, DEEPLAB_DEFAULTS["mean"], DEEPLAB_DEFAULTS["std"])
 
 
 def _load_entrypoint(target: str, num_classes: int | None, size: tuple[int, ...] | None) -> LoadedModel:

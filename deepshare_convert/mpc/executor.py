@@ -36,7 +36,8 @@ from ..compat import import_crypten
 from ..errors import DeepShareError, first_line
 from . import protocols as P
 from .backend import Backend, NodeStats, PartyRun
-from .lowering import Program
+from .lowering import Program, interpolate_args
+from .resample import adaptive_pool_matrices, interpolate_matrices
 
 __all__ = ["CrypTenBackend", "CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program"]
 
@@ -309,11 +310,20 @@ class CrypTenInterpreter(fx.Interpreter):
         size = (size, size) if isinstance(size, int) or size is None else tuple(size)
         h, w = x.size(2), x.size(3)
         oh, ow = (h if size[0] is None else size[0]), (w if size[1] is None else size[1])
-        if h % oh or w % ow:
-            raise DeepShareError(f"cannot run node {n.name!r} under MPC: adaptive pool {h}x{w} -> {oh}x{ow} is uneven")
         if (oh, ow) == (1, 1):
             return x.sum(dim=(2, 3), keepdim=True).div(h * w)
+        if h % oh or w % ow:  # uneven bins: a public separable map (mpc/resample.py), local
+            return P.public_separable(x, *adaptive_pool_matrices((h, w), (oh, ow)))
         return x.avg_pool2d((h // oh, w // ow))
+
+    def _h_interpolate(self, n, args, kwargs):
+        """Bilinear / bicubic / nearest resampling: public separable coefficients, local to each party."""
+        x = args[0]
+        r = interpolate_args(n, self.mods)
+        out_hw = tuple(n.meta["tensor_meta"].shape[-2:])  # static: shapes were propagated by the lowering
+        mats = interpolate_matrices(tuple(x.size()[-2:]), out_hw, r["mode"], r["align_corners"],
+                                    r["scale_factor"], r["recompute_scale_factor"])  # fmt: skip
+        return P.public_separable(x, *mats)
 
     def _h_mean(self, n, args, kwargs):
         x = args[0]

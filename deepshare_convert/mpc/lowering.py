@@ -38,8 +38,10 @@ from ..conversion.tracing import example_input, propagate_shapes
 from ..errors import DeepShareError
 from . import WEIGHT_MODES
 from .prepare import prepare, snap_input
+from .resample import RESAMPLE_MODES
 
-__all__ = ["MPCOp", "Program", "CostInput", "COST_RULES", "lower", "prepare", "snap_input", "WEIGHT_MODES"]
+__all__ = ["MPCOp", "Program", "CostInput", "COST_RULES", "lower", "prepare", "snap_input", "WEIGHT_MODES",
+           "interpolate_args"]
 
 
 # ---- node -> handler tables ------------------------------------------------------------------
@@ -54,6 +56,7 @@ _MODULE_HANDLERS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.AdaptiveAvgPool2d, "adaptive_avgpool"),
     (nn.MaxPool2d, "maxpool"),
     (nn.Flatten, "flatten"),
+    (nn.Upsample, "interpolate"),
     (nn.Identity, "identity"),
     (nn.Dropout, "identity"),
     (nn.Dropout2d, "identity"),
@@ -68,7 +71,7 @@ _FUNCTION_HANDLERS: dict[Any, str] = {
     operator.getitem: "getitem", F.pad: "pad", torch.cat: "cat", torch.concat: "cat",
     F.avg_pool2d: "avgpool", F.adaptive_avg_pool2d: "adaptive_avgpool", F.max_pool2d: "maxpool",
     F.conv2d: "conv2d", F.linear: "linear", torch.mean: "mean", torch.sum: "sum",
-    F.dropout: "identity", getattr: "shape",
+    F.dropout: "identity", getattr: "shape", F.interpolate: "interpolate",
 }  # fmt: skip
 _aten = torch.ops.aten  # torch.export (.pt2) graphs: the same operations as ATen overloads
 _FUNCTION_HANDLERS.update({
@@ -79,6 +82,7 @@ _FUNCTION_HANDLERS.update({
     _aten.avg_pool2d.default: "avgpool", _aten.adaptive_avg_pool2d.default: "adaptive_avgpool",
     _aten.max_pool2d.default: "maxpool", _aten.mean.dim: "mean", _aten.slice.Tensor: "slice",
     _aten.dropout.default: "identity", _aten.contiguous.default: "identity",
+    _aten.upsample_bilinear2d.vec: "interpolate", _aten.upsample_nearest2d.vec: "interpolate",
 })  # fmt: skip
 _METHOD_HANDLERS: dict[str, str] = {
     "add": "add", "add_": "add", "sub": "sub", "sub_": "sub",
@@ -327,6 +331,42 @@ def _cost_mul(op: MPCOp, c: CostInput) -> None:
         op.opened, op.open_rounds = _numel(_shape(a)) + _numel(_shape(b)), 1
 
 
+def _cost_interpolate(op: MPCOp, c: CostInput) -> None:
+    # public separable coefficients (mpc/resample.py): local, with the two-party local truncation
+    resample = interpolate_args(c.node, c.modules)
+    if resample["mode"] not in RESAMPLE_MODES or resample["antialias"]:
+        what = "antialias=True" if resample["antialias"] else f"mode {resample['mode']!r}"
+        raise DeepShareError(f"cannot run node {c.node.name!r} under MPC: interpolate with {what} "
+                             f"(supported: {', '.join(RESAMPLE_MODES)}, no antialias)")  # fmt: skip
+    _cost_separable(op, c)
+
+
+def _cost_separable(op: MPCOp, c: CostInput) -> None:
+    """Compute only (the two matmuls by public matrices); nothing goes on the wire."""
+    in_shape, out_shape = _shape(c.x), _shape(c.node)
+    if len(in_shape) != 4:
+        raise DeepShareError(f"cannot run node {c.node.name!r} under MPC: resampling of a {len(in_shape)}-d tensor")
+    n, ch, h, w = in_shape
+    op.macs = n * ch * (h * w * out_shape[3] + h * out_shape[3] * out_shape[2])
+
+
+def interpolate_args(node: fx.Node, modules) -> dict[str, Any]:
+    """mode, align_corners, scale_factor, recompute_scale_factor, antialias of an interpolate node."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return dict(mode=m.mode, align_corners=m.align_corners, scale_factor=m.scale_factor,
+                    recompute_scale_factor=m.recompute_scale_factor, antialias=False)  # fmt: skip
+    if node.target is _aten.upsample_bilinear2d.vec:  # (input, output_size, align_corners, scale_factors)
+        return dict(mode="bilinear", align_corners=_arg(node, 2, "align_corners"),
+                    scale_factor=_arg(node, 3, "scale_factors"), recompute_scale_factor=None, antialias=False)  # fmt: skip
+    if node.target is _aten.upsample_nearest2d.vec:  # (input, output_size, scale_factors)
+        return dict(mode="nearest", align_corners=None, scale_factor=_arg(node, 2, "scale_factors"),
+                    recompute_scale_factor=None, antialias=False)  # fmt: skip
+    return dict(mode=_arg(node, 3, "mode", "nearest"), align_corners=_arg(node, 4, "align_corners"),
+                scale_factor=_arg(node, 2, "scale_factor"), recompute_scale_factor=_arg(node, 5, "recompute_scale_factor"),
+                antialias=bool(_arg(node, 6, "antialias", False)))  # fmt: skip
+
+
 def _cost_div(op: MPCOp, c: CostInput) -> None:
     # by a public value it is local; by a secret one there is no protocol here
     if isinstance(c.node.args[1], fx.Node) and c.secret.get(c.node.args[1]):
@@ -343,6 +383,7 @@ COST_RULES: dict[str, CostRule] = {
     "maxpool": _cost_maxpool,
     "mul": _cost_mul,
     "div": _cost_div,
+    "interpolate": _cost_interpolate,
 }
 """Handler -> the rule filling an op's counts (see :mod:`.protocols` for each formula).
 

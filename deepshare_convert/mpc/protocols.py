@@ -34,7 +34,7 @@ import torch
 from ..compat import import_crypten
 
 __all__ = ["Dealer", "MaskedBit", "drelu", "gate_product", "relu", "public_affine", "private_site",
-           "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d"]  # fmt: skip
+           "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d", "public_separable"]  # fmt: skip
 
 RING_BITS = 64
 
@@ -223,6 +223,34 @@ def ring_conv2d(share: torch.Tensor, w: torch.Tensor, **kwargs) -> torch.Tensor:
 def public_linear(x, weight: torch.Tensor, bias: torch.Tensor | None):
     out = x.matmul(weight.t())
     return out + bias if bias is not None else out
+
+
+def public_separable(x, a_h: torch.Tensor, a_w: torch.Tensor):
+    """``A_h · x · A_wᵀ`` on the last two axes of shares, public matrices: local to each party.
+
+    An axis whose matrix only picks pixels (see :func:`.resample.as_selection`) is a gather of
+    shares; any other is an integer matmul by the coefficients on the fixed-point grid followed
+    by CrypTen's truncation by the scale, which for two parties is local (each party divides its
+    own share, ``ArithmeticSharedTensor.div_``): no communication either way.
+    """
+    from .resample import as_selection
+
+    out = x.shallow_copy()
+    share = out.share
+    scale = x.encoder.scale
+    truncations = 0
+    for axis, a in ((-2, a_h), (-1, a_w)):
+        pick = as_selection(a)
+        if pick is not None:
+            share = share.index_select(share.dim() + axis, pick)
+            continue
+        coef = torch.round(a.double() * scale).long()
+        share = (share.transpose(-1, -2) @ coef.t()).transpose(-1, -2) if axis == -2 else share @ coef.t()
+        truncations += 1
+    out.share = share.contiguous()
+    for _ in range(truncations):
+        out = out.div_(scale)
+    return out
 
 
 def maxpool2d(x, kernel_size, stride, padding, dealer: Dealer):
