@@ -7,6 +7,7 @@ two-party runs to seconds. The MobileNetV2 built-in keeps its ReLU6s, which only
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 
@@ -26,11 +27,11 @@ HAS_CRYPTEN = importlib.util.find_spec("crypten") is not None
 SMALL = (3, 32, 48)
 
 
-def _relu_hook_count(model: nn.Module, input_size) -> int:
-    """Independent count: elements through every nn.ReLU module in one forward."""
+def _relu_hook_count(model: nn.Module, input_size, cls: type[nn.Module] = nn.ReLU) -> int:
+    """Independent count: elements out of every ``cls`` module (nn.ReLU) in one forward."""
     seen = []
     hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out[0].numel()))
-             for m in model.modules() if type(m) is nn.ReLU]  # fmt: skip
+             for m in model.modules() if type(m) is cls]  # fmt: skip
     try:
         with torch.no_grad():
             model.eval()(torch.randn(1, *input_size))
@@ -80,6 +81,43 @@ def test_pretrained_is_refused_for_other_builtins_only():
 
     with pytest.raises(WeightsError, match="DeepLabV3"):
         load_model("resnet20", pretrained=True)
+
+
+def test_pretrained_backbone_from_timms_cache_offline(tmp_path):
+    """--pretrained on a DeepLabV3 spec loads timm's weights into the backbone, via timm's cache (offline)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(
+        """
+        import torch
+        from safetensors.torch import save_file
+        from huggingface_hub.constants import HF_HUB_CACHE
+        from deepshare_convert.compat import import_timm
+        from deepshare_convert.models import load_model
+        from pathlib import Path
+
+        timm = import_timm()
+        reference = timm.create_model("resnet18", pretrained=False)
+        snapshot = Path(HF_HUB_CACHE) / "models--timm--resnet18.a1_in1k"
+        (snapshot / "refs").mkdir(parents=True)
+        (snapshot / "refs" / "main").write_text("0" * 40)
+        (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        save_file(reference.state_dict(), str(snapshot / "snapshots" / ("0" * 40) / "model.safetensors"))
+        body = load_model("deeplabv3:resnet18", pretrained=True).model.backbone.state_dict()
+        ref = reference.state_dict()
+        assert len(body) > 50 and all(torch.equal(v, ref[k]) for k, v in body.items())
+        print("backbone ok")
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "backbone ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_cli_inspect_builtin_json(capsys):
@@ -149,6 +187,16 @@ def test_uneven_adaptive_pool_is_the_separable_map():
                                F.adaptive_avg_pool2d(x, (3, 2)), rtol=0, atol=1e-12)  # fmt: skip
 
 
+@pytest.mark.parametrize("k,s,p,ceil,incl", [(2, 2, 0, True, False), (3, 2, 1, False, False), (3, 2, 1, True, True),
+                                        ((3, 2), (2, 1), 1, True, False)])  # fmt: skip
+def test_uneven_avg_pool_is_the_separable_map(k, s, p, ceil, incl):
+    from deepshare_convert.mpc.resample import apply_separable, avg_pool_matrices
+
+    x = torch.randn(2, 3, 7, 10, dtype=torch.float64)
+    torch.testing.assert_close(apply_separable(x, *avg_pool_matrices((7, 10), k, s, p, ceil, incl)),
+                               F.avg_pool2d(x, k, s, p, ceil, incl), rtol=0, atol=1e-12)  # fmt: skip
+
+
 def test_antialiased_resize_is_refused_by_the_lowering():
     from deepshare_convert.mpc.lowering import lower, prepare
 
@@ -161,15 +209,60 @@ def test_antialiased_resize_is_refused_by_the_lowering():
     assert "\n" not in str(e.value)
 
 
+def test_module_subclass_with_its_own_forward_is_refused():
+    """timm's AvgPool2dSame pads before pooling: lowering it as a plain nn.AvgPool2d would be silently wrong."""
+    from deepshare_convert.mpc.lowering import lower, prepare
+
+    class PadFirst(nn.AvgPool2d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = PadFirst(2, 1)
+
+        def forward(self, x):
+            return self.pool(x)
+
+    from deepshare_convert.conversion.tracing import register_leaf_module
+
+    register_leaf_module(PadFirst)
+    with pytest.raises(DeepShareError, match="'pool'.*not supported on secret shares"):
+        lower(prepare(Net()), (1, 3, 8, 8), "public")
+
+
+def test_dilated_timm_same_avg_pool_becomes_traceable_ops():
+    from deepshare_convert.mpc.lowering import prepare
+
+    loaded = load_model("deeplabv3:resnet10t", input_size="3,32,48")
+    gm = prepare(loaded.model, precision_bits=None)
+    assert not [m for m in gm.modules() if type(m).__module__.startswith("timm")]
+    x = torch.randn(2, *SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), loaded.model(x), rtol=1e-4, atol=1e-5)
+
+
 # ---- real two-party inference -----------------------------------------------------------------------
+@functools.cache
 def _seg_model(budget: str | None):
     torch.manual_seed(0)
-    loaded = load_model("deeplabv3:resnet18", input_size="3,32,48")
+    loaded = load_model("deeplabv3:resnet10t", input_size="3,32,48")  # its avg-pools use ceil_mode, excluded pad
     net = recalibrate_batchnorm(loaded.model, SMALL, batch=16, seed=0)
     if budget is None:
         return net, None
     conv = convert(net, SMALL, budget=budget, spec=loaded.spec.to_dict())
     return conv.model, conv.plan
+
+
+def _input_with_margin(converted: nn.Module) -> torch.Tensor:
+    """Of 16 random images, the one whose gate inputs stay farthest from zero (as tests/test_mpc.py picks):
+    a prototype within the 2^-16 grid of zero may take the other side in MPC and move all its replicas."""
+    from .test_mpc import gate_margins
+
+    pool = torch.randn((16, *SMALL), generator=torch.Generator().manual_seed(4))
+    best = int(gate_margins(converted, pool).argmax())
+    return pool[best : best + 1]
 
 
 @pytest.mark.skipif(not HAS_CRYPTEN, reason="crypten not installed")
@@ -180,33 +273,42 @@ def test_two_party_segmentation_agrees_and_costs_exactly(budget):
     from deepshare_convert.mpc.lowering import prepare, snap_input
 
     net, plan = _seg_model(budget)
-    x = torch.randn((1, *SMALL), generator=torch.Generator().manual_seed(4))
+    x = _input_with_margin(_seg_model("10%")[0])
     r = run_two_party(net, x, weights_mode="public", timeout=300)
     with torch.no_grad():
         clear = prepare(net)(snap_input(x)).numpy()
     assert r.logits.shape == clear.shape == (1, 11, 32, 48)
-    agree = (r.logits.argmax(1) == clear.argmax(1)).mean()
-    assert agree >= 0.999, f"label maps agree on {agree:.4%} of pixels"
-    assert np.abs(r.logits - clear).max() <= 1e-2
+    error = np.abs(r.logits - clear).max()
+    same = r.logits.argmax(1) == clear.argmax(1)
+    top2 = np.sort(clear, axis=1)
+    decided = top2[:, -1] - top2[:, -2] > 2 * error  # pixels MPC's rounding cannot flip
+    print(f"budget {budget}: max logit error {error:.2e}, label agreement {same.mean():.4%} "
+          f"({(~decided).sum()} near-tie pixels), {r.parties[0].bytes} bytes, {r.parties[0].rounds} rounds")
+    assert error <= 1e-2 and decided.mean() >= 0.995
+    assert same[decided].all(), "a pixel with a clear plaintext winner changed label"
+    # near-ties sit on class boundaries (upsampled from 2x3 here); either label is right there, and MPC's
+    # random truncation picks one: overall agreement is >= 99.9% only up to them (a few of 1,536 pixels)
+    assert same.mean() >= 0.999 - (~decided).mean()
     assert np.ptp(clear, axis=1).min() > 1e-3, "flat logits would make the agreement vacuous"
     est = estimate(net, SMALL, batch=1, weights_mode="public")
     assert (est.bytes, est.rounds) == (r.parties[0].bytes, r.parties[0].rounds)
     relus = census(net, SMALL).total_relus if plan is None else plan.achieved
-    maxpool = 8 * 64 * 8 * 12  # resnet18's stem max-pool 3x3/2: a tree of 8 comparisons per 64x8x12 output
+    maxpool = 8 * _relu_hook_count(net, SMALL, nn.MaxPool2d)  # the stem's 3x3 max-pool: a tree of 8 comparisons
     assert r.parties[0].comparisons == r.parties[1].comparisons == relus + maxpool
 
 
 class _Resamplers(nn.Module):
-    """nearest and align_corners=True upsampling, nn.Upsample, an uneven adaptive pool, on shares."""
+    """nearest and align_corners=True upsampling, nn.Upsample, uneven adaptive and ceil-mode pools, on shares."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.pool = nn.AdaptiveAvgPool2d((3, 5))
+        self.avg = nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)
 
     def forward(self, x):
-        y = torch.relu(self.conv(x))
+        y = self.avg(torch.relu(self.conv(x)))  # 6x7 -> 3x4
         a = F.interpolate(y, size=(9, 11), mode="bilinear", align_corners=True)
         b = F.interpolate(self.up(y), size=x.shape[-2:], mode="nearest")
         return torch.cat([self.pool(a), self.pool(b)], dim=1)
@@ -226,6 +328,6 @@ def test_other_resampling_runs_on_shares_without_communication():
     est = estimate(net, (3, 6, 7), batch=2, weights_mode="public")
     assert (est.bytes, est.rounds) == (r.parties[0].bytes, r.parties[0].rounds)
     program = lower(prepare(net), (2, 3, 6, 7), "public")
-    resampling = [o.node for o in program.ops if o.handler in ("interpolate", "adaptive_avgpool")]
+    resampling = [o.node for o in program.ops if o.handler in ("interpolate", "adaptive_avgpool", "avgpool")]
     measured = r.parties[0].per_node
-    assert len(resampling) == 5 and all(measured[n]["bytes"] == measured[n]["rounds"] == 0 for n in resampling)
+    assert len(resampling) == 6 and all(measured[n]["bytes"] == measured[n]["rounds"] == 0 for n in resampling)

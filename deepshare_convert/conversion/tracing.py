@@ -141,6 +141,32 @@ def _register_timm_decomposers() -> None:
         bn.train(m.training)
         return nn.Sequential(OrderedDict([("bn", bn), ("drop", m.drop), ("act", m.act)]))
 
+    try:
+        from timm.layers.pool2d_same import AvgPool2dSame
+    except ImportError:
+        return
+
+    @register_decomposer(AvgPool2dSame)
+    def _split_same_avg_pool(m: nn.Module) -> nn.Module:
+        # dilated timm ResNets (DeepLab backbones) down-sample with it at stride 1, where TF "SAME"
+        # padding is static (k - 1 zeros); other strides depend on the input size: left as a leaf
+        return PaddedAvgPool(m) if tuple(m.stride) == (1, 1) else m
+
+
+class PaddedAvgPool(nn.Module):
+    """timm's ``AvgPool2dSame`` at stride 1 as ``F.pad`` (static zeros) + ``F.avg_pool2d``: traceable, and both
+    calls are ops the MPC lowering knows (the timm module is a leaf whose forward pads first)."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        (kh, kw), self.kernel_size = m.kernel_size, tuple(m.kernel_size)
+        self.pads = ((kw - 1) // 2, kw - 1 - (kw - 1) // 2, (kh - 1) // 2, kh - 1 - (kh - 1) // 2)
+        self.ceil_mode, self.count_include_pad = m.ceil_mode, m.count_include_pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, self.pads)
+        return nn.functional.avg_pool2d(x, self.kernel_size, 1, 0, self.ceil_mode, self.count_include_pad)
+
 
 def _timm_notrace() -> tuple[list[type], list[Any]]:
     """timm's registries of not-traceable modules/functions (empty without timm)."""

@@ -115,8 +115,8 @@ def load_model(
     size = parse_input_size(input_size)
     deeplab = parse_deeplab_spec(model)
     if pretrained and not (model.startswith("timm:") or deeplab or _takes_pretrained_backbone(model)):
-        raise WeightsError(f"--pretrained fetches timm's published weights, for timm:NAME models (and the timm "
-                           f"backbone of DeepLabV3 models) only; give {model} its weights with --weights FILE")  # fmt: skip
+        raise WeightsError(f"--pretrained fetches timm's published weights, for timm:NAME models only (and the "
+                           f"timm backbone of DeepLabV3 models); give {model} its weights with --weights FILE")  # fmt: skip
     if pretrained and weights is not None:
         raise WeightsError("give --pretrained or --weights, not both")
     if model.startswith("timm:"):

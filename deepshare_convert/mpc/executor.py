@@ -37,7 +37,7 @@ from ..errors import DeepShareError, first_line
 from . import protocols as P
 from .backend import Backend, NodeStats, PartyRun
 from .lowering import Program, interpolate_args
-from .resample import adaptive_pool_matrices, interpolate_matrices
+from .resample import adaptive_pool_matrices, avg_pool_matrices, interpolate_matrices
 
 __all__ = ["CrypTenBackend", "CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program"]
 
@@ -300,8 +300,10 @@ class CrypTenInterpreter(fx.Interpreter):
             v = dict(zip(names, args[1:]), **kwargs)
             k, s, p = v["kernel_size"], v.get("stride"), v.get("padding", 0)
             ceil, incl, div = v.get("ceil_mode", False), v.get("count_include_pad", True), v.get("divisor_override")
-        if ceil or div is not None or (not incl and p not in (0, (0, 0))):
-            raise DeepShareError(f"cannot run node {n.name!r} under MPC: avg-pool with ceil_mode/divisor/excluded pad")
+        if div is not None:
+            raise DeepShareError(f"cannot run node {n.name!r} under MPC: avg-pool with divisor_override")
+        if ceil or (not incl and p not in (0, (0, 0), [0, 0])):  # uneven windows: a public separable map, local
+            return P.public_separable(x, *avg_pool_matrices(tuple(x.size()[-2:]), k, s, p, ceil, incl))
         return x.avg_pool2d(k, stride=s if s else None, padding=p)
 
     def _h_adaptive_avgpool(self, n, args, kwargs):

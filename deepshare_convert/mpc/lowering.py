@@ -156,8 +156,8 @@ def _handler(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
         return kind.mpc_handler
     if node.op == "call_module":
         m = modules.get(node.target)
-        for cls, name in _MODULE_HANDLERS:
-            if isinstance(m, cls):
+        for cls, name in _MODULE_HANDLERS:  # a subclass with its own forward (timm's *Same pads) is another op
+            if isinstance(m, cls) and type(m).forward is cls.forward:
                 return name
         return None
     if node.op == "call_function":
@@ -367,6 +367,14 @@ def interpolate_args(node: fx.Node, modules) -> dict[str, Any]:
                 antialias=bool(_arg(node, 6, "antialias", False)))  # fmt: skip
 
 
+def _cost_avgpool(op: MPCOp, c: CostInput) -> None:
+    # local (a sum and a public divisor, or a public separable map for ceil_mode / excluded padding)
+    divisor = getattr(c.modules[c.node.target], "divisor_override", None) if c.node.op == "call_module" \
+        else _arg(c.node, 6, "divisor_override")
+    if divisor is not None:
+        raise DeepShareError(f"cannot run node {c.node.name!r} under MPC: avg-pool with divisor_override")
+
+
 def _cost_div(op: MPCOp, c: CostInput) -> None:
     # by a public value it is local; by a secret one there is no protocol here
     if isinstance(c.node.args[1], fx.Node) and c.secret.get(c.node.args[1]):
@@ -384,6 +392,7 @@ COST_RULES: dict[str, CostRule] = {
     "mul": _cost_mul,
     "div": _cost_div,
     "interpolate": _cost_interpolate,
+    "avgpool": _cost_avgpool,
 }
 """Handler -> the rule filling an op's counts (see :mod:`.protocols` for each formula).
 

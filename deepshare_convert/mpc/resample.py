@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RESAMPLE_MODES", "interpolate_matrices", "adaptive_pool_matrices", "as_selection", "apply_separable"]
+__all__ = ["RESAMPLE_MODES", "interpolate_matrices", "adaptive_pool_matrices", "avg_pool_matrices", "as_selection",
+           "apply_separable"]
 
 # interpolation modes that act on each spatial axis separately (PyTorch computes them so; antialiased
 # downsampling does not factor this way and is refused by the lowering)
@@ -51,6 +52,20 @@ def adaptive_pool_matrices(in_hw: Sequence[int], out_hw: Sequence[int]) -> tuple
     """(A_h, A_w) of ``F.adaptive_avg_pool2d`` from ``in_hw`` to ``out_hw`` (uneven bins included)."""
     return tuple(_axis_matrix(int(n), lambda b, o=int(o): F.adaptive_avg_pool2d(b, (o, 1)))
                  for n, o in zip(in_hw, out_hw))  # type: ignore[return-value]  # fmt: skip
+
+
+def avg_pool_matrices(in_hw: Sequence[int], kernel_size, stride, padding, ceil_mode: bool = False,
+                      count_include_pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(A_h, A_w) of ``F.avg_pool2d`` (ceil_mode and excluded padding too: PyTorch's divisor is a
+    product of one count per axis, so the pool factors; ``divisor_override`` does not)."""
+    k, s, p = (_pair(v) for v in (kernel_size, stride if stride else kernel_size, padding))
+    return tuple(_axis_matrix(int(n), lambda b, i=i: F.avg_pool2d(b, (k[i], 1), (s[i], 1), (p[i], 0), ceil_mode,
+                                                                  count_include_pad))
+                 for i, n in enumerate(in_hw))  # type: ignore[return-value]  # fmt: skip
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
 
 
 def as_selection(a: torch.Tensor) -> torch.Tensor | None:
