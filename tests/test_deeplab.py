@@ -124,8 +124,10 @@ def test_cli_inspect_builtin_json(capsys):
     from deepshare_convert.cli.app import run as cli
 
     assert cli(["inspect", "deeplabv3_mobilenetv2", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert out["total_relus"] >= 5 * 256 * 12 * 15 + 256
+    assert "randomly initialised" in captured.err and "--pretrained" in captured.err  # its backbone can have timm's
 
 
 # ---- conversion and export -------------------------------------------------------------------------

@@ -45,5 +45,8 @@ def note_random_weights(spec, has_weights: bool) -> None:
         source = "timm" if spec.startswith("timm:") else "builtin" if spec in list_models() else "other"
         spec = ModelSpec(source, spec.removeprefix("timm:"))
     if not has_weights and spec.source in ("builtin", "timm", "deeplabv3"):
-        how = "--weights FILE" + (" or --pretrained" if spec.source in ("timm", "deeplabv3") else "")
+        from ..models.loading import takes_pretrained_backbone
+
+        pretrained = spec.source in ("timm", "deeplabv3") or takes_pretrained_backbone(spec.name)
+        how = "--weights FILE" + (" or --pretrained" if pretrained else "")
         NOTES.append(f"note: no weights given: {spec.display} has randomly initialised weights (give {how})")

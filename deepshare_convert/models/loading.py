@@ -38,7 +38,7 @@ from .deeplab import deeplab_spec_name, parse_deeplab_spec
 from .registry import get_entry
 from .timm_weights import timm_pretrained
 
-__all__ = ["ModelSpec", "LoadedModel", "load_model", "load_weights", "load_state_dict_file"]
+__all__ = ["ModelSpec", "LoadedModel", "load_model", "load_weights", "load_state_dict_file", "takes_pretrained_backbone"]
 
 Source = Literal["builtin", "timm", "deeplabv3", "entrypoint", "pickle", "converted", "pt2", "onnx"]
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
@@ -114,7 +114,7 @@ def load_model(
     """Build (and optionally load weights into) the model named by ``model``; eval mode."""
     size = parse_input_size(input_size)
     deeplab = parse_deeplab_spec(model)
-    if pretrained and not (model.startswith("timm:") or deeplab or _takes_pretrained_backbone(model)):
+    if pretrained and not (model.startswith("timm:") or deeplab or takes_pretrained_backbone(model)):
         raise WeightsError(f"--pretrained fetches timm's published weights, for timm:NAME models only (and the "
                            f"timm backbone of DeepLabV3 models); give {model} its weights with --weights FILE")  # fmt: skip
     if pretrained and weights is not None:
@@ -170,7 +170,7 @@ def _load_timm(name: str, num_classes: int | None, size: tuple[int, ...] | None,
     )
 
 
-def _takes_pretrained_backbone(model: str) -> bool:
+def takes_pretrained_backbone(model: str) -> bool:
     """A built-in whose factory can load timm's weights into its backbone (the DeepLabV3 built-ins)."""
     from .registry import list_models
 

@@ -236,20 +236,19 @@ def public_separable(x, a_h: torch.Tensor, a_w: torch.Tensor):
     from .resample import as_selection
 
     out = x.shallow_copy()
-    share = out.share
     scale = x.encoder.scale
-    truncations = 0
     for axis, a in ((-2, a_h), (-1, a_w)):
         pick = as_selection(a)
         if pick is not None:
-            share = share.index_select(share.dim() + axis, pick)
+            out.share = out.share.index_select(out.share.dim() + axis, pick)
             continue
         coef = torch.round(a.double() * scale).long()
-        share = (share.transpose(-1, -2) @ coef.t()).transpose(-1, -2) if axis == -2 else share @ coef.t()
-        truncations += 1
-    out.share = share.contiguous()
-    for _ in range(truncations):
+        share = out.share
+        out.share = (share.transpose(-1, -2) @ coef.t()).transpose(-1, -2) if axis == -2 else share @ coef.t()
+        # truncate after each axis: the local truncation fails with probability ~|v|/2^64, so v must stay
+        # at scale 2^32 (as after a public convolution), never 2^48
         out = out.div_(scale)
+    out.share = out.share.contiguous()
     return out
 
 
