@@ -14,7 +14,7 @@ from .console import console, err_console
 from .loading import NOTES, load_model_or_out, note_no_normalisation, note_random_weights
 
 from .options import (  # isort: skip (one compact list, see pyproject)
-    InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
+    DeviceOpt, InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
     batch_size_opt, check_out_dir, polish_help,
 )  # fmt: skip
 
@@ -130,6 +130,7 @@ def retrain(
     quick: Annotated[bool, typer.Option("--quick", help="Apply the recipe's `quick` overrides.")] = False,
     resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory "
                                                       "from its last checkpoint.")] = None,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
@@ -142,7 +143,7 @@ def retrain(
 
         reporter = TrainingReporter()
         if resume_dir:
-            result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step)
+            result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step, device=device)
         else:
             if recipe is None:
                 raise typer.BadParameter("give --recipe FILE (or --resume OUT)")
@@ -155,7 +156,7 @@ def retrain(
             target = check_out_dir(out or f"out/{resolved.name}")
             (err_console if as_json else console).print(
                 f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
-            result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
+            result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step, device=device)
     if as_json:
         print(json.dumps({"out": str(result.out), **result.results}, indent=2))
         return

@@ -13,7 +13,16 @@ import typer
 
 from ..errors import DeepShareError
 from .console import console
-from .options import InputSizeOpt, LeafOpt, NumClassesOpt, PretrainedOpt, TrustPickleOpt, batch_size_opt, check_out_dir
+from .options import (
+    DeviceOpt,
+    InputSizeOpt,
+    LeafOpt,
+    NumClassesOpt,
+    PretrainedOpt,
+    TrustPickleOpt,
+    batch_size_opt,
+    check_out_dir,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -60,6 +69,7 @@ def snl(
                                                          "grow (default: the policy's).")] = None,
     resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory "
                                                       "from its last checkpoint (caps may be raised).")] = None,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
@@ -85,7 +95,8 @@ def snl(
         if resume_dir:
             if out and out != resume_dir:
                 raise DeepShareError(f"--resume {resume_dir} continues that directory; drop -o {out}")
-            result = resume_snl(resume_dir, changes=given, reporter=reporter, fail_at_step=fail_at_step)
+            result = resume_snl(resume_dir, changes=given, reporter=reporter, fail_at_step=fail_at_step,
+                                device=device)
         else:
             if not (model and data and budget and out):
                 raise DeepShareError("deepshare snl needs MODEL, --data, --budget and -o OUT (or --resume OUT)")
@@ -94,7 +105,7 @@ def snl(
 
             note_random_weights(model, weights is not None or pretrained)
             console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")
-            result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step)
+            result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step, device=device)
     _report(result, as_json)
 
 

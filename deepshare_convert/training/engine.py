@@ -144,10 +144,12 @@ class Trainer:
     fail_at_step: int | None = None  # tests: a real SIGINT to this process when this global step starts
     checkpoints: bool = True  # False for seconds-long jobs (e.g. the XOR experiment)
     write_metrics: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # see training/device.py
 
     def __post_init__(self):
         self.out = Path(self.out)
         self.global_step = 0
+        self.device = torch.device(self.device)
 
     # ---- checkpoints ------------------------------------------------------------------------
     @property
@@ -194,6 +196,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """Train one phase; ``resume`` is a checkpoint dict of this phase. Returns final metrics."""
         hooks = hooks or PhaseHooks()
+        self.model.to(self.device)  # before the optimizer is built on its parameters
         steps_per_epoch = len(self.train_loader)
         if steps_per_epoch == 0:
             raise TrainingError("the training loader is empty")
@@ -215,7 +218,7 @@ class Trainer:
             phase_step0 = resume["extra"].get("phase_step0", self.global_step)
             sums = resume.get("epoch_sums") or None
         if teacher is not None:
-            teacher.eval()
+            teacher.to(self.device).eval()
         extra = dict(extra_state or {}, phase_step0=phase_step0)
         self.reporter.start(spec.name, total_steps, self.global_step - phase_step0)
         metrics: dict[str, Any] = {}
@@ -257,6 +260,7 @@ class Trainer:
             step_in_phase = self.global_step - phase_step0
             if step_in_phase >= total_steps:
                 break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             try:
                 if self.fail_at_step is not None and self.global_step == self.fail_at_step:
                     self.fail_at_step = None
@@ -315,7 +319,7 @@ class Trainer:
             "epoch_seconds": round(time.perf_counter() - t0, 3),
         }
         if self.test_loader is not None and self.dist.is_main:
-            result = evaluate(self._bare(), self.test_loader)
+            result = evaluate(self._bare(), self.test_loader, device=self.device)
             metrics.update(test_acc=result.top1, test_loss=result.loss)
         self.dist.barrier()
         return metrics
@@ -335,7 +339,7 @@ class Trainer:
         """A mid-epoch test-accuracy point for the learning curve (metrics.jsonl, ``"eval": true``)."""
         if self.test_loader is None or not self.dist.is_main:
             return
-        result = evaluate(self._bare(), self.test_loader)
+        result = evaluate(self._bare(), self.test_loader, device=self.device)
         record = {"phase": phase_index, "kind": spec.name, "epoch": epoch, "step": self.global_step, "eval": True,
                   "test_acc": result.top1, "test_loss": result.loss, **hooks.metrics(self._bare())}  # fmt: skip
         self.log_metrics(record)
