@@ -167,9 +167,13 @@ def _send(sock: socket.socket, obj: dict[str, Any]) -> None:
     sock.sendall(len(data).to_bytes(4, "big") + data)
 
 
-def _read(sock: socket.socket, n: int) -> bytes:
+def _read(sock: socket.socket, n: int, deadline: float) -> bytes:
     buf = b""
     while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("handshake timed out")
+        sock.settimeout(left)  # a bound on the whole exchange, not per recv: no slow drip
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise ConnectionError("connection closed during the handshake")
@@ -177,11 +181,11 @@ def _read(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _recv(sock: socket.socket) -> dict[str, Any]:
-    n = int.from_bytes(_read(sock, 4), "big")
+def _recv(sock: socket.socket, deadline: float) -> dict[str, Any]:
+    n = int.from_bytes(_read(sock, 4, deadline), "big")
     if n > MAX_MESSAGE:
         raise ValueError(f"handshake message of {n} bytes")
-    obj = json.loads(_read(sock, n))
+    obj = json.loads(_read(sock, n, deadline))
     if not isinstance(obj, dict):
         raise ValueError("handshake message is not an object")
     return obj
@@ -207,15 +211,15 @@ class Session:
     refused: list[str] = field(default_factory=list)  # "ADDR: reason", party 0 only
 
 
-def _serve_one(conn: socket.socket, key: bytes, plan: str, store_port: int) -> int:
+def _serve_one(conn: socket.socket, key: bytes, plan: str, store_port: int, deadline: float) -> int:
     """Party 0's side with one connection; raises _Refused for a stranger, HandshakeError on a plan mismatch."""
-    hello = _recv(conn)
+    hello = _recv(conn, deadline)
     if hello.get("protocol") != PROTOCOL or hello.get("rank") != 1 or not isinstance(hello.get("nonce"), str):
         _send(conn, {"refused": f"not a {PROTOCOL} party 1"})
         raise _Refused("not a deepshare party 1 hello")
     nc, ns = hello["nonce"][:64], secrets.token_hex(32)
     _send(conn, {"protocol": PROTOCOL, "rank": 0, "nonce": ns, "proof": _mac(key, "rank0", nc, ns)})
-    reply = _recv(conn)
+    reply = _recv(conn, deadline)
     if "refused" in reply:
         raise _Refused(f"it refused us: {str(reply['refused'])[:100]}")
     their_plan = reply.get("plan")
@@ -254,9 +258,10 @@ def _serve(key: bytes, plan: str, addr: str, port: int, store_port: int | None, 
             except TimeoutError:
                 break
             with conn:
-                conn.settimeout(step_timeout)
+                conn.settimeout(step_timeout)  # the sends; reads share one deadline for the whole exchange
                 try:
-                    return Session(_serve_one(conn, key, plan, store_port or _free_port(addr)), refused)
+                    port1 = store_port or _free_port(addr)
+                    return Session(_serve_one(conn, key, plan, port1, time.monotonic() + step_timeout), refused)
                 except _Refused as e:
                     reason = str(e)
                 except (OSError, ValueError, UnicodeDecodeError) as e:  # a silent or garbled peer
@@ -284,7 +289,7 @@ def _join(key: bytes, plan: str, addr: str, port: int, timeout: float, step_time
         try:
             nc = secrets.token_hex(32)
             _send(conn, {"protocol": PROTOCOL, "rank": 1, "nonce": nc})
-            hello = _recv(conn)
+            hello = _recv(conn, deadline)  # party 0 may be busy with a stranger first: wait up to the deadline
             if "refused" in hello:
                 raise HandshakeError(f"party 0 at {addr}:{port} refused us: {str(hello['refused'])[:100]}")
             ns = hello.get("nonce")
@@ -293,7 +298,7 @@ def _join(key: bytes, plan: str, addr: str, port: int, timeout: float, step_time
                 raise HandshakeError(f"the peer at {addr}:{port} failed authentication (wrong key, or not party 0): "
                                      f"refused before any share was sent")  # fmt: skip
             _send(conn, {"plan": plan, "proof": _mac(key, "rank1", nc, ns, plan)})
-            end = _recv(conn)
+            end = _recv(conn, deadline)
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise HandshakeError(f"handshake with {addr}:{port} broke off ({type(e).__name__}: {e})") from None
     if "refused" in end:
@@ -316,8 +321,8 @@ def authenticate(rank: int, key: bytes, plan: str, addr: str, port: int, *, stor
 
     Party 0 listens (``store_port``: the backend's rendezvous port it announces, a free one
     if None) and turns strangers away until party 1 authenticates or ``timeout`` passes;
-    party 1 connects (retrying until party 0 listens).  ``step_timeout`` bounds each read,
-    so a silent stranger delays party 0 by at most that much.
+    party 1 connects (retrying until party 0 listens).  ``step_timeout`` bounds a whole
+    exchange at party 0, so a silent or slow stranger delays it by at most that much.
     """
     if rank == 0:
         return _serve(key, plan, addr, port, store_port, timeout, step_timeout)
