@@ -116,7 +116,8 @@ def test_strangers_are_refused_and_party_0_keeps_waiting_for_its_peer():
     assert session.store_port == b0["result"].store_port == 4242
     reasons = [r.split(": ", 1)[1] for r in b0["result"].refused]
     assert reasons[0] == "authentication failed (wrong or missing key)" and len(reasons) == 4
-    assert any("it refused us" in r for r in reasons)
+    assert reasons[1].startswith("broken handshake") and reasons[2] == "broken handshake (TimeoutError)"
+    assert reasons[3] == "it rejected our proof (a different key)"
 
 
 def test_a_different_plan_stops_both_parties():

@@ -221,7 +221,7 @@ def _serve_one(conn: socket.socket, key: bytes, plan: str, store_port: int, dead
     _send(conn, {"protocol": PROTOCOL, "rank": 0, "nonce": ns, "proof": _mac(key, "rank0", nc, ns)})
     reply = _recv(conn, deadline)
     if "refused" in reply:
-        raise _Refused(f"it refused us: {str(reply['refused'])[:100]}")
+        raise _Refused("it rejected our proof (a different key)")
     their_plan = reply.get("plan")
     if not _same(reply.get("proof"), _mac(key, "rank1", nc, ns, their_plan)):
         _send(conn, {"refused": "authentication failed (wrong or missing key)"})
