@@ -312,6 +312,8 @@ def run_party(
         raise DeepShareError(f"--rank must be 0 (model owner) or 1 (input owner), got {rank}")
     if rank == 1 and inputs is None:
         raise DeepShareError("party 1 holds the inputs: pass --data")
+    if not 0 < master_port < 65535:
+        raise DeepShareError(f"--master-port must be 1..65534 (the handshake's; CrypTen uses the next), got {master_port}")
     gm = prepare(model, leaf_modules=leaf_modules)
     if rank == 1 and weights_mode == "private":
         gm = strip_weights(gm)
