@@ -95,7 +95,11 @@ def register(app: typer.Typer) -> None:
         rank: Annotated[Optional[int], typer.Option("--rank", help="Run one party only: 0 holds the model, "
                                                     "1 the inputs (two-host deployment).")] = None,
         master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address (with --rank).")] = "127.0.0.1",
-        master_port: Annotated[int, typer.Option("--master-port", help="Party 0's port (with --rank).")] = 29500,
+        master_port: Annotated[int, typer.Option("--master-port", help="Party 0's handshake port (with --rank); "
+                                                 "CrypTen's rendezvous uses the next one.")] = 29500,
+        key_file: Annotated[Optional[str], typer.Option("--key-file", help="File holding the key both parties share "
+                                                        "(mode 600; default: $DEEPSHARE_MPC_KEY). Required with "
+                                                        "--rank; a local run makes a fresh key.")] = None,
         weights: WeightsOpt = None,
         input_size: InputSizeOpt = None,
         num_classes: NumClassesOpt = None,
@@ -108,17 +112,22 @@ def register(app: typer.Typer) -> None:
 
         Without --rank both parties run here as separate processes (gloo on 127.0.0.1) and the
         result is compared with plaintext inference.  With --rank, this process is one party
-        of a two-host run; party 0 needs no --data.
+        of a two-host run; party 0 needs no --data.  Either way the parties first prove
+        knowledge of a shared key and compare the plan's hash; no share moves before both hold.
         """
         from pathlib import Path
 
         from ..errors import DeepShareError
+        from ..mpc.handshake import load_key, require_key
 
         _check_batch(batch_size)
         how = (weights, input_size, num_classes, trust_pickle, pretrained, leaf)
         if rank is not None:
-            _one_party(model, data, batch_size, weights_mode, rank, master_addr, master_port, how, as_json)
+            key = require_key(key_file)  # before loading anything: a missing key is the first thing to say
+            _one_party(model, data, batch_size, weights_mode, rank, master_addr, master_port, how, as_json, key)
             return
+        if key_file is not None:
+            load_key(key_file)  # a local run makes its own key; a given file is still checked (mode, length)
         if data is None:
             raise DeepShareError("--data is required (party 1's inputs)")
         from ..mpc.launcher import run_two_party
@@ -263,7 +272,7 @@ def register(app: typer.Typer) -> None:
         )
 
 
-def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json):
+def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json, key):
     """One party of a two-host deployment (``--rank``)."""
     from pathlib import Path
 
@@ -284,7 +293,7 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, h
     shape = (num, *input_size) if x is None else tuple(x.shape)
     with console.status(f"party {rank}: waiting for / running with {master_addr}:{master_port}", spinner="dots"):
         rep = run_party(rank, net, x, shape, weights_mode=weights_mode, master_addr=master_addr,
-                        master_port=master_port, leaf_modules=how[-1] or ())  # fmt: skip
+                        master_port=master_port, leaf_modules=how[-1] or (), key=key)  # fmt: skip
     result = {"rank": rank, "weights_mode": weights_mode, "bytes": rep.bytes, "rounds": rep.rounds,
               "wall_s": rep.wall_s, "comparisons": rep.comparisons}  # fmt: skip
     if rep.output is not None:
