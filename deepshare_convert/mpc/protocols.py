@@ -14,8 +14,16 @@ the bytes of every gate product, and it composes with DeepShare: a group's ``z``
 are replicated to all C channels by local indexing and serve every site of the group.
 
 In ``public`` mode α and β are plaintext, so ``y = α·(x·g) + β·x`` costs one opening of
-``x - a`` per site (n elements, one round).  In ``private`` mode ``α·g`` opens only ``α - a'``
-(C elements; g's mask is reused again) and ``x·(α·g + β)`` is a Beaver product (2n).
+``x - a`` per site (n elements, one round).
+
+In ``private`` mode every model tensor that multiplies an activation (conv / linear weights,
+an unfolded BatchNorm's scale, α and β) is masked **once**, at setup (:func:`mask_weights`):
+the dealer draws a uniform ring mask ``b`` for it, the parties open ``δ = W - b`` (all tensors
+in one round) and keep ``[W]``, ``[b]`` and ``δ``.  Every later product ``x·W`` takes a triple
+``(a, a·b)`` with a fresh ``a`` consistent with that fixed ``b`` and opens only ``ε = x - a``
+(:func:`fixed_product`): ``x·W = ε·[W] + [a]·δ + [a·b]``.  A private site opens only ``x - a``
+too (:func:`fixed_site`): with the gate's bit ``r`` the dealer also hands out ``a·r``,
+``a·r·b_α`` and ``r·b_α``, so ``x·(α·g + β)`` needs no second opening.
 
 Correlated randomness comes from :class:`Dealer`, simulated the way CrypTen's default
 "trusted first party" provider simulates it: party 0 samples and shares with pseudo-random
@@ -33,8 +41,8 @@ import torch
 
 from ..compat import import_crypten
 
-__all__ = ["Dealer", "MaskedBit", "drelu", "gate_product", "relu", "public_affine", "private_site",
-           "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d"]  # fmt: skip
+__all__ = ["Dealer", "FixedMask", "MaskedBit", "drelu", "gate_product", "relu", "public_affine", "fixed_site",
+           "fixed_product", "mask_weights", "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d"]  # fmt: skip
 
 RING_BITS = 64
 
@@ -80,6 +88,16 @@ class Dealer:
         out_size = torch.broadcast_shapes(tuple(a_size), tuple(r_size))
         c = (a * r) if self.rank == 0 else None
         return self.share(a, a_size), self.share(c, out_size)
+
+    def weight_mask(self, size):
+        """(b at the dealer or None, [b]): a uniform ring mask drawn once per model tensor, at setup."""
+        b = self._ring(size) if self.rank == 0 else None
+        return b, self.share(b, size)
+
+    def mask(self, size):
+        """(a at the dealer or None, [a]): a fresh uniform mask for one opening."""
+        a = self._ring(size) if self.rank == 0 else None
+        return a, self.share(a, size)
 
 
 @dataclass
@@ -163,17 +181,76 @@ def public_affine(xg, x, alpha: torch.Tensor, beta: torch.Tensor):
     return out.div_(scale)
 
 
-def private_site(x, bit: MaskedBit, alpha, beta, dealer: Dealer):
-    """x·(α·g + β) with secret α, β (C,): α·g opens α - a' (C elements), then a Beaver x·s."""
-    nd = x.dim()
-    alpha_v = alpha.view((1, -1) + (1,) * (nd - 2))
-    beta_v = beta.view((1, -1) + (1,) * (nd - 2))
-    a, c = dealer.bit_triple(alpha_v.size(), bit.r_plain, bit.shape)
-    eps = _open(alpha_v.share - a.share)
-    alpha_r = c.share + eps * bit.r_shared.share  # [α·r] at α's scale
-    s = alpha_v.shallow_copy()
-    s.share = alpha_v.share * (1 - bit.z) + alpha_r * (2 * bit.z - 1) + beta_v.share
-    return x.mul(s)  # Beaver product (opens x - a and s - b), then truncation
+@dataclass
+class FixedMask:
+    """A model tensor masked once at setup: ``[W]``, ``[b]``, the public ``δ = W - b``, ``b`` at the dealer."""
+
+    weight: object  # [W], ArithmeticSharedTensor at the fixed-point scale
+    mask: object  # [b], precision 0
+    delta: torch.Tensor  # W - b in the ring, opened once (both parties)
+    plain_mask: torch.Tensor | None  # b at the dealer (party 0), None at party 1
+
+
+def mask_weights(weights: dict, dealer: Dealer) -> dict[str, FixedMask]:
+    """Setup: mask every ``name -> [W]`` with its own fixed ``b`` and open all ``W - b`` in one round.
+
+    Each ``b`` is uniform in Z/2^64 and used for exactly one W, so each δ is uniform and says
+    nothing about W; it is opened once per loaded model, never per inference.
+    """
+    if not weights:
+        return {}
+    masks = {name: dealer.weight_mask(w.size()) for name, w in weights.items()}
+    flat = torch.cat([(w.share - masks[name][1].share).flatten() for name, w in weights.items()])
+    opened = _open(flat)
+    out, start = {}, 0
+    for name, w in weights.items():
+        n = w.nelement()
+        delta = opened[start : start + n].view(w.size())
+        out[name] = FixedMask(w, masks[name][1], delta, masks[name][0])
+        start += n
+    return out
+
+
+def fixed_product(x, fm: FixedMask, fn, dealer: Dealer):
+    """[fn(x, W)] for a bilinear ``fn`` (conv, matmul, broadcast mul) and a setup-masked W: opens x - a only.
+
+    ``x·W = ε·[W] + [a]·δ + [a·b]`` with ``ε = x - a``; the dealer's ``c = fn(a, b)`` uses the
+    fixed ``b`` and a fresh ``a``.  One local truncation, as after CrypTen's Beaver product.
+    """
+    a_plain, a = dealer.mask(x.size())
+    eps = _open(x.share - a.share)
+    share = fn(eps, fm.weight.share).add_(fn(a.share, fm.delta))
+    c = dealer.share(fn(a_plain, fm.plain_mask) if dealer.rank == 0 else None, share.shape)
+    out = x.shallow_copy()
+    out.share = share.add_(c.share)
+    return out.div_(x.encoder.scale)
+
+
+def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dealer):
+    """x·(α·g + β) with secret, setup-masked α, β (C,): one opening of x - a (n elements), one round.
+
+    With ``g = u + v·r`` (``u = 1 - z``, ``v = 2z - 1`` public) and ``x = ε + a``:
+    ``y = u·[αx] + v·[αrx] + [βx]`` where ``[αx] = ε·[α] + δ_α·[a] + [a·b_α]``,
+    ``[αr] = δ_α·[r] + [r·b_α]`` and ``[αrx] = ε·[αr] + δ_α·[a·r] + [a·r·b_α]``: the dealer knows
+    ``a``, ``r`` and the fixed ``b``'s, so every product of secrets is a dealt share.
+    """
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    a_plain, a = dealer.mask(x.size())
+    dealt: tuple = (None,) * 5
+    if dealer.rank == 0:
+        b_a, b_b, r = alpha.plain_mask.view(view), beta.plain_mask.view(view), bit.r_plain
+        ar = a_plain * r
+        dealt = (a_plain * b_a, a_plain * b_b, ar, ar * b_a, r * b_a)
+    a_ba, a_bb, a_r, a_r_ba, r_ba = (dealer.share(t, x.size()) for t in dealt)
+    eps = _open(x.share - a.share)
+    d_a, d_b = alpha.delta.view(view), beta.delta.view(view)
+    xa = eps * alpha.weight.share.view(view) + d_a * a.share + a_ba.share
+    xb = eps * beta.weight.share.view(view) + d_b * a.share + a_bb.share
+    alpha_r = d_a * bit.r_shared.share + r_ba.share
+    xar = eps * alpha_r + d_a * a_r.share + a_r_ba.share
+    out = x.shallow_copy()
+    out.share = xa * (1 - bit.z) + xar * (2 * bit.z - 1) + xb
+    return out.div_(x.encoder.scale)
 
 
 def public_conv2d(x, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs):
