@@ -114,11 +114,12 @@ class _Odd(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.w = nn.Parameter(torch.randn(4, 4, 3, 3) * 0.2)
+        self.short = nn.Conv2d(4, 4, 1, bias=False)
         self.fc = nn.Linear(4 * 4 * 4, 3)
 
     def forward(self, x):
         y = self.bn(F.relu(self.conv(x)))  # after a ReLU: not folded, a per-channel secret scale
-        y = F.relu(F.conv2d(y, self.w, padding=1))
+        y = F.relu(F.conv2d(y, self.w, padding=1)) + self.short(y)  # two products of y: one opening
         y = F.conv2d(y, self.w, padding=1)  # the same parameter again: masked once
         return self.fc(torch.flatten(F.avg_pool2d(y, 2), 1))
 
@@ -134,12 +135,14 @@ def test_functional_weights_shared_parameters_and_batchnorm_cost_exactly():
     r = run_two_party(net, x, weights_mode="private", sequential=True)
     assert r.top1_agreement == 1.0 and r.max_logit_error <= 1e-2
     program = lower(prepare(net), (1, 3, 8, 8), "private")
-    assert sorted(program.fixed) == ["bn:scale", "conv.weight", "fc.weight", "w"]
-    assert program.setup_opened == 4 * 3 * 9 + 4 + 4 * 4 * 9 + 3 * 64  # w counted once
+    assert sorted(program.fixed) == ["bn:scale", "conv.weight", "fc.weight", "short.weight", "w"]
+    assert program.setup_opened == 4 * 3 * 9 + 4 + 4 * 4 * 9 + 4 * 4 + 3 * 64  # w counted once
+    assert program.op("short").opened == 0 and program.op("conv2d").opened == 4 * 64  # y opened once for both
     est = estimate(net, (3, 8, 8), batch=1, weights_mode="private")
     for p in r.parties:
         assert (p.setup_bytes, p.setup_rounds) == (est.setup_bytes, est.setup_rounds) == (OPEN_BYTES * program.setup_opened, 1)
         assert [(i["bytes"], i["rounds"]) for i in p.inferences] == [(est.bytes, est.rounds)] * 2
+        assert p.per_node["short"]["bytes"] == p.per_node["short"]["rounds"] == 0
 
 
 def test_public_mode_has_no_setup():

@@ -91,6 +91,7 @@ class CrypTenInterpreter(fx.Interpreter):
         self.nodes = {n.name: n for n in program.gm.graph.nodes}
         self.stats: dict[str, NodeStats] = {}
         self._shared_cache: dict[int, Any] = {}
+        self._openings: dict[str, P.Opening] = {}  # input node -> its masked opening (private mode)
 
     @property
     def comparisons(self) -> int:
@@ -124,6 +125,7 @@ class CrypTenInterpreter(fx.Interpreter):
         )  # fmt: skip
         if op.inplace_of is not None:  # an in-place op also rewrote its input for later readers
             self.env[self.nodes[op.inplace_of]] = result
+            self._openings.pop(op.inplace_of, None)
         return result
 
     def shared(self, t: torch.Tensor):
@@ -132,6 +134,16 @@ class CrypTenInterpreter(fx.Interpreter):
         if key not in self._shared_cache:
             self._shared_cache[key] = share_model_tensor(t, self.rank)
         return self._shared_cache[key]
+
+    def opening(self, n: fx.Node, x) -> P.Opening:
+        """``x - a`` for node ``n``'s input, opened once: every fixed-weight product of that value reuses it.
+
+        Keyed by the input node, as the lowering counts (an in-place op forgets its input's opening).
+        """
+        key = n.args[0].name
+        if key not in self._openings:
+            self._openings[key] = P.open_masked(x, self.dealer)
+        return self._openings[key]
 
     def fixed(self, n: fx.Node) -> list[P.FixedMask]:
         """The setup masks of the model tensors node ``n`` multiplies by (the lowering names them)."""
@@ -166,7 +178,7 @@ class CrypTenInterpreter(fx.Interpreter):
             raise DeepShareError(f"node {n.name!r}: gate shape {bit.shape} does not match input {tuple(x.size())}")
         if self.private:
             alpha, beta = self.fixed(n)
-            return P.fixed_site(x, bit, alpha, beta, self.dealer)
+            return P.fixed_site(x, bit, alpha, beta, self.dealer, self.opening(n, x))
         xg = P.gate_product(x, bit, self.dealer)
         return P.public_affine(xg, x, site.alpha.detach(), site.beta.detach())
 
@@ -195,7 +207,7 @@ class CrypTenInterpreter(fx.Interpreter):
             conv = vals
         fixed = self.fixed(n)
         if fixed:  # a model weight masked at setup: opens x - a only
-            out = P.fixed_product(x, fixed[0], lambda u, v: torch.conv2d(u, v, **conv), self.dealer)
+            out = P.fixed_product(x, fixed[0], lambda u, v: torch.conv2d(u, v, **conv), self.dealer, self.opening(n, x))
             return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
         if _is_shared(w):
             out = x.conv2d(w, **conv)
@@ -212,7 +224,7 @@ class CrypTenInterpreter(fx.Interpreter):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
         fixed = self.fixed(n)
         if fixed:  # a model weight masked at setup: opens x - a only
-            out = P.fixed_product(x, fixed[0], lambda u, v: torch.matmul(u, v.t()), self.dealer)
+            out = P.fixed_product(x, fixed[0], lambda u, v: torch.matmul(u, v.t()), self.dealer, self.opening(n, x))
             return out + b if b is not None else out
         if _is_shared(w):
             out = x.matmul(w.t())
@@ -226,7 +238,7 @@ class CrypTenInterpreter(fx.Interpreter):
         scale, shift = _bn_affine(m)
         view = (1, -1) + (1,) * (x.dim() - 2)
         if self.private:  # the scale was masked at setup; the shift is an addition
-            out = P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer)
+            out = P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer, self.opening(n, x))
             return out + self.shared(shift).view(view)
         return x.mul(scale.view(view)) + shift.view(view)
 

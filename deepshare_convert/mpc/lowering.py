@@ -228,6 +228,7 @@ def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "p
     modules = dict(gm.named_modules())
     params = dict(gm.named_parameters())
     secret: dict[fx.Node, bool] = {}
+    masked: set[fx.Node] = set()  # private mode: values already opened as x - a (reused by fixed products)
     ops: list[MPCOp] = []
     output_shape: tuple[int, ...] = ()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -268,7 +269,9 @@ def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "p
             op.inplace_of = inputs[0].name
         rule = COST_RULES.get(handler)
         if rule is not None:
-            rule(op, CostInput(node, modules, weights_mode, secret, _numel(shape)))
+            rule(op, CostInput(node, modules, weights_mode, secret, _numel(shape), masked))
+        if op.inplace_of is not None:  # the node now names a new value: not opened yet
+            masked.discard(inputs[0])
         secret[node] = op.secret
         ops.append(op)
     return Program(gm, ops, input_shape, output_shape, weights_mode)
@@ -284,6 +287,13 @@ class CostInput:
     weights_mode: str
     secret: dict[fx.Node, bool]  # which nodes lowered so far hold secret-shared values
     elements: int  # the node's output elements
+    masked: set = field(default_factory=set)  # values opened as x - a so far (private mode; rules add to it)
+
+    def open_once(self, op: MPCOp) -> None:
+        """Private mode: open the input x as ``x - a`` unless a fixed-weight product already did."""
+        if self.x not in self.masked:
+            op.opened, op.open_rounds = _numel(_shape(self.x)), 1
+            self.masked.add(self.x)
 
     @property
     def x(self) -> fx.Node | None:
@@ -313,8 +323,10 @@ def _cost_gate(op: MPCOp, c: CostInput) -> None:
 def _cost_site(op: MPCOp, c: CostInput) -> None:
     # public: y = α·(x·g) + β·x, one masked product.  private: α, β masked at setup, and the
     # dealer's (a, a·r, a·b_α, ...) make x·(α·g + β) one opening of x - a as well
-    op.opened, op.open_rounds = c.elements, 1
-    if c.weights_mode == "private":
+    if c.weights_mode == "public":
+        op.opened, op.open_rounds = c.elements, 1
+    else:
+        c.open_once(op)
         channels = c.modules[c.node.target].channels
         op.fixed = {f"{c.node.target}.alpha": channels, f"{c.node.target}.beta": channels}
 
@@ -324,15 +336,16 @@ def _cost_linear(op: MPCOp, c: CostInput) -> None:
     # one opening of x - a; with a secret computed weight a full Beaver product (x - a, W - b)
     w_shape, secret_w, fixed = _weight(c.node, c.modules, c.secret, c.weights_mode)
     op.macs = c.elements * _numel(w_shape[1:])
-    if secret_w:
-        op.opened, op.open_rounds = _numel(_shape(c.x)) + (0 if fixed else _numel(w_shape)), 1
-        if fixed:
-            op.fixed = {fixed: _numel(w_shape)}
+    if secret_w and fixed:
+        c.open_once(op)
+        op.fixed = {fixed: _numel(w_shape)}
+    elif secret_w:
+        op.opened, op.open_rounds = _numel(_shape(c.x)) + _numel(w_shape), 1
 
 
 def _cost_bn(op: MPCOp, c: CostInput) -> None:
     if c.weights_mode == "private":  # per-channel secret scale masked at setup (the shift is an addition)
-        op.opened, op.open_rounds = c.elements, 1
+        c.open_once(op)
         op.fixed = {f"{c.node.target}:scale": c.modules[c.node.target].num_features}
 
 

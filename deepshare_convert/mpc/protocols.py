@@ -41,8 +41,10 @@ import torch
 
 from ..compat import import_crypten
 
-__all__ = ["Dealer", "FixedMask", "MaskedBit", "drelu", "gate_product", "relu", "public_affine", "fixed_site",
-           "fixed_product", "mask_weights", "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d"]  # fmt: skip
+__all__ = [
+    "Dealer", "FixedMask", "MaskedBit", "Opening", "drelu", "gate_product", "relu", "public_affine", "fixed_site",
+    "fixed_product", "mask_weights", "open_masked", "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d",
+]  # fmt: skip
 
 RING_BITS = 64
 
@@ -211,14 +213,34 @@ def mask_weights(weights: dict, dealer: Dealer) -> dict[str, FixedMask]:
     return out
 
 
-def fixed_product(x, fm: FixedMask, fn, dealer: Dealer):
+@dataclass
+class Opening:
+    """An activation opened against a fresh dealer mask: ``ε = x - a`` public, ``[a]``, ``a`` at the dealer."""
+
+    a_plain: torch.Tensor | None
+    a: object  # [a], precision 0
+    eps: torch.Tensor
+
+
+def open_masked(x, dealer: Dealer) -> Opening:
+    """Open ``x - a`` for a fresh uniform ``a`` (n elements, one round).
+
+    Every product of ``x`` with a setup-masked tensor can use the same opening (the dealer deals
+    ``fn(a, b)`` for each fixed ``b``), so ``x`` is opened once however many such products read it.
+    """
+    a_plain, a = dealer.mask(x.size())
+    return Opening(a_plain, a, _open(x.share - a.share))
+
+
+def fixed_product(x, fm: FixedMask, fn, dealer: Dealer, opening: Opening | None = None):
     """[fn(x, W)] for a bilinear ``fn`` (conv, matmul, broadcast mul) and a setup-masked W: opens x - a only.
 
     ``x·W = ε·[W] + [a]·δ + [a·b]`` with ``ε = x - a``; the dealer's ``c = fn(a, b)`` uses the
-    fixed ``b`` and a fresh ``a``.  One local truncation, as after CrypTen's Beaver product.
+    fixed ``b`` and a fresh ``a`` (or the ``a`` of an ``opening`` of this same x).  One local
+    truncation, as after CrypTen's Beaver product.
     """
-    a_plain, a = dealer.mask(x.size())
-    eps = _open(x.share - a.share)
+    o = opening or open_masked(x, dealer)
+    a_plain, a, eps = o.a_plain, o.a, o.eps
     share = fn(eps, fm.weight.share).add_(fn(a.share, fm.delta))
     c = dealer.share(fn(a_plain, fm.plain_mask) if dealer.rank == 0 else None, share.shape)
     out = x.shallow_copy()
@@ -226,7 +248,7 @@ def fixed_product(x, fm: FixedMask, fn, dealer: Dealer):
     return out.div_(x.encoder.scale)
 
 
-def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dealer):
+def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dealer, opening: Opening | None = None):
     """x·(α·g + β) with secret, setup-masked α, β (C,): one opening of x - a (n elements), one round.
 
     With ``g = u + v·r`` (``u = 1 - z``, ``v = 2z - 1`` public) and ``x = ε + a``:
@@ -235,14 +257,14 @@ def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dea
     ``a``, ``r`` and the fixed ``b``'s, so every product of secrets is a dealt share.
     """
     view = (1, -1) + (1,) * (x.dim() - 2)
-    a_plain, a = dealer.mask(x.size())
+    o = opening or open_masked(x, dealer)
+    a_plain, a, eps = o.a_plain, o.a, o.eps
     dealt: tuple = (None,) * 5
     if dealer.rank == 0:
         b_a, b_b, r = alpha.plain_mask.view(view), beta.plain_mask.view(view), bit.r_plain
         ar = a_plain * r
         dealt = (a_plain * b_a, a_plain * b_b, ar, ar * b_a, r * b_a)
     a_ba, a_bb, a_r, a_r_ba, r_ba = (dealer.share(t, x.size()) for t in dealt)
-    eps = _open(x.share - a.share)
     d_a, d_b = alpha.delta.view(view), beta.delta.view(view)
     xa = eps * alpha.weight.share.view(view) + d_a * a.share + a_ba.share
     xb = eps * beta.weight.share.view(view) + d_b * a.share + a_bb.share
