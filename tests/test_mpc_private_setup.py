@@ -78,8 +78,13 @@ def test_setup_opens_every_weight_once_and_later_inferences_open_no_weight():
             x_elems = int(np.prod(op_input_shape(program, op.node)))
             assert last[op.node]["bytes"] == OPEN_BYTES * x_elems, op.node  # x - a only, no W - b
             assert last[op.node]["rounds"] == 1
-        if op.handler == "site":  # one opening of x - a, as in public mode (was C + 2n in 2 rounds)
-            assert last[op.node]["bytes"] == OPEN_BYTES * op.elements and last[op.node]["rounds"] == 1
+    sites = [op for op in program.ops if op.handler == "site"]
+    gates = [op for op in program.ops if op.handler == "gate"]
+    for op in sites + gates:  # a site's x - a goes alone or with its gate's comparison (then the gate counts it)
+        assert last[op.node]["bytes"] == OPEN_BYTES * op.opened + 432 * op.comparisons, op.node
+    assert all(op.opened in (0, op.elements) and op.open_rounds == (op.opened > 0) for op in sites)
+    # each site's x opened once, as in public mode (it was C + 2n elements in 2 rounds)
+    assert sum(op.opened for op in sites + gates) == sum(op.elements for op in sites)
     first, second = p0.inferences[0], p0.inferences[1]
     assert first["bytes"] == second["bytes"] < OPEN_BYTES * weights  # below even one opening of the weights
 

@@ -91,7 +91,7 @@ class CrypTenInterpreter(fx.Interpreter):
         self.nodes = {n.name: n for n in program.gm.graph.nodes}
         self.stats: dict[str, NodeStats] = {}
         self._shared_cache: dict[int, Any] = {}
-        self._openings: dict[str, P.Opening] = {}  # input node -> its masked opening (private mode)
+        self._openings: dict[str, P.Opening] = {}  # input node -> its masked opening
 
     @property
     def comparisons(self) -> int:
@@ -164,7 +164,10 @@ class CrypTenInterpreter(fx.Interpreter):
         gate = self.mods[n.target]
         x = args[0]
         proto = x[:, : gate.prototypes]
-        bit = P.drelu(proto, self.dealer)
+        if self.program.op(n.name).opened:  # a site reads this same x: its x - a rides with the comparison
+            bit, self._openings[n.args[0].name] = P.drelu_and_open(proto, x, self.dealer)
+        else:
+            bit = P.drelu(proto, self.dealer)
         identity = bool(torch.equal(gate.mapping, torch.arange(gate.channels)))
         return GateValue(bit, None if identity else gate.mapping.long())
 
@@ -179,7 +182,7 @@ class CrypTenInterpreter(fx.Interpreter):
         if self.private:
             alpha, beta = self.fixed(n)
             return P.fixed_site(x, bit, alpha, beta, self.dealer, self.opening(n, x))
-        xg = P.gate_product(x, bit, self.dealer)
+        xg = P.gate_product(x, bit, self.dealer, self._openings.get(n.args[0].name))
         return P.public_affine(xg, x, site.alpha.detach(), site.beta.detach())
 
     def _h_maxpool(self, n, args, kwargs):

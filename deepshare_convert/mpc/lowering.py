@@ -228,7 +228,7 @@ def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "p
     modules = dict(gm.named_modules())
     params = dict(gm.named_parameters())
     secret: dict[fx.Node, bool] = {}
-    masked: set[fx.Node] = set()  # private mode: values already opened as x - a (reused by fixed products)
+    masked: set[fx.Node] = set()  # values whose x - a is open already (with a gate's comparison, or for a product)
     ops: list[MPCOp] = []
     output_shape: tuple[int, ...] = ()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -287,13 +287,17 @@ class CostInput:
     weights_mode: str
     secret: dict[fx.Node, bool]  # which nodes lowered so far hold secret-shared values
     elements: int  # the node's output elements
-    masked: set = field(default_factory=set)  # values opened as x - a so far (private mode; rules add to it)
+    masked: set = field(default_factory=set)  # values whose x - a is open already (rules add to it)
 
-    def open_once(self, op: MPCOp) -> None:
-        """Private mode: open the input x as ``x - a`` unless a fixed-weight product already did."""
+    def open_once(self, op: MPCOp, remember: bool = True) -> None:
+        """Open the input x as ``x - a`` (one round) unless a gate or a fixed-weight product already did.
+
+        ``remember``: later products of x may reuse this opening (the executor keeps it).
+        """
         if self.x not in self.masked:
             op.opened, op.open_rounds = _numel(_shape(self.x)), 1
-            self.masked.add(self.x)
+            if remember:
+                self.masked.add(self.x)
 
     @property
     def x(self) -> fx.Node | None:
@@ -306,8 +310,9 @@ CostRule = Callable[[MPCOp, CostInput], None]
 
 
 def _cost_relu(op: MPCOp, c: CostInput) -> None:
-    # DReLU (one comparison per element) + the masked-bit product x*g (opens x - a)
-    op.comparisons, op.compare_steps, op.opened, op.open_rounds = c.elements, 1, c.elements, 1
+    # DReLU (one comparison per element) + the masked-bit product x*g, whose x - a opening
+    # travels in the comparison's last message (no round of its own)
+    op.comparisons, op.compare_steps, op.opened, op.open_rounds = c.elements, 1, c.elements, 0
 
 
 def _cost_gate(op: MPCOp, c: CostInput) -> None:
@@ -318,15 +323,22 @@ def _cost_gate(op: MPCOp, c: CostInput) -> None:
     in_shape = _shape(c.x)
     op.comparisons, op.compare_steps = _numel((in_shape[0], gate.prototypes, *in_shape[2:])), 1
     op.elements = _numel(in_shape)
+    if any(_is_site_of(u, c.node, c.x, c.modules) for u in c.x.users):
+        # a site reads this gate's own input: its x - a opening rides in the comparison's last message
+        op.opened = _numel(in_shape)
+        c.masked.add(c.x)
+
+
+def _is_site_of(user: fx.Node, gate: fx.Node, x: fx.Node, modules) -> bool:
+    return (user.op == "call_module" and isinstance(modules.get(user.target), SharedGate)
+            and len(user.args) > 1 and user.args[0] is x and user.args[1] is gate)  # fmt: skip
 
 
 def _cost_site(op: MPCOp, c: CostInput) -> None:
     # public: y = α·(x·g) + β·x, one masked product.  private: α, β masked at setup, and the
     # dealer's (a, a·r, a·b_α, ...) make x·(α·g + β) one opening of x - a as well
-    if c.weights_mode == "public":
-        op.opened, op.open_rounds = c.elements, 1
-    else:
-        c.open_once(op)
+    c.open_once(op, remember=c.weights_mode == "private")  # nothing to open when x went with its gate's comparison
+    if c.weights_mode == "private":
         channels = c.modules[c.node.target].channels
         op.fixed = {f"{c.node.target}.alpha": channels, f"{c.node.target}.beta": channels}
 
@@ -353,7 +365,7 @@ def _cost_maxpool(op: MPCOp, c: CostInput) -> None:
     # a pairwise max tree: each step compares pairs, then selects with a product
     steps, pairs = _max_tree(_pool_window(c.node, c.modules))
     op.comparisons, op.compare_steps = c.elements * pairs, steps
-    op.opened, op.open_rounds = c.elements * pairs, steps
+    op.opened, op.open_rounds = c.elements * pairs, 0  # each step's product rides with its comparison
 
 
 def _cost_mul(op: MPCOp, c: CostInput) -> None:

@@ -43,7 +43,7 @@ from ..compat import import_crypten
 
 __all__ = [
     "Dealer", "FixedMask", "MaskedBit", "Opening", "drelu", "gate_product", "relu", "public_affine", "fixed_site",
-    "fixed_product", "mask_weights", "open_masked", "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d",
+    "fixed_product", "mask_weights", "open_masked", "drelu_and_open", "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d",
 ]  # fmt: skip
 
 RING_BITS = 64
@@ -124,8 +124,8 @@ class MaskedBit:
         return MaskedBit(self.z.index_select(dim, mapping), r, plain)
 
 
-def drelu(x, dealer: Dealer) -> MaskedBit:
-    """DReLU(x) = (x >= 0): CrypTen's comparison (same messages as ``_ltz``), keeping its mask."""
+def _masked_msb(x, dealer: Dealer):
+    """CrypTen's comparison up to its last message: (the binary share of msb(x) XOR r, r, [r])."""
     import_crypten()
     from crypten.mpc.primitives.converters import _A2B
 
@@ -134,15 +134,45 @@ def drelu(x, dealer: Dealer) -> MaskedBit:
     xb.share = xb.share >> (RING_BITS - 1)
     bit = xb & 1
     r, r_a, r_b = dealer.random_bit(bit.size())
-    z = (bit ^ r_b).reveal()  # the B2A opening: msb XOR r (uniform)
+    return bit ^ r_b, r, r_a
+
+
+def drelu(x, dealer: Dealer) -> MaskedBit:
+    """DReLU(x) = (x >= 0): CrypTen's comparison (same messages as ``_ltz``), keeping its mask."""
+    masked, r, r_a = _masked_msb(x, dealer)
+    z = masked.reveal()  # the B2A opening: msb XOR r (uniform)
     # msb(x) = r XOR z  =>  DReLU = 1 - msb = 1 - z - (1 - 2z)·r
     return MaskedBit(z & 1, r_a, r)
 
 
-def _x_times_r(x, bit: MaskedBit, dealer: Dealer):
-    """[x·r] with one opening of x - a (the bit r is the dealer's own mask)."""
-    a, c = dealer.bit_triple(x.size(), bit.r_plain, bit.shape)
-    eps = _open(x.share - a.share)
+def drelu_and_open(x, y, dealer: Dealer) -> tuple[MaskedBit, Opening]:
+    """DReLU(x), and ``y - a`` opened in the comparison's last message (one round for both).
+
+    ``y - a`` needs nothing from the comparison, so it travels with the B2A opening of
+    ``msb ⊕ r``: each party sends both shares at once (an all-gather of the same bytes as the two
+    openings) and XORs / adds them.  The product ``y·g`` of a ReLU or of the site that reads the
+    gate's own input then costs no round of its own.
+    """
+    import crypten.communicator as comm
+
+    masked, r, r_a = _masked_msb(x, dealer)
+    a_plain, a = dealer.mask(y.size())
+    bits, diff = masked.share.flatten(), (y.share - a.share).flatten()
+    mine, theirs = comm.get().all_gather(torch.cat([bits, diff]))
+    n = bits.numel()
+    z = (mine[:n] ^ theirs[:n]).view(masked.share.shape)
+    eps = (mine[n:] + theirs[n:]).view(y.share.shape)
+    return MaskedBit(z & 1, r_a, r), Opening(a_plain, a, eps)
+
+
+def _x_times_r(x, bit: MaskedBit, dealer: Dealer, opening: Opening | None = None):
+    """[x·r] with one opening of x - a (the bit r is the dealer's own mask), or x's earlier ``opening``."""
+    if opening is None:
+        a, c = dealer.bit_triple(x.size(), bit.r_plain, bit.shape)
+        eps = _open(x.share - a.share)
+    else:
+        a, eps = opening.a, opening.eps
+        c = dealer.share(opening.a_plain * bit.r_plain if dealer.rank == 0 else None, x.size())
     out = c.shallow_copy()
     out.share = c.share + eps * bit.r_shared.share
     out.encoder = x.encoder
@@ -156,17 +186,19 @@ def _open(share: torch.Tensor) -> torch.Tensor:
     return comm.get().all_reduce(share)
 
 
-def gate_product(x, bit: MaskedBit, dealer: Dealer):
-    """[x·g] for a DReLU bit g given as a MaskedBit of x's shape: opens x - a only."""
-    xr = _x_times_r(x, bit, dealer)
+def gate_product(x, bit: MaskedBit, dealer: Dealer, opening: Opening | None = None):
+    """[x·g] for a DReLU bit g given as a MaskedBit of x's shape: opens x - a only (or reuses ``opening``)."""
+    xr = _x_times_r(x, bit, dealer, opening)
     out = x.shallow_copy()
     out.share = x.share * (1 - bit.z) + xr.share * (2 * bit.z - 1)
     return out
 
 
 def relu(x, dealer: Dealer):
-    """ReLU(x) = x·DReLU(x): one comparison per element + one masked product."""
-    return gate_product(x, drelu(x, dealer), dealer)
+    """ReLU(x) = x·DReLU(x): one comparison per element + one masked product, whose x - a opening
+    rides in the comparison's last message (no round of its own)."""
+    bit, opening = drelu_and_open(x, x, dealer)
+    return gate_product(x, bit, dealer, opening)
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
