@@ -42,8 +42,9 @@ import torch
 from ..compat import import_crypten
 
 __all__ = [
-    "Dealer", "FixedMask", "MaskedBit", "Opening", "drelu", "gate_product", "relu", "public_affine", "fixed_site",
-    "fixed_product", "mask_weights", "open_masked", "drelu_and_open", "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d",
+    "Dealer", "FixedMask", "MaskedBit", "Opening", "drelu", "drelu_and_open", "gate_product", "relu", "public_affine",
+    "fixed_site", "fixed_product", "mask_weights", "open_masked", "public_conv2d", "public_linear", "ring_conv2d",
+    "maxpool2d",
 ]  # fmt: skip
 
 RING_BITS = 64
