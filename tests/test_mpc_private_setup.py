@@ -167,3 +167,19 @@ def test_interpreter_refuses_private_run_without_setup():
     program = lower(prepare(net), (1, *size), "private")
     with pytest.raises(DeepShareError, match="not set up"):
         CrypTenInterpreter(program, 0)
+
+
+def test_tables_show_setup_apart_from_online():
+    from rich.console import Console
+
+    from deepshare_convert.cli.mpc_tables import estimate_table, private_run_table
+    from deepshare_convert.mpc.costs import estimate
+
+    net, _, size = model("digits_cnn", "10%")
+    est = estimate(net, size, weights_mode="private")
+    console = Console(record=True, width=200)
+    console.print(private_run_table(digits_run(), "digits"))
+    console.print(estimate_table(est))
+    text = console.export_text()
+    assert f"one setup, then {IMAGES} inferences" in text and "setup MB" in text and "online MB" in text
+    assert f"setup, once per loaded model (every weight's W - b opened): {est.setup_bytes / 1e6:,.2f} MB" in text

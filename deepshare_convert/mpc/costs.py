@@ -264,7 +264,9 @@ def _calibration_party(backend, rank: int, sizes: tuple[int, int], conv: tuple[i
     ws = A(w, src=0) if rank == 0 else A(None, size=w.shape, src=0)
     comm.get().barrier()
     out["conv_public"] = _delta(comm, lambda: P.public_conv2d(x, w, None, padding=k // 2))
-    out["conv_private"] = _delta(comm, lambda: x.conv2d(ws, padding=k // 2))
+    masks = P.mask_weights({"w": ws}, dealer)  # private mode: the weight masked once, as at setup
+    out["conv_private"] = _delta(
+        comm, lambda: P.fixed_product(x, masks["w"], lambda u, v: torch.conv2d(u, v, padding=k // 2), dealer))
     out["conv_macs"] = c * c * k * k * hw * hw
     return out
 

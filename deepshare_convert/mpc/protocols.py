@@ -159,10 +159,10 @@ def drelu_and_open(x, y, dealer: Dealer) -> tuple[MaskedBit, Opening]:
     masked, r, r_a = _masked_msb(x, dealer)
     a_plain, a = dealer.mask(y.size())
     bits, diff = masked.share.flatten(), (y.share - a.share).flatten()
-    mine, theirs = comm.get().all_gather(torch.cat([bits, diff]))
+    s0, s1 = comm.get().all_gather(torch.cat([bits, diff]))  # both parties' shares
     n = bits.numel()
-    z = (mine[:n] ^ theirs[:n]).view(masked.share.shape)
-    eps = (mine[n:] + theirs[n:]).view(y.share.shape)
+    z = (s0[:n] ^ s1[:n]).view(masked.share.shape)
+    eps = (s0[n:] + s1[n:]).view(y.share.shape)
     return MaskedBit(z & 1, r_a, r), Opening(a_plain, a, eps)
 
 
