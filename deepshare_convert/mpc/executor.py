@@ -126,6 +126,8 @@ class CrypTenInterpreter(fx.Interpreter):
         if op.inplace_of is not None:  # an in-place op also rewrote its input for later readers
             self.env[self.nodes[op.inplace_of]] = result
             self._openings.pop(op.inplace_of, None)
+        for done in self.user_to_last_uses.get(n, ()):  # no later reader: its opening is not needed
+            self._openings.pop(done.name, None)
         return result
 
     def shared(self, t: torch.Tensor):
