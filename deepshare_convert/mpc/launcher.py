@@ -59,6 +59,16 @@ class PartyReport:
     per_node: dict[str, dict[str, float]]
     output: np.ndarray | None
     plaintext_digests: list[str] = field(default_factory=list)
+    setup: dict[str, float] = field(default_factory=dict)  # bytes, rounds, wall_s, elements of the one setup
+    inferences: list[dict[str, float]] = field(default_factory=list)  # online bytes, rounds, wall_s of each run
+
+    @property
+    def setup_bytes(self) -> int:
+        return int(self.setup.get("bytes", 0))
+
+    @property
+    def setup_rounds(self) -> int:
+        return int(self.setup.get("rounds", 0))
 
 
 @dataclass
@@ -92,7 +102,10 @@ class PrivateRun:
             "comparisons_expected": self.comparisons_expected,
             "parties": [
                 {"rank": p.rank, "bytes": p.bytes, "rounds": p.rounds, "wall_s": round(p.wall_s, 4),
-                 "comm_s": round(p.comm_s, 4)}
+                 "comm_s": round(p.comm_s, 4), "setup_bytes": p.setup_bytes, "setup_rounds": p.setup_rounds,
+                 "setup_wall_s": round(p.setup.get("wall_s", 0.0), 4),
+                 "inferences": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in i.items()}
+                                for i in p.inferences]}
                 for p in self.parties
             ],  # fmt: skip
         }
@@ -135,29 +148,45 @@ def free_port() -> int:
 
 
 def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, input_shape: tuple[int, ...],
-                     inputs: np.ndarray | None, weights_mode: str, inventory: bool) -> dict[str, Any]:  # fmt: skip
-    """One party's inference (``backend`` already started); returns only numpy / Python values."""
+                     inputs: np.ndarray | None, weights_mode: str, inventory: bool,
+                     count: int = 1) -> dict[str, Any]:  # fmt: skip
+    """One party: one setup, then ``count`` inferences of ``input_shape`` one after another.
+
+    ``backend`` is already started; returns only numpy / Python values.  ``bytes`` / ``rounds``
+    / ``wall_s`` are the online phase summed over the inferences, ``per_node`` the last one's.
+    """
     program = lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode)
-    x = torch.from_numpy(inputs) if inputs is not None else None
-    result = backend.run(program, x)
-    out = result.output.detach().float().numpy() if result.output is not None else None
+    setup = backend.setup(program)
+    xs = [torch.from_numpy(c) for c in np.split(inputs, count)] if inputs is not None else [None] * count
+    outs, runs, result = [], [], None
+    for x in xs:
+        result = backend.run(program, x)
+        if result.output is not None:
+            outs.append(result.output.detach().float())
+        runs.append({"bytes": result.bytes, "rounds": result.rounds, "wall_s": result.wall_s,
+                     "comm_s": result.comm_s, "comparisons": result.comparisons})  # fmt: skip
     report = {
-        "rank": rank, "bytes": result.bytes, "rounds": result.rounds, "wall_s": result.wall_s,
-        "comm_s": result.comm_s, "comparisons": result.comparisons,
+        "rank": rank, "bytes": sum(r["bytes"] for r in runs), "rounds": sum(r["rounds"] for r in runs),
+        "wall_s": sum(r["wall_s"] for r in runs), "comm_s": sum(r["comm_s"] for r in runs),
+        "comparisons": sum(r["comparisons"] for r in runs),
         "per_node": {k: {"bytes": v.bytes, "rounds": v.rounds, "seconds": v.seconds, "comparisons": v.comparisons}
                      for k, v in result.per_node.items()},
-        "output": out,
+        "output": torch.cat(outs).numpy() if outs else None,  # a view: the tensor stays visible to the inventory
+        "setup": {"bytes": setup.bytes, "rounds": setup.rounds, "wall_s": setup.wall_s, "elements": setup.elements},
+        "inferences": runs,
     }  # fmt: skip
-    del result
+    del result, outs
     if inventory:  # everything this process holds in the clear, its own inputs and output included
         report["plaintext_digests"] = _plaintext_inventory()
     return report
 
 
 def _inference_plan(rank: int, gm: fx.GraphModule | dict, input_shape: tuple[int, ...], inputs, weights_mode: str,
-                    inventory: bool) -> str:  # fmt: skip
-    """The plan hash of what :func:`_inference_party` will run, from what this party holds."""
-    return plan_digest(lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode))
+                    inventory: bool, count: int = 1) -> str:  # fmt: skip
+    """The plan hash of what :func:`_inference_party` will run, from what this party holds (the number of
+    inferences after the one setup included: parties that disagree on it would wait for each other)."""
+    digest = plan_digest(lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode))
+    return digest if count == 1 else hashlib.sha256(f"{digest}:{count}".encode()).hexdigest()
 
 
 def _function_plan(fn) -> str:
@@ -243,21 +272,27 @@ def run_two_party(
     plaintext: bool = True,
     leaf_modules: Sequence[str] = (),
     backend: Backend | None = None,
+    sequential: bool = False,
 ) -> PrivateRun:
-    """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen)."""
+    """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen).
+
+    One setup (private mode: the weights masked once), then one inference of the whole batch,
+    or with ``sequential`` N inferences of one image each, one after another, reusing the setup.
+    """
     _check_mode(weights_mode)
     tic = time.perf_counter()
     gm = prepare(model, leaf_modules=leaf_modules)
-    shape = tuple(inputs.shape)
+    count = int(inputs.shape[0]) if sequential else 1
+    shape = (1, *inputs.shape[1:]) if sequential else tuple(inputs.shape)
     program = lower(gm, shape, weights_mode)  # refuses unsupported nodes before any process starts
-    expected = program.comparisons
+    expected = program.comparisons * count
     clear = None
     if plaintext:
         with torch.no_grad():
             clear = gm(snap_input(inputs)).float().numpy()  # the deployed model on the encoded input
-    server = (pack(gm), shape, None, weights_mode, inventory)
+    server = (pack(gm), shape, None, weights_mode, inventory, count)
     client_gm = pack(strip_weights(gm) if weights_mode == "private" else gm)
-    client = (client_gm, shape, inputs.detach().float().numpy(), weights_mode, inventory)
+    client = (client_gm, shape, inputs.detach().float().numpy(), weights_mode, inventory, count)
     setup = time.perf_counter() - tic
     reports = spawn_two(_inference_party, (server, client), timeout=timeout, backend=backend, plan=_inference_plan)
     parties = [PartyReport(**r) for r in reports]
