@@ -48,7 +48,7 @@ class _EpochPrinter:
 
     def epoch(self, m):
         print(f"  epoch {m['epoch']}: step {m['step']} live {m.get('live', '-')} lambda {m.get('lambda', 0):.3g} "
-              f"test {m.get('test_acc', float('nan')):.1f}% ({m['epoch_seconds']:.0f} s)", flush=True)  # fmt: skip
+              f"test {m.get('test_acc', m.get('test_miou', float('nan'))):.1f}% ({m['epoch_seconds']:.0f} s)", flush=True)  # fmt: skip
 
     def stop(self):
         pass

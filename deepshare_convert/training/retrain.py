@@ -31,6 +31,7 @@ from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
 from ..interrupts import deferred_sigint
+from ..metrics import task_key
 from ..models import ModelSpec, load_model
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
 from .distributed import DistContext, init_from_env, wrap_ddp
@@ -153,11 +154,12 @@ class _Run:
         return next(iter(loader))[0]
 
     def accuracy(self, model: nn.Module) -> float:
-        return evaluate(model, self.test_loader()).top1
+        return evaluate(model, self.test_loader()).score
 
     def note(self, **values: Any) -> None:
-        """Record results as soon as they are known (a resumed run keeps them)."""
-        self.run_dir.note(**values)
+        """Record results as soon as they are known (a resumed run keeps them); ``*_acc`` is ``*_miou``
+        for segmentation data."""
+        self.run_dir.note(**{task_key(k, self.info.task): v for k, v in values.items()})
 
     def ensure_converted(self) -> None:
         if self.student is not None:
