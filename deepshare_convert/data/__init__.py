@@ -21,10 +21,12 @@ This package re-exports what the rest of the code base (and the tests) import.
 
 from __future__ import annotations
 
-# Importing the readers registers them, in the order the "known:" list shows.
-# Private names are re-exported for the tests that call them.
-from . import readers as _readers  # noqa: F401
-from . import segmentation as _segmentation  # noqa: F401  (after readers: camvid, ade20k:DIR close the list)
+# Importing the readers registers them, in the order the "known:" list shows (segmentation's
+# camvid, ade20k:DIR last).  Private names are re-exported for the tests that call them.
+from . import (
+    readers as _readers,  # noqa: F401
+    segmentation as _segmentation,  # noqa: F401
+)
 from .cache import _CACHE_FORMAT, _cached, cache_dir  # noqa: F401
 from .decode import _decode_images  # noqa: F401
 from .loader import TensorLoader, _augment, make_loader  # noqa: F401
