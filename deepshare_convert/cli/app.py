@@ -290,7 +290,7 @@ def _print_segmentation(name: str, data: str, info, result, as_json: bool) -> No
         return
     from rich.table import Table
 
-    table = Table(title=f"per-class IoU ({info.num_classes} classes, ignore label {info.ignore_index})")
+    table = Table(title="per-class IoU", caption=f"{info.num_classes} classes; label {info.ignore_index} ignored")
     table.add_column("class")
     table.add_column("IoU %", justify="right")
     for cls, v in iou.items():
