@@ -154,6 +154,8 @@ def test_label_values_out_of_range_name_the_file(tmp_path, capsys):
     _png(root / "test" / "labels" / "f001.png", bad)
     err = _cli_error(capsys, f"camvid:{root}")
     assert "f001.png has values [12, 200] outside the classes 0..10" in err
+    _png(root / "test" / "labels" / "f001.png", np.zeros((H, W, 3)))  # a colour PNG is not a class map
+    assert "label image " in (err := _cli_error(capsys, f"camvid:{root}")) and "f001.png is mode RGB" in err
 
 
 def test_empty_split_is_an_error(tmp_path, capsys):
