@@ -69,6 +69,9 @@ def results_table(results: dict) -> Table:
         ("top-1 original", results.get("original_acc"), "{:.2f}%"),
         ("top-1 converted, before retraining", results.get("converted_acc_before_retraining"), "{:.2f}%"),
         ("top-1 after retraining", results.get("final_acc"), "{:.2f}%"),
+        ("mIoU original", results.get("original_miou"), "{:.2f}%"),
+        ("mIoU converted, before retraining", results.get("converted_miou_before_retraining"), "{:.2f}%"),
+        ("mIoU after retraining", results.get("final_miou"), "{:.2f}%"),
     ]
     for label, value, fmt in rows:
         if value is not None:

@@ -21,6 +21,7 @@ from ..conversion.plan import PLAN_FILE, WEIGHTS_FILE, write_json_atomic
 from ..conversion.tracing import check_leaf_names, example_input
 from ..errors import BudgetError, DeepShareError, PlanError, first_line
 from ..interrupts import deferred_sigint
+from ..metrics import task_key
 from ..training.device import model_device, resolve_device, to_cpu
 from ..training.engine import PhaseHooks, PhaseSpec, Reporter, Trainer
 from ..training.rundir import RunDir
@@ -233,7 +234,8 @@ class _Job:
         """The model must take the data's images and have one output per class (a clear error now, not mid-run)."""
         try:
             with torch.no_grad():
-                outputs = self.original(example_input(self.input_size, self.original, batch=2)).shape[-1]
+                out = self.original(example_input(self.input_size, self.original, batch=2))
+                outputs = out.shape[1] if self.info.segmentation and out.ndim == 4 else out.shape[-1]
         except RuntimeError as e:
             size = "x".join(map(str, self.input_size))
             first = first_line(e, 160)
@@ -259,11 +261,12 @@ class _Job:
         home = model_device(model)  # outside a phase the models stay where they were (the CPU, for tracing)
         result = evaluate(model, self.trainer.test_loader, device=self.device)
         model.to(home)
-        return result.top1
+        return result.score
 
     def note(self, **values: Any) -> None:
-        """Record results as soon as they are known (a resumed run keeps them)."""
-        self.run_dir.note(**values)
+        """Record results as soon as they are known (a resumed run keeps them); ``*_acc`` is ``*_miou``
+        for segmentation data."""
+        self.run_dir.note(**{task_key(k, self.info.task): v for k, v in values.items()})
 
     # ---- the two phases ------------------------------------------------------------------------------
     def run(self, state: dict[str, Any] | None) -> SNLResult:

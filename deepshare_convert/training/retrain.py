@@ -31,6 +31,7 @@ from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
 from ..interrupts import deferred_sigint
+from ..metrics import task_key
 from ..models import ModelSpec, load_model
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
 from .device import model_device, resolve_device, to_cpu
@@ -159,11 +160,12 @@ class _Run:
         home = model_device(model)  # outside a phase the models stay where they were (the CPU, for tracing)
         result = evaluate(model, self.test_loader(), device=self.device)
         model.to(home)
-        return result.top1
+        return result.score
 
     def note(self, **values: Any) -> None:
-        """Record results as soon as they are known (a resumed run keeps them)."""
-        self.run_dir.note(**values)
+        """Record results as soon as they are known (a resumed run keeps them); ``*_acc`` is ``*_miou``
+        for segmentation data."""
+        self.run_dir.note(**{task_key(k, self.info.task): v for k, v in values.items()})
 
     def ensure_converted(self) -> None:
         if self.student is not None:
