@@ -16,7 +16,7 @@ import copy
 
 import torch.fx as fx
 
-from ..activations import ORIGIN_META, activation_input, is_inplace, kind_of
+from ..activations import activation_input, is_inplace, kind_of
 
 __all__ = ["decompose_activations", "has_decomposable"]
 
