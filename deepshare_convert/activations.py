@@ -9,7 +9,7 @@ and the MPC lowering. A kind declares
   readers);
 * its channel axis (prototypes are chosen along it);
 * how many secure comparisons one element costs in the original network (ReLU 1; a
-  clipped activation such as ReLU6 = x·DReLU(x) − (x−6)·DReLU(x−6) would be 2);
+  clipped activation such as ReLU6 = 6 − relu(6 − relu(x)) 2);
 * its gate decomposition: ``"drelu"`` means y = x·DReLU(x), so a replicate channel can reuse
   a prototype's DReLU (DeepShare) and a mask can keep or drop it (SNL); ``None`` means the
   kind is counted but not converted;

@@ -116,6 +116,23 @@ def test_small_model_census_names_and_hook_count():
     assert [s.name for s in again.sites] == [s.name for s in c.sites]
 
 
+def test_pt2_graph_aten_forms_in_place_included(tmp_path):
+    """A torch.export graph calls aten.hardtanh_/relu6/leaky_relu_ (in place kept): same sites, same model."""
+    from deepshare_convert.mpc.costs import estimate
+
+    model = _realistic(Clipped(), (3, 6, 6))
+    path = tmp_path / "clipped.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 6, 6),)), path)
+    gm = load_model(str(path)).model
+    c = census(gm, (3, 6, 6))
+    assert c.total_relus == census(model, (3, 6, 6)).total_relus and c.other_nonlinearities == []
+    conv = convert(gm, (3, 6, 6), budget=c.total_relus, group_size=1)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(conv.model(x), model(x.clone()), atol=1e-5)
+    assert estimate(gm, (3, 6, 6)).bytes == estimate(model, (3, 6, 6)).bytes
+
+
 def test_bad_hardtanh_bounds_are_one_line():
     class Bad(nn.Module):
         def forward(self, x):
@@ -144,6 +161,21 @@ def test_identity_at_p_equals_c_mobilenetv2():
 @pytest.mark.parametrize("slopes", [SLOPES, (0.0, 0.3, 1.5)])
 def test_identity_at_p_equals_c_every_form(slopes):
     assert _identity(_realistic(Clipped(slopes), (3, 6, 6)), (3, 6, 6)) <= 1e-10
+
+
+def test_upper_gate_following_its_lower_gate_starts_with_the_clip_dropped():
+    """Group size 2 puts a ReLU6's two sites in one group; the upper one starts at α = 0, β = 1."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU6(), nn.Conv2d(4, 4, 1), nn.LeakyReLU(0.1)).double().eval()
+    conv = convert(model, (3, 2, 2), budget="100%", group_size=2)
+    assert [g.sites for g in conv.plan.groups] == [["_1_lo", "_1_hi"], ["_3_relu"]]
+    assert conv.plan.achieved == 2 * 16  # the upper gate takes the lower gate's bits: no comparisons of its own
+    sites = dict(conv.model.deepshare_sites.named_children())
+    assert sites["_1_hi"].alpha.eq(0).all() and sites["_1_hi"].beta.eq(1).all()
+    assert sites["_1_lo"].alpha.eq(1).all() and sites["_3_relu"].beta.eq(0).all()
+    x = torch.randn(5, 3, 2, 2, dtype=torch.float64) * 8
+    with torch.no_grad():
+        expected = F.leaky_relu(model[2](torch.relu(model[0](x))), 0.1)  # ReLU6 -> ReLU, LeakyReLU exact
+        assert torch.allclose(conv.model(x), expected, atol=1e-10)
 
 
 # ---- 3. a real budget, plans, SNL ----------------------------------------------------------------------
