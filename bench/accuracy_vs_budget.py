@@ -29,6 +29,7 @@ the lowest budget) and, in full mode, the table into docs/results.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,17 +52,21 @@ def measure(models: list[str], budgets: dict[str, list[str]], sched: Schedule, r
                          "reached": snl_acc is not None,
                          "steps": snl["steps"], "search_steps": snl.get("search_steps"), "curve": snl["curve"],
                          "min_acc": min((a for _, a in snl["curve"]), default=None)})  # fmt: skip
-            ds = run_deepshare(model, budget, sched, runs, steps=snl["steps"])
-            rows.append({"model": model, "method": "DeepShare", "budget": budget, "relus": ds["drelus"],
-                         "acc": final_accuracy(ds["dir"], sched),
-                         "acc_before_retraining": ds.get("converted_acc_before_retraining"),
-                         "wall_s": ds.get("bench_wall_seconds"), "train_s": ds["train_seconds"], "steps": ds["steps"],
-                         "curve": ds["curve"],
-                         "min_acc": min((a for _, a in ds["curve"]), default=None), "recipe": ds["recipe"],
-                         "overrides": ds["overrides"]})  # fmt: skip
+            rows.append(deepshare_row(model, budget, sched, runs, steps=snl["steps"]))
             print(f"[{model}] {budget}: SNL {snl_acc} ({rows[-2]['relus']}) | DeepShare {rows[-1]['acc']} "
                   f"({rows[-1]['relus']})", flush=True)  # fmt: skip
     return rows
+
+
+def deepshare_row(model: str, budget: str, sched: Schedule, runs: Path, *, steps: int) -> dict:
+    """DeepShare at ``budget`` for ``steps`` optimizer steps (SNL's total), as a results row."""
+    ds = run_deepshare(model, budget, sched, runs, steps=steps)
+    return {"model": model, "method": "DeepShare", "budget": budget, "relus": ds["drelus"],
+            "acc": final_accuracy(ds["dir"], sched), "acc_run_test": ds.get("final_acc"),
+            "acc_before_retraining": ds.get("converted_acc_before_retraining"),
+            "wall_s": ds.get("bench_wall_seconds"), "train_s": ds["train_seconds"], "steps": ds["steps"],
+            "curve": ds["curve"], "min_acc": min((a for _, a in ds["curve"]), default=None), "recipe": ds["recipe"],
+            "overrides": ds["overrides"]}  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -87,7 +92,7 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
+def plot_curves(rows: list[dict], path: Path, batch_size: int = 32) -> None:
     """Test top-1 against optimizer steps, both methods, at each model's lowest budget."""
     from deepshare_convert.plots import _plt, save_figure
 
@@ -105,7 +110,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
                 if r["method"] == "SNL" and r.get("search_steps"):
                     ax.axvline(r["search_steps"], color="gray", ls=":", lw=1)
                     ax.text(r["search_steps"], 92, " SNL search ends", color="gray", fontsize=8)
-        ax.set_xlabel("optimizer steps (batch 32)")
+        ax.set_xlabel(f"optimizer steps (batch {batch_size})")
         ax.set_ylabel("test top-1 (%, 2,000 images)")
         ax.set_ylim(0, 100)
         ax.set_title(f"{model}, CIFAR-10, {budget} of the ReLUs")
@@ -143,46 +148,70 @@ def main() -> None:
     p.add_argument("--resnet56-budgets", default=None, help="ResNet-56's budgets, if not --budgets (it costs 3x)")
     p.add_argument("--scale", type=int, default=1, help="train every run N times longer (own results file)")
     p.add_argument("--runs", default=str(ROOT / "out" / "bench"), help="run directories (resumable cache)")
+    p.add_argument("--full-data", action="store_true", help="all 50,000 training images, batch 128, SNL's fast "
+                   "lambda policy (a GPU schedule; own results file and docs section)")
+    p.add_argument("--device", default="cpu", help="where the runs train: cpu (default), cuda, auto")
+    p.add_argument("--rows-from", type=Path, default=None, help="re-make the table, plots and docs section from a "
+                   "results JSON this bench wrote (e.g. on a GPU machine) instead of training")
+    p.add_argument("--no-docs", action="store_true", help="do not rewrite the docs/results.md section")
     add_out_arg(p)
     args = p.parse_args()
-    require_shared()
-    sched = Schedule.quick() if args.quick else Schedule().scaled(args.scale)
+    base = Schedule.full_data() if args.full_data else Schedule()
+    sched = Schedule.quick() if args.quick else base.scaled(args.scale)
+    sched.device = args.device
     models = ["resnet20"] if args.quick else args.models.split(",")
     budgets = {m: ["8%", "3%"] if args.quick else args.budgets.split(",") for m in models}
     if args.resnet56_budgets and not args.quick:
         budgets["resnet56"] = args.resnet56_budgets.split(",")
-    suffix = f"_x{args.scale}" if args.scale > 1 else ""
+    suffix = ("_fulldata" if args.full_data else "") + (f"_x{args.scale}" if args.scale > 1 else "")
     runs = Path(args.runs) / ("quick" if args.quick else "full" + suffix)
-    rows = measure(models, budgets, sched, runs)
+    if args.rows_from:
+        recorded = json.loads(args.rows_from.read_text())
+        rows, command, machine = recorded["rows"], recorded.get("command"), recorded.get("machine")
+        acc_note = recorded.get("acc_note")  # e.g. which test images the recorded accuracies count
+    else:
+        require_shared()
+        rows, command, machine, acc_note = measure(models, budgets, sched, runs), None, None, None
     name = "accuracy_vs_budget_quick" if args.quick else "accuracy_vs_budget" + suffix
-    write_results(name, {"schedule": vars(sched), "rows": rows}, args.out)
+    extra = {"measured_by": command, "measured_on": machine, "acc_note": acc_note} if command else {}
+    write_results(name, {"schedule": vars(sched), "rows": rows, **extra}, args.out)
     plot(rows, args.out / f"{name}.png")
-    plot_curves(rows, args.out / f"{name}_curves.png")
+    plot_curves(rows, args.out / f"{name}_curves.png", sched.batch_size)
     md = table(rows, sched)
     print(md)
-    if not args.quick:
-        update_docs_section("accuracy_vs_budget" + suffix, _docs(md, sched, args, name))
+    if not args.quick and not args.no_docs:
+        update_docs_section("accuracy_vs_budget" + suffix, _docs(md, sched, args, name, acc_note))
 
 
-def _docs(md: str, sched: Schedule, args, name: str) -> str:
+def _docs(md: str, sched: Schedule, args, name: str, acc_note: str | None = None) -> str:
     scale = f" --scale {args.scale}" if args.scale > 1 else ""
     scale += f" --resnet56-budgets {args.resnet56_budgets}" if args.resnet56_budgets else ""
+    scale += f" --full-data --device {args.device}" if args.full_data else ""
     groups = ", ".join(f"{g} at {b}" for b, g in sched.group_sizes.items())
     longer = f", every phase {args.scale}x longer" if args.scale > 1 else ""
-    return f"""## Accuracy vs DReLU budget, CIFAR-10{longer} (bench/accuracy_vs_budget.py)
+    if sched.limit is None:
+        title = f"full data{longer}"
+        where = (f"A GPU schedule (measured on the machine named in the JSON): every run trains on all 50,000 "
+                 f"training images of the shared CIFAR-10 with batch {sched.batch_size}. SNL searches with its fast "
+                 f"λ policy (the `deepshare snl` default)")  # fmt: skip
+        cost = '"train min" sums each run\'s epoch times (several runs shared one GPU, so a rough cost)'
+    else:
+        title = f"CPU subset{longer}" if longer else "CPU subset"
+        where = (f"A CPU schedule: every run trains on the same fixed {sched.limit:,}-image subset of the shared "
+                 f"CIFAR-10 with batch {sched.batch_size}. SNL searches from λ = {sched.snl_lambda:g}")
+        cost = ('"train min" sums each run\'s epoch times (one thread per run, usually two runs side by side on '
+                "this 2-core machine, so a rough cost, not a benchmark)")
+    return f"""## Accuracy vs DReLU budget, CIFAR-10, {title} (bench/accuracy_vs_budget.py)
 
 Command: `python bench/accuracy_vs_budget.py --models {args.models} --budgets {args.budgets}{scale}` (JSON +
-Pareto PNG in `bench/results/{name}.*`). A CPU schedule: every run trains on the same fixed
-{sched.limit:,}-image subset of the shared CIFAR-10 with batch {sched.batch_size}. SNL searches from λ =
-{sched.snl_lambda:g} and then finetunes for {sched.total_epochs} epochs; DeepShare (`recipes/resnet20_cifar10.yaml`:
-equal DReLUs per layer group, π and affine fitted on 256 train images, one progressive phase that shares every
-channel over its first 30% (quadratic easing) and then trains the converted network, straight-through step gates
-γ = 4, KD from the original, Adam with one cosine decay; layer-sharing group size {groups}, {sched.group_size}
-otherwise) trains for exactly as many optimizer steps as SNL's
-search and finetune together. Top-1 on all 10,000 test images; "lowest" is the lowest test top-1 (2,000 images) measured
-during DeepShare's training, every half epoch. "train min" sums each run's epoch times (one thread per run, usually
-two runs side by side on this 2-core machine, so a rough cost, not a benchmark). The paper trains for hundreds of
-full-data epochs; these numbers compare the methods at equal (small) training, not the paper's absolute accuracy.
+Pareto PNG in `bench/results/{name}.*`). {where} and then finetunes for {sched.total_epochs} epochs; DeepShare
+(`recipes/resnet20_cifar10.yaml`: equal DReLUs per layer group, π and affine fitted on 256 train images, one
+progressive phase that shares every channel over its first 30% (quadratic easing) and then trains the converted
+network, straight-through step gates γ = 4, KD from the original, Adam with one cosine decay; layer-sharing group
+size {groups}, {sched.group_size} otherwise) trains for exactly as many optimizer steps as SNL's search and finetune
+together. {acc_note or "Top-1 on all 10,000 test images"}; "lowest" is the lowest test top-1 (2,000 images) measured during
+DeepShare's training, every half epoch. {cost}. The paper trains for hundreds of full-data epochs; these numbers
+compare the methods at equal training, not the paper's absolute accuracy.
 
 {md}
 

@@ -52,14 +52,16 @@ class Schedule:
     finetune_epochs: int = 2
     snl_max_epochs: int = 20
     snl_max_steps: int | None = None
-    snl_lambda: float = 1e-2
+    snl_lambda: float | None = 1e-2
     snl_lr: float = 1e-3  # SNL search's Adam lr (the quick smoke run raises it so that its search ends in 16 steps)
+    snl_policy: str = "faithful"  # the lambda schedule the CPU numbers were measured with; full data uses "fast"
     batch_size: int = 32
     group_size: int = 4  # DeepShare's layer-sharing group size, unless group_sizes names the budget
     group_sizes: dict[str, int] = field(default_factory=lambda: {"8%": 2})  # measured better at 8% (docs/results.md)
     progressive_share: float = 0.7  # DeepShare: fraction of the steps in the progressive phase (rest: finetune)
     eval_every: int | None = 78  # DeepShare: a test-accuracy point every half epoch (5,000 images, batch 32)
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # where every run trains (--device); not part of a run's identity
 
     def group_for(self, budget: str) -> int:
         """Layer-sharing group size at ``budget``: smaller groups once the budget affords them."""
@@ -77,9 +79,20 @@ class Schedule:
                        finetune_epochs=self.finetune_epochs * factor)  # fmt: skip
 
     @classmethod
+    def full_data(cls) -> Schedule:
+        """All 50,000 training images, batch 128 (a GPU schedule: 391 steps per epoch), SNL's fast lambda policy
+        (measured to reach 8% in 5 full-data epochs, docs/snl.md), a test point every half epoch."""
+        return cls(limit=None, batch_size=128, snl_policy="fast", snl_lambda=None, snl_max_epochs=30, eval_every=195)
+
+    @classmethod
     def quick(cls) -> Schedule:
         return cls(limit=256, run_test_limit=256, test_limit=500, gelu_epochs=1, switch_epochs=1, finetune_epochs=1,
                    snl_max_epochs=2, snl_max_steps=16, snl_lambda=5e-2, snl_lr=0.08, eval_every=4)  # fmt: skip
+
+
+def _yaml(value: Any) -> str:
+    """A --set value: None is YAML's null."""
+    return "null" if value is None else str(value)
 
 
 def _slug(budget: str) -> str:
@@ -104,12 +117,13 @@ def run_snl_baseline(model: str, budget: str, sched: Schedule, runs: Path) -> di
     if results is None:
         config = SNLConfig(model=model, weights=str(WEIGHTS[model]), data=DATA, budget=budget,
                            batch_size=sched.batch_size, limit=sched.limit, test_limit=sched.run_test_limit,
-                           lambda_policy="faithful",  # the schedule these bench numbers were measured with
-                           lam=sched.snl_lambda, lr=sched.snl_lr, warmup_epochs=0, max_epochs=sched.snl_max_epochs,
+                           lambda_policy=sched.snl_policy, lam=sched.snl_lambda, lr=sched.snl_lr, warmup_epochs=0,
+                           max_epochs=sched.snl_max_epochs,
                            max_steps=sched.snl_max_steps, check_every=20, finetune_epochs=sched.total_epochs)  # fmt: skip
         print(f"[{model}] SNL at {budget} -> {out}", flush=True)
         t0 = time.perf_counter()
-        result = resume_snl(out) if (out / "snl_run.json").is_file() else run_snl(config, out)
+        result = (resume_snl(out, device=sched.device) if (out / "snl_run.json").is_file()
+                  else run_snl(config, out, device=sched.device))  # fmt: skip
         results = dict(result.results, bench_wall_seconds=round(time.perf_counter() - t0, 1))
         if not result.reached:
             results["snl_acc"] = None
@@ -164,20 +178,21 @@ def run_deepshare(model: str, budget: str, sched: Schedule, runs: Path, *, steps
     results = _done(out, "final_acc")
     sets = [
         f"model.name={model}", f"model.weights={WEIGHTS[model]}", f"conversion.budget={budget}",
-        f"conversion.group_size={sched.group_for(budget)}", f"data.limit={sched.limit}",
+        f"conversion.group_size={sched.group_for(budget)}", f"data.limit={_yaml(sched.limit)}",
         f"data.test_limit={sched.run_test_limit}",
     ]  # fmt: skip
     if snl_counts:
         sets += ["conversion.allocator=snl", f"conversion.snl_counts={snl_counts}"]
     sets += overrides or []  # before the phase lengths: an override may add a phase
     for i, n in enumerate(phase_steps(recipe, steps, sched)):
-        sets += [f"phases.{i}.epochs=null", f"phases.{i}.steps={n}"]
+        sets += [f"phases.{i}.epochs=null", f"phases.{i}.steps={n}", f"phases.{i}.batch_size={sched.batch_size}"]
         if sched.eval_every:
             sets.append(f"phases.{i}.eval_every={sched.eval_every}")
     if results is None:
         print(f"[{model}] {name} at {budget}, {steps:,} steps -> {out}", flush=True)
         t0 = time.perf_counter()
-        result = resume(out) if (out / "checkpoint.pt").is_file() else retrain(recipe, out, overrides=sets)
+        result = (resume(out, device=sched.device) if (out / "checkpoint.pt").is_file()
+                  else retrain(recipe, out, overrides=sets, device=sched.device))  # fmt: skip
         results = dict(result.results, bench_wall_seconds=round(time.perf_counter() - t0, 1))
     results.update(dir=str(out), steps=trained_steps(out), curve=learning_curve(out), train_seconds=train_seconds(out),
                    recipe=str(recipe.relative_to(ROOT)), overrides=sets)  # fmt: skip
@@ -194,7 +209,7 @@ def final_accuracy(run_dir: str | Path, sched: Schedule) -> float:
     info, _, test = load_dataset(DATA)
     loader = make_loader(test, info, train=False, batch_size=500, mean=conv.mean, std=conv.std,
                          limit=sched.test_limit)  # fmt: skip
-    return round(evaluate(conv.model, loader).top1, 2)
+    return round(evaluate(conv.model, loader, device=sched.device).top1, 2)
 
 
 def original_accuracy(model: str, sched: Schedule) -> tuple[float, int]:
@@ -208,7 +223,8 @@ def original_accuracy(model: str, sched: Schedule) -> tuple[float, int]:
     info, _, test = load_dataset(DATA)
     loader = make_loader(test, info, train=False, batch_size=500, mean=loaded.mean or info.mean,
                          std=loaded.std or info.std, limit=sched.test_limit)  # fmt: skip
-    return round(evaluate(loaded.model, loader).top1, 2), census(loaded.model, loaded.input_size).total_relus
+    top1 = evaluate(loaded.model, loader, device=sched.device).top1
+    return round(top1, 2), census(loaded.model.cpu(), loaded.input_size).total_relus
 
 
 def require_shared() -> None:

@@ -47,8 +47,9 @@ class _EpochPrinter:
         pass
 
     def epoch(self, m):
+        test = m.get("test_acc", m.get("test_miou", float("nan")))  # mIoU for segmentation data
         print(f"  epoch {m['epoch']}: step {m['step']} live {m.get('live', '-')} lambda {m.get('lambda', 0):.3g} "
-              f"test {m.get('test_acc', float('nan')):.1f}% ({m['epoch_seconds']:.0f} s)", flush=True)  # fmt: skip
+              f"test {test:.1f}% ({m['epoch_seconds']:.0f} s)", flush=True)  # fmt: skip
 
     def stop(self):
         pass

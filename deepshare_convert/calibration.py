@@ -150,7 +150,7 @@ def channel_distortion(model: nn.Module, images: torch.Tensor) -> dict[str, torc
     model.eval()
     try:
         with _intact(model):
-            model(images)
+            model(images.to(next(model.parameters()).device))  # the progressive phase calls this mid-training
     finally:
         model.train(was_training)
         for h in hooks:

@@ -1,4 +1,9 @@
-"""Accuracy and loss of a model over a loader: the one number every conversion step is judged by."""
+"""Accuracy and loss of a model over a loader: the one number every conversion step is judged by.
+
+For segmentation data (a loader whose ``task`` is ``"segmentation"``, or
+(N, K, H, W) logits against (N, H, W) masks) the number is the mean IoU, from
+one confusion matrix over all pixels (:mod:`.metrics`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .metrics import confusion_matrix, seg_scores
+
 __all__ = ["EvalResult", "evaluate"]
 
 
@@ -17,11 +24,21 @@ class EvalResult:
     """``top1`` in percent, ``loss`` the mean per-example loss, ``n`` the number of examples seen.
 
     With ``n == 0`` both ``top1`` and ``loss`` are NaN (nothing was measured).
+    Segmentation: ``top1`` is the pixel accuracy, ``loss`` the mean per labelled
+    pixel, and ``miou``/``pixel_acc``/``iou`` (per class) are set, in percent.
     """
 
     top1: float
     loss: float
     n: int
+    miou: float | None = None
+    pixel_acc: float | None = None
+    iou: list[float] | None = None
+
+    @property
+    def score(self) -> float:
+        """The headline number: mIoU for segmentation, top-1 otherwise."""
+        return self.top1 if self.miou is None else self.miou
 
 
 def evaluate(
@@ -31,7 +48,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int | None], None] | None = None,
 ) -> EvalResult:
-    """Top-1 accuracy and mean cross-entropy of ``model`` on ``loader``'s ``(x, y)`` batches.
+    """Top-1 accuracy (or mIoU) and mean cross-entropy of ``model`` on ``loader``'s ``(x, y)`` batches.
 
     The model is moved to ``device`` and run in eval mode under ``no_grad``;
     its train/eval mode is restored afterwards so this can sit inside a
@@ -43,16 +60,25 @@ def evaluate(
         total: int | None = len(loader)  # type: ignore[arg-type]
     except TypeError:
         total = None
+    ignore = getattr(loader, "ignore_index", None)
     was_training = model.training
     model.to(device).eval()
-    correct, loss_sum, n = 0, 0.0, 0
+    correct, loss_sum, n, pixels = 0, 0.0, 0, 0
+    conf: torch.Tensor | None = None
     try:
         with torch.no_grad():
             for i, (x, y) in enumerate(loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                batch_correct, batch_loss = _score(model(x), y)
-                correct += batch_correct
-                loss_sum += batch_loss
+                logits = model(x)
+                if y.ndim == 3 and logits.ndim == 4:  # per-pixel classes
+                    batch_conf, batch_loss, batch_pixels = _score_pixels(logits, y, ignore)
+                    conf = batch_conf if conf is None else conf + batch_conf
+                    loss_sum += batch_loss
+                    pixels += batch_pixels
+                else:
+                    batch_correct, batch_loss = _score(logits, y)
+                    correct += batch_correct
+                    loss_sum += batch_loss
                 n += len(y)
                 if progress is not None:
                     progress(i + 1, total)
@@ -60,6 +86,10 @@ def evaluate(
         model.train(was_training)
     if n == 0:
         return EvalResult(float("nan"), float("nan"), 0)
+    if conf is not None:
+        s = seg_scores(conf)
+        loss = loss_sum / pixels if pixels else float("nan")
+        return EvalResult(s.pixel_acc, loss, n, miou=s.miou, pixel_acc=s.pixel_acc, iou=s.iou)
     return EvalResult(100.0 * correct / n, loss_sum / n, n)
 
 
@@ -75,3 +105,13 @@ def _score(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, float]:
         loss = F.cross_entropy(logits, y, reduction="sum")
         correct = (logits.argmax(dim=1) == y).sum()
     return int(correct.item()), float(loss.item())
+
+
+def _score_pixels(logits: torch.Tensor, y: torch.Tensor, ignore: int | None) -> tuple[torch.Tensor, float, int]:
+    """(confusion matrix, summed loss over labelled pixels, labelled pixels) for one batch of masks."""
+    logits = logits.float()
+    k = logits.shape[1]
+    ii = -100 if ignore is None else ignore
+    loss = F.cross_entropy(logits, y, ignore_index=ii, reduction="sum")
+    conf = confusion_matrix(logits.argmax(dim=1), y, k, ignore)
+    return conf, float(loss.item()), int(conf.sum())

@@ -86,22 +86,28 @@ HANDMADE = {
 
 
 def hook_count_relus(model: nn.Module, input_size) -> int:
-    """Independent count: run the model and add up every ReLU output, module or functional.
+    """Independent count: run the model and add up every comparison its activations make.
 
-    Module ReLUs are counted with forward hooks; functional ones by wrapping
-    torch's relu functions for the duration of one forward pass.
+    ReLU and LeakyReLU outputs count one comparison per element, ReLU6 / Hardtanh outputs two
+    (x > lower bound, x < upper bound). Modules are counted with forward hooks; functional
+    calls by wrapping torch's functions for the duration of one forward pass.
     """
     count = [0]
 
-    def add(out):
-        count[0] += out[0].numel()
+    def add(out, per=1):
+        count[0] += out[0].numel() * per
         return out
 
-    hooks = [m.register_forward_hook(lambda m, i, o: add(o)) for m in model.modules() if isinstance(m, nn.ReLU)]
-    originals = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+    per_module = {nn.ReLU: 1, nn.LeakyReLU: 1, nn.Hardtanh: 2}  # nn.ReLU6 is an nn.Hardtanh
+    hooks = [m.register_forward_hook(lambda m, i, o, per=per: add(o, per))
+             for m in model.modules() for cls, per in per_module.items() if isinstance(m, cls)]  # fmt: skip
+    functions = [(F, "relu", 1), (torch, "relu", 1), (torch, "relu_", 1), (torch.Tensor, "relu", 1),
+                 (torch.Tensor, "relu_", 1), (F, "relu6", 2), (F, "hardtanh", 2), (F, "hardtanh_", 2),
+                 (F, "leaky_relu", 1), (F, "leaky_relu_", 1)]  # fmt: skip
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in functions]
     depth = [0]  # F.relu calls torch.relu, nn.ReLU calls F.relu: count the outermost call only
 
-    def wrap(fn):
+    def wrap(fn, per):
         def inner(*a, **k):
             depth[0] += 1
             try:
@@ -109,29 +115,35 @@ def hook_count_relus(model: nn.Module, input_size) -> int:
             finally:
                 depth[0] -= 1
             if depth[0] == 0:
-                add(out)
+                add(out, per)
             return out
 
         return inner
 
-    relu_forward = nn.ReLU.forward
+    forwards = {cls: cls.forward for cls in per_module}
 
-    def module_forward(self, x):  # counted by its hook
-        depth[0] += 1
-        try:
-            return relu_forward(self, x)
-        finally:
-            depth[0] -= 1
+    def counted_by_hook(forward):
+        def module_forward(self, x):  # counted by its hook
+            depth[0] += 1
+            try:
+                return forward(self, x)
+            finally:
+                depth[0] -= 1
 
-    F.relu, torch.relu, torch.relu_ = wrap(F.relu), wrap(torch.relu), wrap(torch.relu_)
-    torch.Tensor.relu, torch.Tensor.relu_ = wrap(originals[3]), wrap(originals[4])
-    nn.ReLU.forward = module_forward
+        return module_forward
+
+    for (owner, name, per), (_, _, fn) in zip(functions, originals):
+        setattr(owner, name, wrap(fn, per))
+    for cls, forward in forwards.items():
+        cls.forward = counted_by_hook(forward)
     try:
         with torch.no_grad():
             model.eval()(torch.randn(1, *input_size))
     finally:
-        F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_ = originals
-        nn.ReLU.forward = relu_forward
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+        for cls, forward in forwards.items():
+            cls.forward = forward
         for h in hooks:
             h.remove()
     return count[0]

@@ -75,3 +75,16 @@ def test_cifar_bench_quick(script, cifar_runs, tmp_path):
         full = rows[0]["steps"]
         assert all(r["steps"] == full for r in rows if r["name"] != "snl_alloc")
         assert 0 < rows[-2]["steps"] < full  # the SNL allocation's search steps count against it
+
+
+def test_accuracy_bench_remakes_a_recorded_run(tmp_path):
+    """``--rows-from``: the table, plots and JSON of rows measured elsewhere (the GPU full-data run), no training."""
+    recorded = ROOT / "bench" / "results" / "accuracy_vs_budget_fulldata.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy_vs_budget.py"), "--models", "resnet20",
+                           "--budgets", "8%,4%,2%", "--full-data", "--rows-from", str(recorded), "--out", str(tmp_path),
+                           "--no-docs"], capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "accuracy_vs_budget_fulldata.json").read_text())
+    assert data["rows"] == json.loads(recorded.read_text())["rows"] and data["schedule"]["limit"] is None
+    assert "| resnet20 | 2% | 3,712 / 3,699 | 8,228 / 8,228 |" in proc.stdout  # equal steps, search counted
+    assert (tmp_path / "accuracy_vs_budget_fulldata_curves.png").is_file()

@@ -42,7 +42,7 @@ TIMM_MODELS = [
     ("regnetx_002", True, None),
     ("densenet121", True, "MaxPool2d"),
     ("vgg11", True, "MaxPool2d"),
-    ("mobilenetv2_100", False, "ReLU6"),
+    ("mobilenetv2_100", True, None),  # ReLU6: two ReLU sites each (tests/test_relu6.py)
     ("efficientnet_b0", False, "SiLU"),
 ]
 
@@ -113,7 +113,7 @@ def test_census_json_shape():
     d = census(loaded.model, loaded.input_size, name="resnet20").to_dict()
     assert d["model"] == "resnet20" and d["input_size"] == [3, 32, 32]
     assert d["total_relus"] == 188_416 == sum(s["relus"] for s in d["sites"])
-    assert set(d["sites"][0]) == {"name", "module", "kind", "shape", "relus", "inplace", "activation"}
+    assert set(d["sites"][0]) == {"name", "module", "kind", "shape", "relus", "inplace", "activation", "origin"}
     assert d["sites"][0]["activation"] == "relu"
 
 

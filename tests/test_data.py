@@ -357,7 +357,7 @@ def test_registered_reader_is_a_spec(monkeypatch, digits):
     assert load_dataset("fake:~/x") is digits and seen == [Path("~/x").expanduser()]
     with pytest.raises(DataError, match=r"needs a directory: fake:DIR"):
         load_dataset("fake")
-    with pytest.raises(DataError, match=r"known: digits, .*, tinyimagenet:DIR, fake:DIR$"):
+    with pytest.raises(DataError, match=r"known: digits, .*, tinyimagenet:DIR, camvid, ade20k:DIR, fake:DIR$"):
         load_dataset("nope")
 
 

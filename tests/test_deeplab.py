@@ -2,7 +2,7 @@
 
 The MPC path needs bilinear upsampling and pooling on shares (mpc/resample.py: public separable
 maps, local to each party); a ReLU backbone (timm resnet18/resnet10t) at a small input keeps the
-two-party runs to seconds. The MobileNetV2 built-in keeps its ReLU6s, which only the census sees.
+two-party runs to seconds. The MobileNetV2 built-in's ReLU6s are two ReLU sites each (activation kinds).
 """
 
 from __future__ import annotations
@@ -48,10 +48,22 @@ def test_builtin_mobilenetv2_shapes_and_head_census():
     with torch.no_grad():
         assert loaded.model(loaded.example_input()).shape == (1, 11, 180, 240)
     c = census(loaded.model, loaded.input_size)
-    relu = sum(s.relus for s in c.sites if s.activation == "relu")
+    head = _relu_hook_count(loaded.model, loaded.input_size)
+    relu6 = _relu_hook_count(loaded.model, loaded.input_size, nn.ReLU6)
     # the ASPP head at 12x15 (OS 16): four 256-channel branches, the 1x1 pooled branch, the projection
-    assert relu == 5 * 256 * 12 * 15 + 256 == _relu_hook_count(loaded.model, loaded.input_size)
+    assert head == 5 * 256 * 12 * 15 + 256
+    assert c.total_relus == head + 2 * relu6 and relu6 > 0  # MobileNetV2's ReLU6: two comparisons each
     assert loaded.model.backbone.feature_info.reduction()[-1] == 16
+
+
+def test_builtin_mobilenetv2_identity_at_p_equals_c_float64():
+    loaded = load_model("deeplabv3_mobilenetv2", input_size="3,64,96")
+    model = loaded.model.double().eval()
+    size = (3, 64, 96)
+    conv = convert(model, size, budget=census(model, size).total_relus, group_size=1)
+    x = torch.randn(2, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(conv.model(x), model(x), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("spec,stride", [("deeplabv3:resnet18", 16), ("deeplabv3-os8:resnet10t", 8)])

@@ -254,7 +254,7 @@ def test_onnx_resnet20_costs_what_the_eager_one_costs(tmp_path):
                 and type(loaded.model.get_submodule(n.target)).__name__.startswith("Onnx")]  # fmt: skip
     got = estimate(convert(loaded.model, (3, 32, 32), budget="12k").model, (3, 32, 32))
     want = estimate(convert(eager, (3, 32, 32), budget="12k").model, (3, 32, 32))
-    assert (got.bytes, got.rounds) == (want.bytes, want.rounds) == (8_184_912, 100)
+    assert (got.bytes, got.rounds) == (want.bytes, want.rounds) == (8_184_912, 90)  # 100 before sites rode with their gates
 
 
 @needs_onnx2torch

@@ -14,7 +14,7 @@ from .console import console, err_console
 from .loading import NOTES, load_model_or_out, note_no_normalisation, note_random_weights
 
 from .options import (  # isort: skip (one compact list, see pyproject)
-    InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
+    DeviceOpt, InputSizeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, PretrainedOpt, TrustPickleOpt, WeightsOpt,
     batch_size_opt, check_out_dir, polish_help,
 )  # fmt: skip
 
@@ -130,6 +130,7 @@ def retrain(
     quick: Annotated[bool, typer.Option("--quick", help="Apply the recipe's `quick` overrides.")] = False,
     resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory "
                                                       "from its last checkpoint.")] = None,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
@@ -142,7 +143,7 @@ def retrain(
 
         reporter = TrainingReporter()
         if resume_dir:
-            result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step)
+            result = resume(resume_dir, reporter=reporter, fail_at_step=fail_at_step, device=device)
         else:
             if recipe is None:
                 raise typer.BadParameter("give --recipe FILE (or --resume OUT)")
@@ -155,7 +156,7 @@ def retrain(
             target = check_out_dir(out or f"out/{resolved.name}")
             (err_console if as_json else console).print(
                 f"recipe [bold]{resolved.name}[/]: {len(resolved.phases)} phases -> {target}/")
-            result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step)
+            result = run_retrain(resolved, target, reporter=reporter, fail_at_step=fail_at_step, device=device)
     if as_json:
         print(json.dumps({"out": str(result.out), **result.results}, indent=2))
         return
@@ -235,7 +236,7 @@ def models(as_json: JsonOpt = False) -> None:
 def evaluate(
     model: ModelArg,
     data: Annotated[str, typer.Option("--data", help="Dataset spec: digits, cifar10-jpg, imagefolder:DIR, "
-                                      "cifar10:DIR, cifar100:DIR, tinyimagenet:DIR.")],
+                                      "cifar10:DIR, cifar100:DIR, tinyimagenet:DIR, camvid, ade20k:DIR.")],
     weights: WeightsOpt = None,
     input_size: InputSizeOpt = None,
     num_classes: NumClassesOpt = None,
@@ -246,7 +247,8 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N test images only.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Top-1 accuracy of MODEL on the test split of a dataset."""
+    """Top-1 accuracy of MODEL on the test split of a dataset (mIoU, pixel accuracy and per-class IoU for
+    segmentation data)."""
     from ..data import check_input_fits, load_dataset, make_loader
     from ..evaluate import evaluate as run_eval
 
@@ -266,12 +268,38 @@ def evaluate(
     with progress_bar() as bar:
         task = bar.add_task("evaluating", total=len(loader))
         result = run_eval(loaded.model, loader, progress=lambda done, total: bar.update(task, completed=done))
+    if info.segmentation:
+        _print_segmentation(loaded.spec.display, data, info, result, as_json)
+        return
     if as_json:
-        print(json.dumps({"model": loaded.spec.display, "data": data, **result.__dict__}, indent=2))
+        print(json.dumps({"model": loaded.spec.display, "data": data, "top1": result.top1, "loss": result.loss,
+                          "n": result.n}, indent=2))  # fmt: skip
         return
     console.print(
         f"[bold]{loaded.spec.display}[/] on {data} test ({result.n} images): "
         f"top-1 [bold green]{result.top1:.2f}%[/], loss {result.loss:.4f}"
+    )
+
+
+def _print_segmentation(name: str, data: str, info, result, as_json: bool) -> None:
+    """mIoU, pixel accuracy and the per-class IoU table (NaN: a class in neither labels nor predictions)."""
+    iou = dict(zip(info.classes, result.iou or []))
+    if as_json:
+        print(json.dumps({"model": name, "data": data, "task": "segmentation", "miou": result.miou,
+                          "pixel_acc": result.pixel_acc, "loss": result.loss, "n": result.n,
+                          "iou": {k: (None if v != v else v) for k, v in iou.items()}}, indent=2))  # fmt: skip
+        return
+    from rich.table import Table
+
+    table = Table(title="per-class IoU", caption=f"{info.num_classes} classes; label {info.ignore_index} ignored")
+    table.add_column("class")
+    table.add_column("IoU %", justify="right")
+    for cls, v in iou.items():
+        table.add_row(cls, "-" if v != v else f"{v:.2f}")
+    console.print(table)
+    console.print(
+        f"[bold]{name}[/] on {data} test ({result.n} images): mIoU [bold green]{result.miou:.2f}%[/], "
+        f"pixel accuracy {result.pixel_acc:.2f}%, loss {result.loss:.4f}"
     )
 
 
@@ -291,7 +319,8 @@ def _warn_if_classes_differ(loaded, info, data: str) -> None:
     from ..conversion.tracing import example_input
 
     with torch.no_grad():
-        outputs = loaded.model(example_input(loaded.input_size, loaded.model)).shape[-1]
+        out = loaded.model(example_input(loaded.input_size, loaded.model))
+    outputs = out.shape[1] if info.segmentation and out.ndim == 4 else out.shape[-1]
     if outputs != info.num_classes and not (outputs == 1 and info.num_classes == 2):
         err_console.print(f"warning: {loaded.spec.display} has {outputs} outputs but {data} has "
                           f"{info.num_classes} classes; top-1 compares output indices with class indices")  # fmt: skip

@@ -92,10 +92,16 @@ def register(app: typer.Typer) -> None:
                                                      "--batch-size test images).")] = None,
         batch_size: Annotated[int, batch_size_opt("Test images in the two-party run (one batch).")] = 4,
         weights_mode: WeightsModeOpt = "public",
+        sequential: Annotated[bool, typer.Option("--sequential", help="One inference per image, one after another, "
+                                                 "after one setup (private weights masked once).")] = False,
         rank: Annotated[Optional[int], typer.Option("--rank", help="Run one party only: 0 holds the model, "
                                                     "1 the inputs (two-host deployment).")] = None,
         master_addr: Annotated[str, typer.Option("--master-addr", help="Party 0's address (with --rank).")] = "127.0.0.1",
-        master_port: Annotated[int, typer.Option("--master-port", help="Party 0's port (with --rank).")] = 29500,
+        master_port: Annotated[int, typer.Option("--master-port", help="Party 0's handshake port (with --rank); "
+                                                 "CrypTen's rendezvous uses the next one.")] = 29500,
+        key_file: Annotated[Optional[str], typer.Option("--key-file", help="File holding the key both parties share "
+                                                        "(mode 600; default: $DEEPSHARE_MPC_KEY). Required with "
+                                                        "--rank; a local run makes a fresh key.")] = None,
         weights: WeightsOpt = None,
         input_size: InputSizeOpt = None,
         num_classes: NumClassesOpt = None,
@@ -108,17 +114,25 @@ def register(app: typer.Typer) -> None:
 
         Without --rank both parties run here as separate processes (gloo on 127.0.0.1) and the
         result is compared with plaintext inference.  With --rank, this process is one party
-        of a two-host run; party 0 needs no --data.
+        of a two-host run; party 0 needs no --data.  Either way the parties first prove
+        knowledge of a shared key and compare the plan's hash; no share moves before both hold.
+        Setup (private weights masked once) and online costs are reported apart.
         """
         from pathlib import Path
 
         from ..errors import DeepShareError
+        from ..mpc.handshake import load_key, require_key
 
         _check_batch(batch_size)
         how = (weights, input_size, num_classes, trust_pickle, pretrained, leaf)
         if rank is not None:
-            _one_party(model, data, batch_size, weights_mode, rank, master_addr, master_port, how, as_json)
+            if sequential:
+                raise DeepShareError("--sequential runs both parties here; it does not combine with --rank")
+            key = require_key(key_file)  # before loading anything: a missing key is the first thing to say
+            _one_party(model, data, batch_size, weights_mode, rank, master_addr, master_port, how, as_json, key)
             return
+        if key_file is not None:
+            load_key(key_file)  # a local run makes its own key; a given file is still checked (mode, length)
         if data is None:
             raise DeepShareError("--data is required (party 1's inputs)")
         from ..mpc.launcher import run_two_party
@@ -126,7 +140,7 @@ def register(app: typer.Typer) -> None:
         loaded = load_model_or_out(model, *how)
         x, y = _first_batch(data, batch_size, loaded.mean, loaded.std, loaded.input_size)
         with console.status(f"two-party inference ({weights_mode} weights) on {len(x)} images", spinner="dots"):
-            run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or ())
+            run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or (), sequential=sequential)
         acc = float((run.logits.argmax(1) == y.numpy()).mean())
         name = str(Path(model)) if Path(model).is_dir() else loaded.spec.display
         if as_json:
@@ -187,12 +201,13 @@ def register(app: typer.Typer) -> None:
             measured = run.parties[0].per_node
         if as_json:
             out = {"estimate": est.to_dict(), "original": orig.to_dict() if orig else None}
-            if orig:
+            if orig:  # online phase (the setup, private mode only, is once per loaded model: estimate.setup_*)
                 out["speedup"] = orig.latency_s / est.latency_s
                 out["speedup_network"] = orig.network_s / est.network_s
             if run is not None:
                 p0 = run.parties[0]
                 out["measured"] = {"bytes": p0.bytes, "rounds": p0.rounds, "wall_s": p0.wall_s,
+                                   "setup_bytes": p0.setup_bytes, "setup_rounds": p0.setup_rounds,
                                    "bytes_deviation": (est.bytes - p0.bytes) / max(p0.bytes, 1),
                                    "rounds_deviation": (est.rounds - p0.rounds) / max(p0.rounds, 1),
                                    "max_logit_error": run.max_logit_error}  # fmt: skip
@@ -204,7 +219,9 @@ def register(app: typer.Typer) -> None:
         if run is not None:
             p0 = run.parties[0]
             console.print(
-                f"measured (loopback, party 0): {p0.bytes / 1e6:,.2f} MB, {p0.rounds} rounds, {p0.wall_s * 1e3:,.0f} ms; "
+                f"measured (loopback, party 0): setup {p0.setup_bytes / 1e6:,.2f} MB, {p0.setup_rounds} rounds "
+                f"(predicted {est.setup_bytes / 1e6:,.2f} MB, {est.setup_rounds}); "
+                f"online {p0.bytes / 1e6:,.2f} MB, {p0.rounds} rounds, {p0.wall_s * 1e3:,.0f} ms; "
                 f"predicted {est.bytes / 1e6:,.2f} MB ({100 * (est.bytes - p0.bytes) / max(p0.bytes, 1):+.2f}%), "
                 f"{est.rounds} rounds ({100 * (est.rounds - p0.rounds) / max(p0.rounds, 1):+.2f}%); "
                 f"max logit error {run.max_logit_error:.2e}"
@@ -263,7 +280,7 @@ def register(app: typer.Typer) -> None:
         )
 
 
-def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json):
+def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json, key):
     """One party of a two-host deployment (``--rank``)."""
     from pathlib import Path
 
@@ -284,16 +301,18 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, h
     shape = (num, *input_size) if x is None else tuple(x.shape)
     with console.status(f"party {rank}: waiting for / running with {master_addr}:{master_port}", spinner="dots"):
         rep = run_party(rank, net, x, shape, weights_mode=weights_mode, master_addr=master_addr,
-                        master_port=master_port, leaf_modules=how[-1] or ())  # fmt: skip
+                        master_port=master_port, leaf_modules=how[-1] or (), key=key)  # fmt: skip
     result = {"rank": rank, "weights_mode": weights_mode, "bytes": rep.bytes, "rounds": rep.rounds,
-              "wall_s": rep.wall_s, "comparisons": rep.comparisons}  # fmt: skip
+              "wall_s": rep.wall_s, "comparisons": rep.comparisons, "setup_bytes": rep.setup_bytes,
+              "setup_rounds": rep.setup_rounds}  # fmt: skip
     if rep.output is not None:
         result["predictions"] = rep.output.argmax(1).tolist()
     if as_json:
         print(json.dumps(result, indent=2))
         return
     console.print(
-        f"party {rank} ({weights_mode} weights): {rep.bytes / 1e6:,.2f} MB, {rep.rounds} rounds, "
+        f"party {rank} ({weights_mode} weights): setup {rep.setup_bytes / 1e6:,.2f} MB, {rep.setup_rounds} rounds; "
+        f"online {rep.bytes / 1e6:,.2f} MB, {rep.rounds} rounds, "
         f"{rep.wall_s * 1e3:,.0f} ms, {rep.comparisons:,} comparisons"
         + (f"; predictions {result['predictions']}" if "predictions" in result else "")
     )

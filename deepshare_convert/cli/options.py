@@ -61,6 +61,9 @@ PretrainedOpt = Annotated[
                  "fetched and cached by timm (offline: its cached copy, else use --weights)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="Where training runs: auto (a GPU "
+                                       "when torch sees one), cpu, cuda or cuda:N. Not saved with the run: "
+                                       "--resume may use another.")]
 
 
 def batch_size_opt(help: str, default_text: str | None = None):

@@ -53,6 +53,7 @@ class TrainingReporter:
             return
         extra = "".join(f" {k} {m[k]}" for k in ("switched", "shared", "live", "lambda") if k in m)
         test = f" test {m['test_acc']:.2f}%" if "test_acc" in m else ""
+        test = f" test mIoU {m['test_miou']:.2f}%" if "test_miou" in m else test
         self.progress.console.print(
             f"  {m['kind']} epoch {m['epoch']}: loss {m['loss']:.4f} train {m['train_acc']:.2f}%{test}{extra}"
         )

@@ -13,7 +13,16 @@ import typer
 
 from ..errors import DeepShareError
 from .console import console
-from .options import InputSizeOpt, LeafOpt, NumClassesOpt, PretrainedOpt, TrustPickleOpt, batch_size_opt, check_out_dir
+from .options import (
+    DeviceOpt,
+    InputSizeOpt,
+    LeafOpt,
+    NumClassesOpt,
+    PretrainedOpt,
+    TrustPickleOpt,
+    batch_size_opt,
+    check_out_dir,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -60,6 +69,7 @@ def snl(
                                                          "grow (default: the policy's).")] = None,
     resume_dir: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory "
                                                       "from its last checkpoint (caps may be raised).")] = None,
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     fail_at_step: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
@@ -85,7 +95,8 @@ def snl(
         if resume_dir:
             if out and out != resume_dir:
                 raise DeepShareError(f"--resume {resume_dir} continues that directory; drop -o {out}")
-            result = resume_snl(resume_dir, changes=given, reporter=reporter, fail_at_step=fail_at_step)
+            result = resume_snl(resume_dir, changes=given, reporter=reporter, fail_at_step=fail_at_step,
+                                device=device)
         else:
             if not (model and data and budget and out):
                 raise DeepShareError("deepshare snl needs MODEL, --data, --budget and -o OUT (or --resume OUT)")
@@ -94,7 +105,7 @@ def snl(
 
             note_random_weights(model, weights is not None or pretrained)
             console.print(f"SNL search: [bold]{model}[/] on {data}, budget {budget} -> {out}/")
-            result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step)
+            result = run_snl(config, out, reporter=reporter, fail_at_step=fail_at_step, device=device)
     _report(result, as_json)
 
 
@@ -131,7 +142,8 @@ def _note_binarise_cost(results: dict[str, Any], out) -> None:
     8%: 57.4% soft, 10.7% binarised); say so, and how to recover, instead of leaving a silent 10%."""
     from .loading import NOTES
 
-    soft, hard = results.get("masked_acc"), results.get("binarised_acc")
+    soft, hard = results.get("masked_acc", results.get("masked_miou")), results.get("binarised_acc",
+                                                                                     results.get("binarised_miou"))
     if soft is not None and hard is not None and not results.get("finetune_epochs") and soft - hard > 5:
         NOTES.append(f"note: binarising the masks cost {soft - hard:.1f} points ({soft:.1f}% -> {hard:.1f}%); "
                      f"finetune with `deepshare snl --resume {out} --finetune-epochs N`")
@@ -141,9 +153,11 @@ def _summary_line(summary: dict[str, Any], results: dict[str, Any]) -> str:
     lams = summary["lambda_trajectory"]
     parts = [f"{summary['epochs']} epochs, {summary['steps']:,} steps, {summary['search_wall_seconds']:.1f} s",
              f"lambda {lams[0]:.2e} -> {summary['final_lambda']:.2e}" if lams else ""]  # fmt: skip
-    accs = [(k, results.get(k)) for k in ("original_acc", "masked_acc", "binarised_acc", "snl_acc")]
-    acc = ", ".join(f"{k.removesuffix('_acc')} {v:.2f}%" for k, v in accs if v is not None)
-    return "search: " + "; ".join(p for p in parts if p) + (f"\naccuracy: {acc}" if acc else "")
+    metric = "miou" if "original_miou" in results else "acc"  # segmentation runs report mIoU
+    accs = [(k, results.get(f"{k}_{metric}")) for k in ("original", "masked", "binarised", "snl")]
+    acc = ", ".join(f"{k} {v:.2f}%" for k, v in accs if v is not None)
+    label = "mIoU" if metric == "miou" else "accuracy"
+    return "search: " + "; ".join(p for p in parts if p) + (f"\n{label}: {acc}" if acc else "")
 
 
 def counts_table(summary: dict[str, Any]):
@@ -198,6 +212,7 @@ class SNLReporter:
         if self.progress is None:
             return
         test = f" test {m['test_acc']:.2f}%" if "test_acc" in m else ""
+        test = f" test mIoU {m['test_miou']:.2f}%" if "test_miou" in m else test
         live = f" ReLUs {m['live']:,}/{m['budget']:,} lambda {m['lambda']:.2e}" if "live" in m else ""
         self.progress.console.print(f"  {m['kind']} epoch {m['epoch']}: loss {m['loss']:.4f} "
                                     f"train {m['train_acc']:.2f}%{test}{live}", soft_wrap=True)  # fmt: skip

@@ -24,7 +24,7 @@ def census_table(c: Census) -> Table:
     table.add_column("share", justify="right", footer="100%" if c.total_relus else "")
     total = max(c.total_relus, 1)
     for i, s in enumerate(c.sites):
-        kind = s.kind + (" (in-place)" if s.inplace else "")
+        kind = s.kind + (" (in-place)" if s.inplace else "") + (f" ({s.origin})" if s.origin else "")
         table.add_row(str(i), s.name, s.module, kind, _shape(s.shape), f"{s.relus:,}", f"{100 * s.relus / total:.1f}%")
     for h in c.hidden:
         table.add_row("-", "(hidden)", h["module"], "inside a leaf", "", f"{h['relus']:,}", f"{100 * h['relus'] / total:.1f}%")
@@ -69,6 +69,9 @@ def results_table(results: dict) -> Table:
         ("top-1 original", results.get("original_acc"), "{:.2f}%"),
         ("top-1 converted, before retraining", results.get("converted_acc_before_retraining"), "{:.2f}%"),
         ("top-1 after retraining", results.get("final_acc"), "{:.2f}%"),
+        ("mIoU original", results.get("original_miou"), "{:.2f}%"),
+        ("mIoU converted, before retraining", results.get("converted_miou_before_retraining"), "{:.2f}%"),
+        ("mIoU after retraining", results.get("final_miou"), "{:.2f}%"),
     ]
     for label, value, fmt in rows:
         if value is not None:

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..activations import functional_forms, is_inplace, kind_of, kind_of_module
+from ..activations import ORIGIN_META, functional_forms, is_inplace, kind_of, kind_of_module
 from ..errors import TraceError
 from .tracing import example_input, propagate_shapes, trace
 
@@ -66,7 +66,8 @@ class ActivationSite:
 
     ``relus`` counts its secure comparisons per example (elements x the kind's comparisons
     per element; for ReLU, its elements); ``shape`` excludes the batch dimension.
-    ``kind`` is how fx calls it, ``activation`` which registered kind it is.
+    ``kind`` is how fx calls it, ``activation`` which registered kind it is; ``origin`` the
+    kind it was decomposed from ("relu6", "hardtanh", "leaky_relu"; "" for a call as written).
     """
 
     name: str
@@ -76,6 +77,7 @@ class ActivationSite:
     relus: int
     inplace: bool = False
     activation: str = "relu"
+    origin: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -208,7 +210,8 @@ def find_sites(gm: fx.GraphModule) -> list[ActivationSite]:
         kind = {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
         comparisons = _numel(shape) * activation.comparisons_per_element
         sites.append(ActivationSite(node.name, owner_module(node), kind, shape, comparisons,
-                                    is_inplace(node, modules), activation.name))  # fmt: skip
+                                    is_inplace(node, modules), activation.name,
+                                    node.meta.get(ORIGIN_META, "")))  # fmt: skip
     return sites
 
 

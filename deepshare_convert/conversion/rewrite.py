@@ -10,6 +10,7 @@ on a deep copy: the caller's model is never touched.
 from __future__ import annotations
 
 import copy
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..activations import activation_input, get_activation
+from ..activations import ORIGIN_META, activation_input, get_activation
 from ..errors import DeepShareError, PlanError
 from ..plan_kinds import registered_plan_kind
 from .budget import allocate, parse_budget
@@ -174,8 +175,11 @@ class SharedGatePass(SiteRewrite):
             )
             with graph.inserting_before(leader):
                 gate = graph.call_module(f"{GATES_ATTR}.{gate_name}", (activation_input(leader),))
+            upper = {site for site in g.sites[1:] if _upper_gate_of(nodes[site], leader)}
             for site in g.sites:
-                _replace_site(gm, nodes[site], gate, g.channels, plan.gate, modules)
+                shared = _replace_site(gm, nodes[site], gate, g.channels, plan.gate, modules)
+                if site in upper:
+                    _drop_clip(shared)
         gm.recompile()
         return PassResult(gm, True)
 
@@ -184,12 +188,29 @@ class SharedGatePass(SiteRewrite):
         _check_census(gm, self.plan)
 
 
-def _replace_site(gm, node: fx.Node, gate: fx.Node, channels: int, mode: str, modules) -> None:
+def _replace_site(gm, node: fx.Node, gate: fx.Node, channels: int, mode: str, modules) -> SharedGate:
     """Swap one activation node for a SharedGate call; honour in-place semantics for later readers."""
     shared = SharedGate(channels)
     shared.mode = mode
     getattr(gm, SITES_ATTR).add_module(node.name, shared)
     swap_site(gm, node, f"{SITES_ATTR}.{node.name}", modules, extra_args=(gate,))
+    return shared
+
+
+def _upper_gate_of(node: fx.Node, leader: fx.Node) -> bool:
+    """Is ``node`` the upper gate of a ReLU6 / Hardtanh, ``relu(t - leader)``, sharing its lower gate's group?"""
+    gap = activation_input(node)
+    return (node.meta.get(ORIGIN_META) in ("relu6", "hardtanh") and gap.op == "call_function"
+            and gap.target is operator.sub and len(gap.args) == 2 and gap.args[1] is leader)  # fmt: skip
+
+
+def _drop_clip(shared: SharedGate) -> None:
+    """Start the upper gate at α = 0, β = 1: with the lower gate's bit g = DReLU(x), the upper bit
+    [x <= t] is 1 wherever x < 0 or 0 <= x <= t, so α·g + β = 1 is its best fit: the clip starts
+    dropped (y = relu(x)) and retraining learns the affine."""
+    with torch.no_grad():
+        shared.alpha.zero_()
+        shared.beta.fill_(1.0)
 
 
 def _check_sites_match(gm: fx.GraphModule, plan: Plan) -> None:

@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from ..activations import functional_forms, kind_of_module
 from ..errors import TraceError, first_line
+from .decompose import decompose_activations
 
 __all__ = [
     "DeepShareTracer",
@@ -208,10 +209,12 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] | Sequence[s
 
     Leaf modules registered by timm that contain ReLUs are traced through when
     they can be (their ReLUs become sites); one whose ``forward`` fx cannot
-    trace stays a leaf, and the census reports its ReLUs as hidden.
+    trace stays a leaf, and the census reports its ReLUs as hidden. Activations with
+    a ReLU decomposition (ReLU6, Hardtanh, LeakyReLU) come back as their ReLU sites
+    (:mod:`.decompose`); a GraphModule that has any is decomposed on a copy.
     """
-    if isinstance(model, fx.GraphModule):
-        return model
+    if isinstance(model, fx.GraphModule):  # e.g. a .pt2 graph: its ReLU6s are split on a copy
+        return decompose_activations(model, copy_first=True)
     model = decompose_fused_modules(model)
     timm_leaves, _ = _timm_notrace()
     expand = [t for t in timm_leaves if _contains_relu_of_type(model, t)]
@@ -236,7 +239,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] | Sequence[s
                        "submodule and pass --leaf for its class")  # fmt: skip
                 name = f"the top-level module ({cls.__name__})"
             raise TraceError(f"torch.fx cannot trace {name}: {first} -- {fix}") from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return decompose_activations(fx.GraphModule(tracer.root, graph, type(model).__name__))
 
 
 def _contains_relu_of_type(model: nn.Module, cls: type) -> bool:

@@ -32,22 +32,31 @@ class _DecodeError(Exception):
     """A file that is not a readable image (plain, so it crosses process boundaries)."""
 
 
-def _decode_one(name: str, src: bytes | str, rgb: bool) -> np.ndarray:
-    """Decode one image to uint8 (H, W, C); grayscale stays 1-channel unless ``rgb``."""
+def _decode_one(name: str, src: bytes | str, rgb: bool, label: bool = False) -> np.ndarray:
+    """Decode one image to uint8 (H, W, C); grayscale stays 1-channel unless ``rgb``.
+
+    ``label``: a segmentation mask, one class index per pixel (an 8-bit gray or
+    palette PNG, read as stored, never colour-converted), returned as (H, W, 1).
+    """
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            if rgb or im.mode != "L":
+            if label:
+                if im.mode not in ("L", "P"):
+                    raise _DecodeError(f"label image {name} is mode {im.mode}, not 8-bit class indices (L or P)")
+            elif rgb or im.mode != "L":
                 im = im if im.mode == "RGB" else im.convert("RGB")
             arr = np.asarray(im)
+    except _DecodeError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise _DecodeError(f"cannot decode image {name}: {e}") from None
     return arr if arr.ndim == 3 else arr[:, :, None]
 
 
-def _decode_chunk(chunk: list[tuple[str, bytes | str]], rgb: bool) -> list[np.ndarray]:
-    return [_decode_one(name, src, rgb) for name, src in chunk]
+def _decode_chunk(chunk: list[tuple[str, bytes | str]], rgb: bool, label: bool = False) -> list[np.ndarray]:
+    return [_decode_one(name, src, rgb, label) for name, src in chunk]
 
 
 def _decode_workers() -> int:
@@ -67,6 +76,7 @@ def _decode_images(
     rgb: bool,
     progress: Progress | None,
     workers: int | None = None,
+    label: bool = False,
 ) -> list[np.ndarray]:
     """Decode ``(name, bytes-or-path)`` items in order, in forked worker processes when there are cores.
 
@@ -88,12 +98,12 @@ def _decode_images(
     try:
         if workers <= 1:
             for chunk in chunks:
-                out += _decode_chunk(chunk, rgb)
+                out += _decode_chunk(chunk, rgb, label)
                 report()
             return out
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         try:
-            futures: list[Future] = [pool.submit(_decode_chunk, chunk, rgb) for chunk in chunks]
+            futures: list[Future] = [pool.submit(_decode_chunk, chunk, rgb, label) for chunk in chunks]
             for fut in futures:
                 out += fut.result()
                 report()

@@ -28,6 +28,9 @@ _Plan = list[tuple[int, torch.Tensor]]
 class TensorLoader:
     """Iterate ``(x, y)`` batches over a :class:`TensorSplit`: x float32 NCHW normalised, y int64.
 
+    ``y`` is (N,) class labels, or (N, H, W) masks for a segmentation split
+    (augmented jointly with the images: :func:`_augment_joint`).
+
     Deterministic by construction: the epoch's order comes from
     ``(seed, epoch)`` and each batch's augmentation from ``(seed, epoch, batch
     number)``, so the same batches come out whatever ``num_workers`` is and on
@@ -57,6 +60,9 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        task: str = "classification",
+        ignore_index: int | None = None,
+        scale: tuple[float, float] = (1.0, 1.0),
     ):
         channels = split.images.shape[-1]
         if batch_size < 1:
@@ -74,6 +80,7 @@ class TensorLoader:
         self.seed, self.drop_last = seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
+        self.task, self.ignore_index, self.scale = task, ignore_index, scale
         self.epoch = 0
         self.indices = _limit_indices(len(split), limit)
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -119,11 +126,17 @@ class TensorLoader:
     def _batch(self, number: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.split.images[idx].permute(0, 3, 1, 2)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        y = self.split.labels[idx]
+        if self.task == "segmentation":
+            y = y.long()  # masks are stored as uint8
         if self.augment:
             g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, 1, number))
-            x = _augment(x, self.crop_padding, self.flip, g)
+            if self.task == "segmentation":
+                x, y = _augment_joint(x, y, self.scale, self.flip, self.ignore_index, g)
+            else:
+                x = _augment(x, self.crop_padding, self.flip, g)
         x = ((x - self._mean) / self._std).contiguous()
-        return x, self.split.labels[idx]
+        return x, y
 
 
 class _PlannedBatches(torch.utils.data.Dataset):
@@ -167,6 +180,40 @@ def _augment(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch
     return x
 
 
+def _augment_joint(
+    x: torch.Tensor, y: torch.Tensor, scale: tuple[float, float], flip: bool, ignore: int | None, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rescale by s in ``scale``, random crop back to (H, W), random flip: one warp for image and mask.
+
+    The three steps compose into one affine map per example, so the whole batch
+    is a single ``grid_sample`` (image bilinear, mask nearest) and the two stay
+    aligned by construction.  Where the crop leaves the rescaled image (s < 1)
+    the image is padded with 0 and the mask with ``ignore``.
+    """
+    b = x.shape[0]
+    lo, hi = scale
+    s = lo + (hi - lo) * torch.rand(b, generator=g)
+    room = (1.0 - 1.0 / s).abs()  # how far the crop window may move, in [-1, 1] units
+    tx = (2 * torch.rand(b, generator=g) - 1) * room
+    ty = (2 * torch.rand(b, generator=g) - 1) * room
+    sign = torch.ones(b)
+    if flip:
+        sign = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = sign / s, tx
+    theta[:, 1, 1], theta[:, 1, 2] = 1.0 / s, ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Nearest-sample label + 1 so the zero padding reads 0, then make it ``ignore``.
+    y1 = F.grid_sample((y + 1).unsqueeze(1).float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    y1 = y1[:, 0].round().long()
+    # The image is padded exactly where the label is: border sampling (no fade to black in the last
+    # half pixel), then 0 outside.
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = x * (y1 != 0).unsqueeze(1)
+    pad = -1 if ignore is None else ignore
+    return x, torch.where(y1 == 0, torch.full_like(y1, pad), y1 - 1)
+
+
 def make_loader(
     split: TensorSplit,
     info: DatasetInfo,
@@ -208,4 +255,7 @@ def make_loader(
         rank=rank,
         world_size=world_size,
         num_workers=num_workers,
+        task=info.task,
+        ignore_index=info.ignore_index,
+        scale=info.scale,
     )

@@ -29,6 +29,11 @@ class DatasetInfo:
     :func:`make_loader` accepts overrides.  ``crop_padding`` and ``flip`` are the
     training augmentation policy (random crop with that much zero padding,
     random horizontal flip).
+
+    ``task`` is ``"classification"`` (labels are one class per image) or
+    ``"segmentation"`` (labels are one class per pixel; ``ignore_index`` marks
+    unlabelled pixels, excluded from the loss and from mIoU, and ``scale`` is
+    the random-rescale range of the joint image/label augmentation).
     """
 
     name: str
@@ -39,6 +44,13 @@ class DatasetInfo:
     classes: list[str]
     crop_padding: int = 4
     flip: bool = True
+    task: str = "classification"
+    ignore_index: int | None = None
+    scale: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def segmentation(self) -> bool:
+        return self.task == "segmentation"
 
 
 @dataclass
@@ -61,6 +73,21 @@ class TensorSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+class SegmentationSplit(TensorSplit):
+    """A segmentation split: ``images`` (N, H, W, C) uint8 and ``labels`` the masks, (N, H, W) uint8.
+
+    Masks stay uint8 in memory (an eighth of int64); the loader widens each batch.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.labels.ndim != 3 or self.labels.shape[1:] != self.images.shape[1:3]:
+            raise DataError(
+                f"bad segmentation split: images {tuple(self.images.shape)}, masks {tuple(self.labels.shape)} "
+                "(want N,H,W,C and N,H,W)"
+            )
 
 
 Loaded = tuple[DatasetInfo, TensorSplit, TensorSplit]

@@ -14,8 +14,10 @@ Modules, in the order data flows through them:
   masked-bit gate product, public-weight convolutions, the correlated-randomness dealer).
 * :mod:`.executor`  -- :class:`~.executor.CrypTenBackend`: an ``fx.Interpreter`` that runs the
   lowered graph on CrypTen tensors, plus CrypTen's start/stop and counters.
+* :mod:`.handshake` -- before any share moves: both parties prove knowledge of a shared key
+  (HMAC over fresh nonces) and compare the plan's hash; strangers are refused.
 * :mod:`.launcher`  -- two real processes on 127.0.0.1 (or one party of a two-host run),
-  framework-neutral: it drives whichever backend it is given.
+  framework-neutral: it drives whichever backend it is given, after the handshake.
 * :mod:`.costs`     -- bytes / rounds / latency per node from ``cost_table.json``; ``calibrate()``.
 
 crypten is imported only inside functions of :mod:`.protocols`, :mod:`.executor` and

@@ -14,7 +14,9 @@ byte), or the cost table be recalibrated for it.
 
 ``run`` is one call, not share / execute / reveal, because the counters are read around the
 whole online phase: a backend that exposed the steps separately would still have to report
-one set of totals.
+one set of totals.  ``setup`` is the one step kept apart: in ``private`` mode it masks the
+model's weights once per loaded program, and every later ``run`` of that program reuses it
+(a backend with nothing to set up keeps the default, which costs nothing).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 
     from .lowering import Program
 
-__all__ = ["Backend", "NodeStats", "PartyRun"]
+__all__ = ["Backend", "NodeStats", "PartyRun", "SetupRun"]
 
 
 @dataclass
@@ -42,6 +44,16 @@ class NodeStats:
 
 
 @dataclass
+class SetupRun:
+    """One party's setup of a Program (private mode: every fixed weight's ``W - b`` opened once)."""
+
+    bytes: int = 0
+    rounds: int = 0
+    wall_s: float = 0.0
+    elements: int = 0  # model-tensor elements masked
+
+
+@dataclass
 class PartyRun:
     """One party's run of a Program: the revealed output (party 1 only) and what it measured."""
 
@@ -52,10 +64,11 @@ class PartyRun:
     comm_s: float
     comparisons: int  # elements that went through the secure comparison
     per_node: dict[str, NodeStats] = field(default_factory=dict)
+    setup: SetupRun | None = None  # the setup this run had to do first (None: it reused an earlier one)
 
 
 class Backend(ABC):
-    """An MPC framework as one party uses it: ``start`` -> ``run`` (any number) -> ``stop``.
+    """An MPC framework as one party uses it: ``start`` -> [``setup``] -> ``run`` (any number) -> ``stop``.
 
     Instances travel to spawned party processes, so they must pickle before ``start``.
     """
@@ -69,6 +82,10 @@ class Backend(ABC):
     @abstractmethod
     def run(self, program: Program, x: torch.Tensor | None) -> PartyRun:
         """Share ``x`` (party 1's input; None at party 0), execute ``program``, reveal to party 1."""
+
+    def setup(self, program: Program) -> SetupRun:
+        """Prepare ``program`` once for any number of runs (counted apart from them); default: nothing."""
+        return SetupRun()
 
     @abstractmethod
     def stop(self) -> None:

@@ -8,7 +8,10 @@ on CrypTen itself by :func:`calibrate`, not taken from a paper -- and into compu
     latency = compute + bytes * 8 / bandwidth + rounds * RTT
 
 per node and in total, and the speedup of a converted model over its original under the
-same settings (the metric of DeepShare's Table 6).  Bytes are CrypTen's per-party count
+same settings (the metric of DeepShare's Table 6).  In ``private`` mode the weights are masked
+once per loaded model (the setup: ``setup_bytes`` / ``setup_rounds``, every fixed tensor's
+``W - b`` opened in one round); ``bytes`` / ``rounds`` / latency are one inference's online
+phase, which is what repeats.  Bytes are CrypTen's per-party count
 (each party logs what it sends plus what it receives; for two parties that is also the
 total traffic on the link), so predicted and measured numbers compare one to one.
 """
@@ -76,6 +79,11 @@ class CostTable:
     def node_bytes(self, op: MPCOp) -> int:
         return round(op.comparisons * self.comparison_bytes + op.opened * self.open_bytes + op.revealed * self.reveal_bytes)
 
+    def setup_cost(self, program: Program) -> tuple[int, int]:
+        """(bytes, rounds) of the setup: every fixed tensor's ``W - b`` opened, all in one round."""
+        n = program.setup_opened
+        return round(n * self.open_bytes), (self.open_rounds if n else 0)
+
     def node_rounds(self, op: MPCOp) -> int:
         return (op.compare_steps * self.comparison_rounds + op.open_rounds * self.open_rounds
                 + op.reveal_rounds * self.reveal_rounds)
@@ -109,6 +117,12 @@ class Estimate:
     bandwidth_bps: float
     rtt_s: float
     nodes: list[NodeCost]
+    setup_bytes: int = 0  # once per loaded model (private mode: W - b of every fixed tensor)
+    setup_rounds: int = 0
+
+    @property
+    def setup_network_s(self) -> float:
+        return self.setup_bytes * 8 / self.bandwidth_bps + self.setup_rounds * self.rtt_s
 
     @property
     def bytes(self) -> int:
@@ -140,7 +154,8 @@ class Estimate:
             "model": self.model, "weights_mode": self.weights_mode, "batch": self.batch,
             "bandwidth_bps": self.bandwidth_bps, "rtt_s": self.rtt_s, "comparisons": self.comparisons,
             "bytes": self.bytes, "rounds": self.rounds, "compute_s": self.compute_s, "network_s": self.network_s,
-            "latency_s": self.latency_s, "nodes": [asdict(n) for n in self.nodes],
+            "latency_s": self.latency_s, "setup_bytes": self.setup_bytes, "setup_rounds": self.setup_rounds,
+            "setup_network_s": self.setup_network_s, "nodes": [asdict(n) for n in self.nodes],
         }  # fmt: skip
 
 
@@ -155,7 +170,8 @@ def estimate_program(program: Program, table: CostTable | None = None, *, bandwi
         if b or r or c:
             nodes.append(NodeCost(op.node, op.layer, op.handler, op.comparisons, b, r, c,
                                   c + b * 8 / bandwidth + r * rtt))  # fmt: skip
-    return Estimate(name, program.weights_mode, program.input_shape[0], bandwidth, rtt, nodes)
+    return Estimate(name, program.weights_mode, program.input_shape[0], bandwidth, rtt, nodes,
+                    *table.setup_cost(program))  # fmt: skip
 
 
 def estimate(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, weights_mode: str = "public",
@@ -248,7 +264,9 @@ def _calibration_party(backend, rank: int, sizes: tuple[int, int], conv: tuple[i
     ws = A(w, src=0) if rank == 0 else A(None, size=w.shape, src=0)
     comm.get().barrier()
     out["conv_public"] = _delta(comm, lambda: P.public_conv2d(x, w, None, padding=k // 2))
-    out["conv_private"] = _delta(comm, lambda: x.conv2d(ws, padding=k // 2))
+    masks = P.mask_weights({"w": ws}, dealer)  # private mode: the weight masked once, as at setup
+    out["conv_private"] = _delta(
+        comm, lambda: P.fixed_product(x, masks["w"], lambda u, v: torch.conv2d(u, v, padding=k // 2), dealer))
     out["conv_macs"] = c * c * k * k * hw * hw
     return out
 

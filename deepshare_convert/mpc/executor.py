@@ -13,6 +13,12 @@ communication is recorded per node (bytes, rounds, seconds) for the predicted-vs
 table, and every comparison is counted (``comparisons``), so tests can check the number of
 comparisons against the plan without trusting byte arithmetic alone.
 
+In ``private`` mode the model tensors that multiply activations are masked once per loaded
+model by :func:`setup_weights` (the setup phase: ``W - b`` opened once, see
+:mod:`.protocols`); every run then takes the resulting :class:`~.protocols.FixedMask` es and
+opens only activations.  :class:`CrypTenBackend` keeps them (and the dealer that knows the
+``b``'s) between runs, so any number of inferences follow one setup.
+
 :class:`CrypTenBackend` is this module behind the :class:`~.backend.Backend` seam: it starts
 and stops CrypTen at one party and reads its communication counters around a run.  CrypTen
 pitfalls handled there: communication is only counted with
@@ -35,11 +41,12 @@ import torch.nn as nn
 from ..compat import import_crypten
 from ..errors import DeepShareError, first_line
 from . import protocols as P
-from .backend import Backend, NodeStats, PartyRun
+from .backend import Backend, NodeStats, PartyRun, SetupRun
 from .lowering import Program, interpolate_args
 from .resample import adaptive_pool_matrices, avg_pool_matrices, interpolate_matrices
 
-__all__ = ["CrypTenBackend", "CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program"]
+__all__ = ["CrypTenBackend", "CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program",
+           "setup_weights"]  # fmt: skip
 
 
 @dataclass
@@ -69,17 +76,23 @@ def _is_shared(v: Any) -> bool:
 class CrypTenInterpreter(fx.Interpreter):
     """Execute ``program`` on shares at one party; ``run(x_shared)`` returns the shared output."""
 
-    def __init__(self, program: Program, rank: int, dealer: P.Dealer | None = None):
+    def __init__(self, program: Program, rank: int, dealer: P.Dealer | None = None,
+                 masks: dict[str, P.FixedMask] | None = None):  # fmt: skip
         import_crypten()
         super().__init__(program.gm, garbage_collect_values=True)
         self.program = program
         self.rank = rank
         self.dealer = dealer or P.Dealer(rank)
         self.private = program.weights_mode == "private"
+        self.masks = masks or {}
+        missing = set(program.fixed) - set(self.masks)
+        if missing:
+            raise DeepShareError(f"private weights are not set up (no mask for {sorted(missing)[0]!r}): run the setup first")
         self.mods = dict(program.gm.named_modules())
         self.nodes = {n.name: n for n in program.gm.graph.nodes}
         self.stats: dict[str, NodeStats] = {}
         self._shared_cache: dict[int, Any] = {}
+        self._openings: dict[str, P.Opening] = {}  # input node -> its masked opening
 
     @property
     def comparisons(self) -> int:
@@ -113,19 +126,31 @@ class CrypTenInterpreter(fx.Interpreter):
         )  # fmt: skip
         if op.inplace_of is not None:  # an in-place op also rewrote its input for later readers
             self.env[self.nodes[op.inplace_of]] = result
+            self._openings.pop(op.inplace_of, None)
+        for done in self.user_to_last_uses.get(n, ()):  # no later reader: its opening is not needed
+            self._openings.pop(done.name, None)
         return result
 
     def shared(self, t: torch.Tensor):
         """Secret-share a model tensor from party 0 (party 1 passes its zero placeholder: size only)."""
         key = id(t)
         if key not in self._shared_cache:
-            from crypten.mpc.primitives import ArithmeticSharedTensor
-
-            t = t.detach().float()
-            self._shared_cache[key] = (
-                ArithmeticSharedTensor(t, src=0) if self.rank == 0 else ArithmeticSharedTensor(None, size=t.shape, src=0)
-            )
+            self._shared_cache[key] = share_model_tensor(t, self.rank)
         return self._shared_cache[key]
+
+    def opening(self, n: fx.Node, x) -> P.Opening:
+        """``x - a`` for node ``n``'s input, opened once: every fixed-weight product of that value reuses it.
+
+        Keyed by the input node, as the lowering counts (an in-place op forgets its input's opening).
+        """
+        key = n.args[0].name
+        if key not in self._openings:
+            self._openings[key] = P.open_masked(x, self.dealer)
+        return self._openings[key]
+
+    def fixed(self, n: fx.Node) -> list[P.FixedMask]:
+        """The setup masks of the model tensors node ``n`` multiplies by (the lowering names them)."""
+        return [self.masks[name] for name in self.program.op(n.name).fixed]
 
     def _weights(self, module: nn.Module, *names: str):
         out = []
@@ -142,7 +167,10 @@ class CrypTenInterpreter(fx.Interpreter):
         gate = self.mods[n.target]
         x = args[0]
         proto = x[:, : gate.prototypes]
-        bit = P.drelu(proto, self.dealer)
+        if self.program.op(n.name).opened:  # a site reads this same x: its x - a rides with the comparison
+            bit, self._openings[n.args[0].name] = P.drelu_and_open(proto, x, self.dealer)
+        else:
+            bit = P.drelu(proto, self.dealer)
         identity = bool(torch.equal(gate.mapping, torch.arange(gate.channels)))
         return GateValue(bit, None if identity else gate.mapping.long())
 
@@ -155,9 +183,9 @@ class CrypTenInterpreter(fx.Interpreter):
         if tuple(bit.shape) != tuple(x.size()):
             raise DeepShareError(f"node {n.name!r}: gate shape {bit.shape} does not match input {tuple(x.size())}")
         if self.private:
-            alpha, beta = self._weights(site, "alpha", "beta")
-            return P.private_site(x, bit, alpha, beta, self.dealer)
-        xg = P.gate_product(x, bit, self.dealer)
+            alpha, beta = self.fixed(n)
+            return P.fixed_site(x, bit, alpha, beta, self.dealer, self.opening(n, x))
+        xg = P.gate_product(x, bit, self.dealer, self._openings.get(n.args[0].name))
         return P.public_affine(xg, x, site.alpha.detach(), site.beta.detach())
 
     def _h_maxpool(self, n, args, kwargs):
@@ -175,13 +203,18 @@ class CrypTenInterpreter(fx.Interpreter):
         x = args[0]
         if n.op == "call_module":
             m = self.mods[n.target]
-            w, b = self._weights(m, "weight", "bias")
+            b = self._weights(m, "bias")[0]
+            w = None if self.private else m.weight.detach()
             conv = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
         else:
             names = ("weight", "bias", "stride", "padding", "dilation", "groups")
             vals = dict(zip(names, args[1:]), **kwargs)
             w, b = vals.pop("weight"), vals.pop("bias", None)
             conv = vals
+        fixed = self.fixed(n)
+        if fixed:  # a model weight masked at setup: opens x - a only
+            out = P.fixed_product(x, fixed[0], lambda u, v: torch.conv2d(u, v, **conv), self.dealer, self.opening(n, x))
+            return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
         if _is_shared(w):
             out = x.conv2d(w, **conv)
             return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
@@ -190,10 +223,15 @@ class CrypTenInterpreter(fx.Interpreter):
     def _h_linear(self, n, args, kwargs):
         x = args[0]
         if n.op == "call_module":
-            w, b = self._weights(self.mods[n.target], "weight", "bias")
+            m = self.mods[n.target]
+            w, b = (None if self.private else m.weight.detach()), self._weights(m, "bias")[0]
         else:
             w = args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
+        fixed = self.fixed(n)
+        if fixed:  # a model weight masked at setup: opens x - a only
+            out = P.fixed_product(x, fixed[0], lambda u, v: torch.matmul(u, v.t()), self.dealer, self.opening(n, x))
+            return out + b if b is not None else out
         if _is_shared(w):
             out = x.matmul(w.t())
             return out + b if b is not None else out
@@ -203,12 +241,11 @@ class CrypTenInterpreter(fx.Interpreter):
         """A BatchNorm that could not be folded: a per-channel affine."""
         m = self.mods[n.target]
         x = args[0]
-        scale = m.weight.detach() / torch.sqrt(m.running_var + m.eps) if m.affine else 1 / torch.sqrt(m.running_var + m.eps)
-        shift = (m.bias.detach() if m.affine else 0) - m.running_mean * scale
+        scale, shift = _bn_affine(m)
         view = (1, -1) + (1,) * (x.dim() - 2)
-        if self.private:
-            s, t = self.shared(scale), self.shared(shift)
-            return x.mul(s.view(view)) + t.view(view)
+        if self.private:  # the scale was masked at setup; the shift is an addition
+            out = P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer, self.opening(n, x))
+            return out + self.shared(shift).view(view)
         return x.mul(scale.view(view)) + shift.view(view)
 
     # -- local ops -----------------------------------------------------------------------------
@@ -343,6 +380,43 @@ class CrypTenInterpreter(fx.Interpreter):
         return args[0].sum(*args[1:], **kwargs)
 
 
+def _bn_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm: y = x·scale + shift."""
+    scale = m.weight.detach() / torch.sqrt(m.running_var + m.eps) if m.affine else 1 / torch.sqrt(m.running_var + m.eps)
+    shift = (m.bias.detach() if m.affine else 0) - m.running_mean * scale
+    return scale, shift
+
+
+def setup_weights(program: Program, rank: int, dealer: P.Dealer) -> dict[str, P.FixedMask]:
+    """The setup phase of ``private`` mode: share every fixed model tensor once and open its ``W - b``.
+
+    Party 0 shares the real tensors; party 1 holds only zeroed placeholders (the weightless
+    skeleton) and contributes sizes.  All openings go in one round; the masks serve every
+    later :func:`run_program` with the same ``dealer``.
+    """
+    if program.weights_mode != "private" or not program.fixed:
+        return {}
+    with torch.no_grad():
+        shared = {name: share_model_tensor(_model_tensor(program.gm, name), rank) for name in program.fixed}
+    return P.mask_weights(shared, dealer)
+
+
+def _model_tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    """A fixed tensor by its lowering name: an attribute path, or ``module:scale`` (an unfolded BatchNorm)."""
+    if name.endswith(":scale"):
+        return _bn_affine(gm.get_submodule(name.removesuffix(":scale")))[0]
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def share_model_tensor(t: torch.Tensor, rank: int):
+    """A model tensor secret-shared by party 0 (party 1 passes its zero placeholder: size only)."""
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+
+    t = t.detach().float()
+    return ArithmeticSharedTensor(t, src=0) if rank == 0 else ArithmeticSharedTensor(None, size=t.shape, src=0)
+
+
 def share_input(x: torch.Tensor | None, shape, rank: int):
     """The input, secret-shared by party 1; party 0 contributes only the (public) shape."""
     from crypten.mpc.primitives import ArithmeticSharedTensor
@@ -359,10 +433,15 @@ class RunOutput:
     comparisons: int = 0
 
 
-def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: P.Dealer | None = None) -> RunOutput:
-    """Share the input, run the graph, reveal the output to party 1 (crypten must be initialised)."""
+def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: P.Dealer | None = None,
+                masks: dict[str, P.FixedMask] | None = None) -> RunOutput:  # fmt: skip
+    """Share the input, run the graph, reveal the output to party 1 (crypten must be initialised).
+
+    In ``private`` mode ``masks`` come from :func:`setup_weights` with the same ``dealer``.
+    """
     comm = _comm()
-    interp = CrypTenInterpreter(program, rank, dealer)
+    interp = CrypTenInterpreter(program, rank, dealer, masks)
+    compared_before = interp.comparisons  # a dealer kept across runs keeps counting
     before = comm.get_communication_stats()
     tic = time.perf_counter()
     x_shared = share_input(x, program.input_shape, rank)
@@ -378,7 +457,7 @@ def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: P.D
     after = comm.get_communication_stats()
     interp.stats["output"] = NodeStats(int(after["bytes"] - before["bytes"]), int(after["rounds"] - before["rounds"]),
                                        time.perf_counter() - tic)  # fmt: skip
-    return RunOutput(logits if rank == 1 else None, interp.stats, interp.comparisons)
+    return RunOutput(logits if rank == 1 else None, interp.stats, interp.comparisons - compared_before)
 
 
 class CrypTenBackend(Backend):
@@ -389,6 +468,22 @@ class CrypTenBackend(Backend):
     def __init__(self):
         self.rank: int | None = None
         self._crypten = None
+        self._session: tuple | None = None  # (program, dealer, masks) of the last setup
+
+    def setup(self, program: Program) -> SetupRun:
+        """Mask the program's fixed weights (private mode) with a dealer kept for its later runs."""
+        if self.rank is None:
+            raise DeepShareError("the CrypTen backend sets up a program only between start() and stop()")
+        comm = _comm()
+        comm.barrier()
+        comm.reset_communication_stats()
+        tic = time.perf_counter()
+        dealer = P.Dealer(self.rank)
+        masks = setup_weights(program, self.rank, dealer)
+        wall = time.perf_counter() - tic
+        stats = comm.get_communication_stats()
+        self._session = (program, dealer, masks)
+        return SetupRun(int(stats["bytes"]), int(stats["rounds"]), wall, program.setup_opened)
 
     def start(self, rank: int, master_addr: str, master_port: int) -> None:
         """Environment for CrypTen's DistributedCommunicator, then ``crypten.init()`` with counting on."""
@@ -403,20 +498,24 @@ class CrypTenBackend(Backend):
         self.rank, self._crypten = rank, crypten
 
     def run(self, program: Program, x: torch.Tensor | None) -> PartyRun:
-        """Both parties in step (barrier), counters reset, then :func:`run_program`."""
+        """Both parties in step (barrier), counters reset, then :func:`run_program` (after :meth:`setup` if needed)."""
         if self.rank is None:
             raise DeepShareError("the CrypTen backend runs a program only between start() and stop()")
+        setup = None
+        if self._session is None or self._session[0] is not program:
+            setup = self.setup(program)  # counted apart; later runs of this program reuse it
+        _, dealer, masks = self._session
         comm = _comm()
         comm.barrier()
         comm.reset_communication_stats()
         tic = time.perf_counter()
-        result = run_program(program, self.rank, x)
+        result = run_program(program, self.rank, x, dealer, masks)
         wall = time.perf_counter() - tic
         stats = comm.get_communication_stats()
         return PartyRun(result.output, int(stats["bytes"]), int(stats["rounds"]), wall, float(stats["time"]),
-                        int(result.comparisons), result.stats)  # fmt: skip
+                        int(result.comparisons), result.stats, setup)  # fmt: skip
 
     def stop(self) -> None:
         if self._crypten is not None:
             self._crypten.uninit()
-        self.rank, self._crypten = None, None
+        self.rank, self._crypten, self._session = None, None, None

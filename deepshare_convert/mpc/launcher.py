@@ -7,6 +7,11 @@ weightless skeleton of the graph (:func:`~.prepare.strip_weights`), sent as
 :func:`~.transport.pack`-ed data.  :func:`run_party` runs one party of a deployment across two
 hosts (``deepshare private-infer --rank R``).
 
+Before a party starts its backend it runs the :mod:`.handshake` with the other: both prove
+knowledge of a shared key and compare the plan's hash, so no share goes to a stranger or to a
+party running another program.  :func:`spawn_two` makes a fresh random key per run for its two
+children; :func:`run_party` needs the user's key (``--key-file`` or ``$DEEPSHARE_MPC_KEY``).
+
 The MPC framework itself is behind :class:`~.backend.Backend` (``backend=``; CrypTen by
 default): this module only decides which process holds what, and collects the reports.
 Results cross the process boundary as numpy (never torch tensors); the parent runs with one
@@ -33,6 +38,7 @@ import torch.nn as nn
 from ..errors import DeepShareError, first_line
 from . import WEIGHT_MODES
 from .backend import Backend
+from .handshake import authenticate, new_key, plan_digest, require_key
 from .lowering import lower
 from .prepare import prepare, snap_input, strip_weights
 from .transport import pack, unpack
@@ -53,6 +59,16 @@ class PartyReport:
     per_node: dict[str, dict[str, float]]
     output: np.ndarray | None
     plaintext_digests: list[str] = field(default_factory=list)
+    setup: dict[str, float] = field(default_factory=dict)  # bytes, rounds, wall_s, elements of the one setup
+    inferences: list[dict[str, float]] = field(default_factory=list)  # online bytes, rounds, wall_s of each run
+
+    @property
+    def setup_bytes(self) -> int:
+        return int(self.setup.get("bytes", 0))
+
+    @property
+    def setup_rounds(self) -> int:
+        return int(self.setup.get("rounds", 0))
 
 
 @dataclass
@@ -86,7 +102,10 @@ class PrivateRun:
             "comparisons_expected": self.comparisons_expected,
             "parties": [
                 {"rank": p.rank, "bytes": p.bytes, "rounds": p.rounds, "wall_s": round(p.wall_s, 4),
-                 "comm_s": round(p.comm_s, 4)}
+                 "comm_s": round(p.comm_s, 4), "setup_bytes": p.setup_bytes, "setup_rounds": p.setup_rounds,
+                 "setup_wall_s": round(p.setup.get("wall_s", 0.0), 4),
+                 "inferences": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in i.items()}
+                                for i in p.inferences]}
                 for p in self.parties
             ],  # fmt: skip
         }
@@ -129,29 +148,59 @@ def free_port() -> int:
 
 
 def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, input_shape: tuple[int, ...],
-                     inputs: np.ndarray | None, weights_mode: str, inventory: bool) -> dict[str, Any]:  # fmt: skip
-    """One party's inference (``backend`` already started); returns only numpy / Python values."""
+                     inputs: np.ndarray | None, weights_mode: str, inventory: bool,
+                     count: int = 1) -> dict[str, Any]:  # fmt: skip
+    """One party: one setup, then ``count`` inferences of ``input_shape`` one after another.
+
+    ``backend`` is already started; returns only numpy / Python values.  ``bytes`` / ``rounds``
+    / ``wall_s`` are the online phase summed over the inferences, ``per_node`` the last one's.
+    """
     program = lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode)
-    x = torch.from_numpy(inputs) if inputs is not None else None
-    result = backend.run(program, x)
-    out = result.output.detach().float().numpy() if result.output is not None else None
+    setup = backend.setup(program)
+    xs = [torch.from_numpy(c) for c in np.split(inputs, count)] if inputs is not None else [None] * count
+    outs, runs, result = [], [], None
+    for x in xs:
+        result = backend.run(program, x)
+        if result.output is not None:
+            outs.append(result.output.detach().float())
+        runs.append({"bytes": result.bytes, "rounds": result.rounds, "wall_s": result.wall_s,
+                     "comm_s": result.comm_s, "comparisons": result.comparisons})  # fmt: skip
     report = {
-        "rank": rank, "bytes": result.bytes, "rounds": result.rounds, "wall_s": result.wall_s,
-        "comm_s": result.comm_s, "comparisons": result.comparisons,
+        "rank": rank, "bytes": sum(r["bytes"] for r in runs), "rounds": sum(r["rounds"] for r in runs),
+        "wall_s": sum(r["wall_s"] for r in runs), "comm_s": sum(r["comm_s"] for r in runs),
+        "comparisons": sum(r["comparisons"] for r in runs),
         "per_node": {k: {"bytes": v.bytes, "rounds": v.rounds, "seconds": v.seconds, "comparisons": v.comparisons}
                      for k, v in result.per_node.items()},
-        "output": out,
+        "output": torch.cat(outs).numpy() if outs else None,  # a view: the tensor stays visible to the inventory
+        "setup": {"bytes": setup.bytes, "rounds": setup.rounds, "wall_s": setup.wall_s, "elements": setup.elements},
+        "inferences": runs,
     }  # fmt: skip
-    del result
+    del result, outs
     if inventory:  # everything this process holds in the clear, its own inputs and output included
         report["plaintext_digests"] = _plaintext_inventory()
     return report
 
 
-def _party_entry(queue, rank: int, master_addr: str, master_port: int, backend: Backend, fn, args: tuple) -> None:
-    """Process body: start the backend, run ``fn(backend, rank, *args)``, send its (numpy) result or one error line."""
+def _inference_plan(rank: int, gm: fx.GraphModule | dict, input_shape: tuple[int, ...], inputs, weights_mode: str,
+                    inventory: bool, count: int = 1) -> str:  # fmt: skip
+    """The plan hash of what :func:`_inference_party` will run, from what this party holds (the number of
+    inferences after the one setup included: parties that disagree on it would wait for each other)."""
+    digest = plan_digest(lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode))
+    return digest if count == 1 else hashlib.sha256(f"{digest}:{count}".encode()).hexdigest()
+
+
+def _function_plan(fn) -> str:
+    """The plan of a party body with no lowered program (calibration): which function both run."""
+    return hashlib.sha256(f"{fn.__module__}.{fn.__qualname__}".encode()).hexdigest()
+
+
+def _party_entry(queue, rank: int, master_addr: str, master_port: int, backend: Backend, fn, args: tuple,
+                 key: bytes, plan, timeout: float) -> None:  # fmt: skip
+    """Process body: handshake, start the backend, run ``fn(backend, rank, *args)``, send its result or one error line."""
     try:
-        backend.start(rank, master_addr, master_port)
+        digest = plan(rank, *args) if callable(plan) else _function_plan(fn)
+        session = authenticate(rank, key, digest, master_addr, master_port, timeout=timeout)
+        backend.start(rank, master_addr, session.store_port)
         try:
             result = fn(backend, rank, *args)
         finally:
@@ -162,20 +211,26 @@ def _party_entry(queue, rank: int, master_addr: str, master_port: int, backend: 
         queue.put(("error", rank, msg if isinstance(e, DeepShareError) else f"{type(e).__name__}: {msg}"))
 
 
-def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend: Backend | None = None) -> list[Any]:
+def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend: Backend | None = None,
+              plan=None) -> list[Any]:  # fmt: skip
     """Run ``fn(backend, rank, *args[rank])`` in two spawned processes joined by ``backend``; their results.
 
-    ``backend`` defaults to CrypTen.  ``fn`` must be a module-level function; everything
-    crossing the boundary must pickle (numpy, not torch tensors, on the way back).
+    ``backend`` defaults to CrypTen.  ``fn`` (and ``plan``) must be module-level functions;
+    everything crossing the boundary must pickle (numpy, not torch tensors, on the way back).
+    The two processes run the :mod:`.handshake` first, with a fresh random key sent to each
+    through its spawn pipe (never a command line); ``plan(rank, *args[rank])`` gives each
+    party's plan hash (None: both run ``fn``, nothing else to compare).
     """
     backend = backend or default_backend()
     port = free_port()
+    key = new_key()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CrypTen pitfall: a multi-threaded parent can hang the next run
     procs = [
-        ctx.Process(target=_party_entry, args=(queue, r, "127.0.0.1", port, backend, fn, args[r]), daemon=True)
+        ctx.Process(target=_party_entry, args=(queue, r, "127.0.0.1", port, backend, fn, args[r], key, plan, timeout),
+                    daemon=True)
         for r in range(2)
     ]
     started = []
@@ -217,23 +272,29 @@ def run_two_party(
     plaintext: bool = True,
     leaf_modules: Sequence[str] = (),
     backend: Backend | None = None,
+    sequential: bool = False,
 ) -> PrivateRun:
-    """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen)."""
+    """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen).
+
+    One setup (private mode: the weights masked once), then one inference of the whole batch,
+    or with ``sequential`` N inferences of one image each, one after another, reusing the setup.
+    """
     _check_mode(weights_mode)
     tic = time.perf_counter()
     gm = prepare(model, leaf_modules=leaf_modules)
-    shape = tuple(inputs.shape)
+    count = int(inputs.shape[0]) if sequential else 1
+    shape = (1, *inputs.shape[1:]) if sequential else tuple(inputs.shape)
     program = lower(gm, shape, weights_mode)  # refuses unsupported nodes before any process starts
-    expected = program.comparisons
+    expected = program.comparisons * count
     clear = None
     if plaintext:
         with torch.no_grad():
             clear = gm(snap_input(inputs)).float().numpy()  # the deployed model on the encoded input
-    server = (pack(gm), shape, None, weights_mode, inventory)
+    server = (pack(gm), shape, None, weights_mode, inventory, count)
     client_gm = pack(strip_weights(gm) if weights_mode == "private" else gm)
-    client = (client_gm, shape, inputs.detach().float().numpy(), weights_mode, inventory)
+    client = (client_gm, shape, inputs.detach().float().numpy(), weights_mode, inventory, count)
     setup = time.perf_counter() - tic
-    reports = spawn_two(_inference_party, (server, client), timeout=timeout, backend=backend)
+    reports = spawn_two(_inference_party, (server, client), timeout=timeout, backend=backend, plan=_inference_plan)
     parties = [PartyReport(**r) for r in reports]
     return PrivateRun(weights_mode, parties, parties[1].output, clear, expected, setup)
 
@@ -270,24 +331,34 @@ def run_party(
     master_port: int = 29500,
     leaf_modules: Sequence[str] = (),
     backend: Backend | None = None,
+    key: bytes | None = None,
+    timeout: float = 600.0,
 ) -> PartyReport:
     """Run one party in this process; the other runs the same call elsewhere with the other rank.
 
     Party 0 passes the real model and ``inputs=None``; party 1 passes the inputs and, in
     ``private`` mode, a model whose weights it does not know (they are zeroed here anyway).
+    ``key`` (default: ``$DEEPSHARE_MPC_KEY``, required) authenticates the two parties on
+    ``master_port`` before the backend meets on ``master_port + 1``; party 0 waits up to
+    ``timeout`` seconds for an authenticated party 1, refusing strangers meanwhile.
     """
     _check_mode(weights_mode)
     if rank not in (0, 1):
         raise DeepShareError(f"--rank must be 0 (model owner) or 1 (input owner), got {rank}")
     if rank == 1 and inputs is None:
         raise DeepShareError("party 1 holds the inputs: pass --data")
+    if not 0 < master_port < 65535:
+        raise DeepShareError(f"--master-port must be 1..65534 (the handshake's; CrypTen uses the next), got {master_port}")
     gm = prepare(model, leaf_modules=leaf_modules)
     if rank == 1 and weights_mode == "private":
         gm = strip_weights(gm)
+    key = key if key is not None else require_key()
     arr = inputs.detach().float().numpy() if (rank == 1 and inputs is not None) else None
+    digest = plan_digest(lower(gm, tuple(input_shape), weights_mode))  # refuses unsupported nodes before listening
+    session = authenticate(rank, key, digest, master_addr, master_port, store_port=master_port + 1, timeout=timeout)
     backend = backend or default_backend()
     threads = torch.get_num_threads()
-    backend.start(rank, master_addr, master_port)
+    backend.start(rank, master_addr, session.store_port)
     try:
         return PartyReport(**_inference_party(backend, rank, gm, tuple(input_shape), arr, weights_mode, False))
     finally:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -104,6 +104,9 @@ class MPCOp:
     any; ``compare_steps`` > 1 for a max-pool tree); ``opened`` elements are opened by
     Beaver-style multiplications in ``open_rounds`` rounds; ``revealed`` elements are sent
     to one party (the output).  ``macs`` is the linear-layer work, for the compute estimate.
+    ``fixed`` names the model tensors this op multiplies by in ``private`` mode: each is
+    masked once at setup (``W - b`` opened once per loaded model, see :mod:`.protocols`), so
+    ``opened`` counts only the activation side.
     """
 
     node: str
@@ -119,6 +122,7 @@ class MPCOp:
     reveal_rounds: int = 0
     macs: int = 0
     elements: int = 0  # output elements (for tables)
+    fixed: dict[str, int] = field(default_factory=dict)  # private mode: model tensors masked at setup -> elements
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +147,19 @@ class Program:
     @property
     def comparisons(self) -> int:
         return sum(o.comparisons for o in self.ops)
+
+    @property
+    def fixed(self) -> dict[str, int]:
+        """Every model tensor masked at setup (each once, even if several ops use it) -> elements."""
+        out: dict[str, int] = {}
+        for o in self.ops:
+            out.update(o.fixed)
+        return out
+
+    @property
+    def setup_opened(self) -> int:
+        """Elements opened by the setup (``W - b`` for every fixed tensor, all in one round)."""
+        return sum(self.fixed.values())
 
 
 # ---- lowering --------------------------------------------------------------------------------
@@ -215,6 +232,7 @@ def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "p
     modules = dict(gm.named_modules())
     params = dict(gm.named_parameters())
     secret: dict[fx.Node, bool] = {}
+    masked: set[fx.Node] = set()  # values whose x - a is open already (with a gate's comparison, or for a product)
     ops: list[MPCOp] = []
     output_shape: tuple[int, ...] = ()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -255,7 +273,9 @@ def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "p
             op.inplace_of = inputs[0].name
         rule = COST_RULES.get(handler)
         if rule is not None:
-            rule(op, CostInput(node, modules, weights_mode, secret, _numel(shape)))
+            rule(op, CostInput(node, modules, weights_mode, secret, _numel(shape), masked))
+        if op.inplace_of is not None:  # the node now names a new value: not opened yet
+            masked.discard(inputs[0])
         secret[node] = op.secret
         ops.append(op)
     return Program(gm, ops, input_shape, output_shape, weights_mode)
@@ -271,6 +291,17 @@ class CostInput:
     weights_mode: str
     secret: dict[fx.Node, bool]  # which nodes lowered so far hold secret-shared values
     elements: int  # the node's output elements
+    masked: set = field(default_factory=set)  # values whose x - a is open already (rules add to it)
+
+    def open_once(self, op: MPCOp, remember: bool = True) -> None:
+        """Open the input x as ``x - a`` (one round) unless a gate or a fixed-weight product already did.
+
+        ``remember``: later products of x may reuse this opening (the executor keeps it).
+        """
+        if self.x not in self.masked:
+            op.opened, op.open_rounds = _numel(_shape(self.x)), 1
+            if remember:
+                self.masked.add(self.x)
 
     @property
     def x(self) -> fx.Node | None:
@@ -283,8 +314,9 @@ CostRule = Callable[[MPCOp, CostInput], None]
 
 
 def _cost_relu(op: MPCOp, c: CostInput) -> None:
-    # DReLU (one comparison per element) + the masked-bit product x*g (opens x - a)
-    op.comparisons, op.compare_steps, op.opened, op.open_rounds = c.elements, 1, c.elements, 1
+    # DReLU (one comparison per element) + the masked-bit product x*g, whose x - a opening
+    # travels in the comparison's last message (no round of its own)
+    op.comparisons, op.compare_steps, op.opened, op.open_rounds = c.elements, 1, c.elements, 0
 
 
 def _cost_gate(op: MPCOp, c: CostInput) -> None:
@@ -295,33 +327,49 @@ def _cost_gate(op: MPCOp, c: CostInput) -> None:
     in_shape = _shape(c.x)
     op.comparisons, op.compare_steps = _numel((in_shape[0], gate.prototypes, *in_shape[2:])), 1
     op.elements = _numel(in_shape)
+    if any(_is_site_of(u, c.node, c.x, c.modules) for u in c.x.users):
+        # a site reads this gate's own input: its x - a opening rides in the comparison's last message
+        op.opened = _numel(in_shape)
+        c.masked.add(c.x)
+
+
+def _is_site_of(user: fx.Node, gate: fx.Node, x: fx.Node, modules) -> bool:
+    return (user.op == "call_module" and isinstance(modules.get(user.target), SharedGate)
+            and len(user.args) > 1 and user.args[0] is x and user.args[1] is gate)  # fmt: skip
 
 
 def _cost_site(op: MPCOp, c: CostInput) -> None:
-    if c.weights_mode == "public":  # α, β public: y = α·(x·g) + β·x, one masked product
-        op.opened, op.open_rounds = c.elements, 1
-    else:  # α·g opens α - a (C elements; g's mask is reused), then Beaver x·s opens 2n
-        op.opened, op.open_rounds = c.modules[c.node.target].channels + 2 * c.elements, 2
+    # public: y = α·(x·g) + β·x, one masked product.  private: α, β masked at setup, and the
+    # dealer's (a, a·r, a·b_α, ...) make x·(α·g + β) one opening of x - a as well
+    c.open_once(op, remember=c.weights_mode == "private")  # nothing to open when x went with its gate's comparison
+    if c.weights_mode == "private":
+        channels = c.modules[c.node.target].channels
+        op.fixed = {f"{c.node.target}.alpha": channels, f"{c.node.target}.beta": channels}
 
 
 def _cost_linear(op: MPCOp, c: CostInput) -> None:
-    # conv2d / linear: local with a public weight, a Beaver product with a secret one
-    w_shape, secret_w = _weight(c.node, c.modules, c.secret, c.weights_mode)
+    # conv2d / linear: local with a public weight; with a secret model weight (masked at setup)
+    # one opening of x - a; with a secret computed weight a full Beaver product (x - a, W - b)
+    w_shape, secret_w, fixed = _weight(c.node, c.modules, c.secret, c.weights_mode)
     op.macs = c.elements * _numel(w_shape[1:])
-    if secret_w:
+    if secret_w and fixed:
+        c.open_once(op)
+        op.fixed = {fixed: _numel(w_shape)}
+    elif secret_w:
         op.opened, op.open_rounds = _numel(_shape(c.x)) + _numel(w_shape), 1
 
 
 def _cost_bn(op: MPCOp, c: CostInput) -> None:
-    if c.weights_mode == "private":  # per-channel secret scale: a Beaver product (shift is an addition)
-        op.opened, op.open_rounds = c.elements + c.modules[c.node.target].num_features, 1
+    if c.weights_mode == "private":  # per-channel secret scale masked at setup (the shift is an addition)
+        c.open_once(op)
+        op.fixed = {f"{c.node.target}:scale": c.modules[c.node.target].num_features}
 
 
 def _cost_maxpool(op: MPCOp, c: CostInput) -> None:
     # a pairwise max tree: each step compares pairs, then selects with a product
     steps, pairs = _max_tree(_pool_window(c.node, c.modules))
     op.comparisons, op.compare_steps = c.elements * pairs, steps
-    op.opened, op.open_rounds = c.elements * pairs, steps
+    op.opened, op.open_rounds = c.elements * pairs, 0  # each step's product rides with its comparison
 
 
 def _cost_mul(op: MPCOp, c: CostInput) -> None:
@@ -401,16 +449,19 @@ reshapes, slicing, ...): no communication.  A rule may refuse the node with a on
 """
 
 
-def _weight(node: fx.Node, modules, secret: dict, mode: str) -> tuple[tuple[int, ...], bool]:
+def _weight(node: fx.Node, modules, secret: dict, mode: str) -> tuple[tuple[int, ...], bool, str | None]:
+    """(weight shape, secret?, the name it is masked under at setup: a model tensor read directly, else None)."""
     if node.op == "call_module":
         m = modules[node.target]
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise DeepShareError(f"cannot run node {node.name!r} under MPC: conv padding_mode {m.padding_mode!r}")
-        return tuple(m.weight.shape), mode == "private"
+        private = mode == "private"
+        return tuple(m.weight.shape), private, f"{node.target}.weight" if private else None
     w = _arg(node, 1, "weight")
     if not isinstance(w, fx.Node):
         raise DeepShareError(f"cannot run node {node.name!r} under MPC: weight is not a tensor of the model")
-    return _shape(w), bool(secret.get(w))
+    is_secret = bool(secret.get(w))
+    return _shape(w), is_secret, w.target if is_secret and w.op == "get_attr" else None
 
 
 def _pool_window(node: fx.Node, modules) -> int:

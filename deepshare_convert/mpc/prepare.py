@@ -40,7 +40,7 @@ def prepare(model: nn.Module, precision_bits: int | None = PRECISION_BITS, *,
     """
     from ..conversion.gates import set_gate_mode
 
-    gm = trace(model, leaf_modules) if not isinstance(model, fx.GraphModule) else model
+    gm = trace(model, leaf_modules)  # a GraphModule as it is, but ReLU6/LeakyReLU as ReLU sites
     gm = copy.deepcopy(gm).eval()
     set_gate_mode(gm, "step")
     gm = fold_batchnorm(gm)

@@ -14,8 +14,16 @@ the bytes of every gate product, and it composes with DeepShare: a group's ``z``
 are replicated to all C channels by local indexing and serve every site of the group.
 
 In ``public`` mode α and β are plaintext, so ``y = α·(x·g) + β·x`` costs one opening of
-``x - a`` per site (n elements, one round).  In ``private`` mode ``α·g`` opens only ``α - a'``
-(C elements; g's mask is reused again) and ``x·(α·g + β)`` is a Beaver product (2n).
+``x - a`` per site (n elements, one round).
+
+In ``private`` mode every model tensor that multiplies an activation (conv / linear weights,
+an unfolded BatchNorm's scale, α and β) is masked **once**, at setup (:func:`mask_weights`):
+the dealer draws a uniform ring mask ``b`` for it, the parties open ``δ = W - b`` (all tensors
+in one round) and keep ``[W]``, ``[b]`` and ``δ``.  Every later product ``x·W`` takes a triple
+``(a, a·b)`` with a fresh ``a`` consistent with that fixed ``b`` and opens only ``ε = x - a``
+(:func:`fixed_product`): ``x·W = ε·[W] + [a]·δ + [a·b]``.  A private site opens only ``x - a``
+too (:func:`fixed_site`): with the gate's bit ``r`` the dealer also hands out ``a·r``,
+``a·r·b_α`` and ``r·b_α``, so ``x·(α·g + β)`` needs no second opening.
 
 Correlated randomness comes from :class:`Dealer`, simulated the way CrypTen's default
 "trusted first party" provider simulates it: party 0 samples and shares with pseudo-random
@@ -33,8 +41,11 @@ import torch
 
 from ..compat import import_crypten
 
-__all__ = ["Dealer", "MaskedBit", "drelu", "gate_product", "relu", "public_affine", "private_site",
-           "public_conv2d", "public_linear", "ring_conv2d", "maxpool2d", "public_separable"]  # fmt: skip
+__all__ = [
+    "Dealer", "FixedMask", "MaskedBit", "Opening", "drelu", "drelu_and_open", "gate_product", "relu", "public_affine",
+    "fixed_site", "fixed_product", "mask_weights", "open_masked", "public_conv2d", "public_linear", "ring_conv2d",
+    "maxpool2d", "public_separable",
+]  # fmt: skip
 
 RING_BITS = 64
 
@@ -81,6 +92,16 @@ class Dealer:
         c = (a * r) if self.rank == 0 else None
         return self.share(a, a_size), self.share(c, out_size)
 
+    def weight_mask(self, size):
+        """(b at the dealer or None, [b]): a uniform ring mask drawn once per model tensor, at setup."""
+        b = self._ring(size) if self.rank == 0 else None
+        return b, self.share(b, size)
+
+    def mask(self, size):
+        """(a at the dealer or None, [a]): a fresh uniform mask for one opening."""
+        a = self._ring(size) if self.rank == 0 else None
+        return a, self.share(a, size)
+
 
 @dataclass
 class MaskedBit:
@@ -104,8 +125,8 @@ class MaskedBit:
         return MaskedBit(self.z.index_select(dim, mapping), r, plain)
 
 
-def drelu(x, dealer: Dealer) -> MaskedBit:
-    """DReLU(x) = (x >= 0): CrypTen's comparison (same messages as ``_ltz``), keeping its mask."""
+def _masked_msb(x, dealer: Dealer):
+    """CrypTen's comparison up to its last message: (the binary share of msb(x) XOR r, r, [r])."""
     import_crypten()
     from crypten.mpc.primitives.converters import _A2B
 
@@ -114,15 +135,45 @@ def drelu(x, dealer: Dealer) -> MaskedBit:
     xb.share = xb.share >> (RING_BITS - 1)
     bit = xb & 1
     r, r_a, r_b = dealer.random_bit(bit.size())
-    z = (bit ^ r_b).reveal()  # the B2A opening: msb XOR r (uniform)
+    return bit ^ r_b, r, r_a
+
+
+def drelu(x, dealer: Dealer) -> MaskedBit:
+    """DReLU(x) = (x >= 0): CrypTen's comparison (same messages as ``_ltz``), keeping its mask."""
+    masked, r, r_a = _masked_msb(x, dealer)
+    z = masked.reveal()  # the B2A opening: msb XOR r (uniform)
     # msb(x) = r XOR z  =>  DReLU = 1 - msb = 1 - z - (1 - 2z)·r
     return MaskedBit(z & 1, r_a, r)
 
 
-def _x_times_r(x, bit: MaskedBit, dealer: Dealer):
-    """[x·r] with one opening of x - a (the bit r is the dealer's own mask)."""
-    a, c = dealer.bit_triple(x.size(), bit.r_plain, bit.shape)
-    eps = _open(x.share - a.share)
+def drelu_and_open(x, y, dealer: Dealer) -> tuple[MaskedBit, Opening]:
+    """DReLU(x), and ``y - a`` opened in the comparison's last message (one round for both).
+
+    ``y - a`` needs nothing from the comparison, so it travels with the B2A opening of
+    ``msb ⊕ r``: each party sends both shares at once (an all-gather of the same bytes as the two
+    openings) and XORs / adds them.  The product ``y·g`` of a ReLU or of the site that reads the
+    gate's own input then costs no round of its own.
+    """
+    import crypten.communicator as comm
+
+    masked, r, r_a = _masked_msb(x, dealer)
+    a_plain, a = dealer.mask(y.size())
+    bits, diff = masked.share.flatten(), (y.share - a.share).flatten()
+    s0, s1 = comm.get().all_gather(torch.cat([bits, diff]))  # both parties' shares
+    n = bits.numel()
+    z = (s0[:n] ^ s1[:n]).view(masked.share.shape)
+    eps = (s0[n:] + s1[n:]).view(y.share.shape)
+    return MaskedBit(z & 1, r_a, r), Opening(a_plain, a, eps)
+
+
+def _x_times_r(x, bit: MaskedBit, dealer: Dealer, opening: Opening | None = None):
+    """[x·r] with one opening of x - a (the bit r is the dealer's own mask), or x's earlier ``opening``."""
+    if opening is None:
+        a, c = dealer.bit_triple(x.size(), bit.r_plain, bit.shape)
+        eps = _open(x.share - a.share)
+    else:
+        a, eps = opening.a, opening.eps
+        c = dealer.share(opening.a_plain * bit.r_plain if dealer.rank == 0 else None, x.size())
     out = c.shallow_copy()
     out.share = c.share + eps * bit.r_shared.share
     out.encoder = x.encoder
@@ -136,17 +187,19 @@ def _open(share: torch.Tensor) -> torch.Tensor:
     return comm.get().all_reduce(share)
 
 
-def gate_product(x, bit: MaskedBit, dealer: Dealer):
-    """[x·g] for a DReLU bit g given as a MaskedBit of x's shape: opens x - a only."""
-    xr = _x_times_r(x, bit, dealer)
+def gate_product(x, bit: MaskedBit, dealer: Dealer, opening: Opening | None = None):
+    """[x·g] for a DReLU bit g given as a MaskedBit of x's shape: opens x - a only (or reuses ``opening``)."""
+    xr = _x_times_r(x, bit, dealer, opening)
     out = x.shallow_copy()
     out.share = x.share * (1 - bit.z) + xr.share * (2 * bit.z - 1)
     return out
 
 
 def relu(x, dealer: Dealer):
-    """ReLU(x) = x·DReLU(x): one comparison per element + one masked product."""
-    return gate_product(x, drelu(x, dealer), dealer)
+    """ReLU(x) = x·DReLU(x): one comparison per element + one masked product, whose x - a opening
+    rides in the comparison's last message (no round of its own)."""
+    bit, opening = drelu_and_open(x, x, dealer)
+    return gate_product(x, bit, dealer, opening)
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -163,17 +216,96 @@ def public_affine(xg, x, alpha: torch.Tensor, beta: torch.Tensor):
     return out.div_(scale)
 
 
-def private_site(x, bit: MaskedBit, alpha, beta, dealer: Dealer):
-    """x·(α·g + β) with secret α, β (C,): α·g opens α - a' (C elements), then a Beaver x·s."""
-    nd = x.dim()
-    alpha_v = alpha.view((1, -1) + (1,) * (nd - 2))
-    beta_v = beta.view((1, -1) + (1,) * (nd - 2))
-    a, c = dealer.bit_triple(alpha_v.size(), bit.r_plain, bit.shape)
-    eps = _open(alpha_v.share - a.share)
-    alpha_r = c.share + eps * bit.r_shared.share  # [α·r] at α's scale
-    s = alpha_v.shallow_copy()
-    s.share = alpha_v.share * (1 - bit.z) + alpha_r * (2 * bit.z - 1) + beta_v.share
-    return x.mul(s)  # Beaver product (opens x - a and s - b), then truncation
+@dataclass
+class FixedMask:
+    """A model tensor masked once at setup: ``[W]``, ``[b]``, the public ``δ = W - b``, ``b`` at the dealer."""
+
+    weight: object  # [W], ArithmeticSharedTensor at the fixed-point scale
+    mask: object  # [b], precision 0
+    delta: torch.Tensor  # W - b in the ring, opened once (both parties)
+    plain_mask: torch.Tensor | None  # b at the dealer (party 0), None at party 1
+
+
+def mask_weights(weights: dict, dealer: Dealer) -> dict[str, FixedMask]:
+    """Setup: mask every ``name -> [W]`` with its own fixed ``b`` and open all ``W - b`` in one round.
+
+    Each ``b`` is uniform in Z/2^64 and used for exactly one W, so each δ is uniform and says
+    nothing about W; it is opened once per loaded model, never per inference.
+    """
+    if not weights:
+        return {}
+    masks = {name: dealer.weight_mask(w.size()) for name, w in weights.items()}
+    flat = torch.cat([(w.share - masks[name][1].share).flatten() for name, w in weights.items()])
+    opened = _open(flat)
+    out, start = {}, 0
+    for name, w in weights.items():
+        n = w.nelement()
+        delta = opened[start : start + n].view(w.size())
+        out[name] = FixedMask(w, masks[name][1], delta, masks[name][0])
+        start += n
+    return out
+
+
+@dataclass
+class Opening:
+    """An activation opened against a fresh dealer mask: ``ε = x - a`` public, ``[a]``, ``a`` at the dealer."""
+
+    a_plain: torch.Tensor | None
+    a: object  # [a], precision 0
+    eps: torch.Tensor
+
+
+def open_masked(x, dealer: Dealer) -> Opening:
+    """Open ``x - a`` for a fresh uniform ``a`` (n elements, one round).
+
+    Every product of ``x`` with a setup-masked tensor can use the same opening (the dealer deals
+    ``fn(a, b)`` for each fixed ``b``), so ``x`` is opened once however many such products read it.
+    """
+    a_plain, a = dealer.mask(x.size())
+    return Opening(a_plain, a, _open(x.share - a.share))
+
+
+def fixed_product(x, fm: FixedMask, fn, dealer: Dealer, opening: Opening | None = None):
+    """[fn(x, W)] for a bilinear ``fn`` (conv, matmul, broadcast mul) and a setup-masked W: opens x - a only.
+
+    ``x·W = ε·[W] + [a]·δ + [a·b]`` with ``ε = x - a``; the dealer's ``c = fn(a, b)`` uses the
+    fixed ``b`` and a fresh ``a`` (or the ``a`` of an ``opening`` of this same x).  One local
+    truncation, as after CrypTen's Beaver product.
+    """
+    o = opening or open_masked(x, dealer)
+    a_plain, a, eps = o.a_plain, o.a, o.eps
+    share = fn(eps, fm.weight.share).add_(fn(a.share, fm.delta))
+    c = dealer.share(fn(a_plain, fm.plain_mask) if dealer.rank == 0 else None, share.shape)
+    out = x.shallow_copy()
+    out.share = share.add_(c.share)
+    return out.div_(x.encoder.scale)
+
+
+def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dealer, opening: Opening | None = None):
+    """x·(α·g + β) with secret, setup-masked α, β (C,): one opening of x - a (n elements), one round.
+
+    With ``g = u + v·r`` (``u = 1 - z``, ``v = 2z - 1`` public) and ``x = ε + a``:
+    ``y = u·[αx] + v·[αrx] + [βx]`` where ``[αx] = ε·[α] + δ_α·[a] + [a·b_α]``,
+    ``[αr] = δ_α·[r] + [r·b_α]`` and ``[αrx] = ε·[αr] + δ_α·[a·r] + [a·r·b_α]``: the dealer knows
+    ``a``, ``r`` and the fixed ``b``'s, so every product of secrets is a dealt share.
+    """
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    o = opening or open_masked(x, dealer)
+    a_plain, a, eps = o.a_plain, o.a, o.eps
+    dealt: tuple = (None,) * 5
+    if dealer.rank == 0:
+        b_a, b_b, r = alpha.plain_mask.view(view), beta.plain_mask.view(view), bit.r_plain
+        ar = a_plain * r
+        dealt = (a_plain * b_a, a_plain * b_b, ar, ar * b_a, r * b_a)
+    a_ba, a_bb, a_r, a_r_ba, r_ba = (dealer.share(t, x.size()) for t in dealt)
+    d_a, d_b = alpha.delta.view(view), beta.delta.view(view)
+    xa = eps * alpha.weight.share.view(view) + d_a * a.share + a_ba.share
+    xb = eps * beta.weight.share.view(view) + d_b * a.share + a_bb.share
+    alpha_r = d_a * bit.r_shared.share + r_ba.share
+    xar = eps * alpha_r + d_a * a_r.share + a_r_ba.share
+    out = x.shallow_copy()
+    out.share = xa * (1 - bit.z) + xar * (2 * bit.z - 1) + xb
+    return out.div_(x.encoder.scale)
 
 
 def public_conv2d(x, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs):

@@ -21,6 +21,8 @@ from ..conversion.plan import PLAN_FILE, WEIGHTS_FILE, write_json_atomic
 from ..conversion.tracing import check_leaf_names, example_input
 from ..errors import BudgetError, DeepShareError, PlanError, first_line
 from ..interrupts import deferred_sigint
+from ..metrics import task_key
+from ..training.device import model_device, resolve_device, to_cpu
 from ..training.engine import PhaseHooks, PhaseSpec, Reporter, Trainer
 from ..training.rundir import RunDir
 from .masks import THRESHOLD, binarise, kept_counts, mask_relus
@@ -135,20 +137,24 @@ class SNLResult:
 
 
 def run_snl(config: SNLConfig, out: str | Path, *, reporter: Reporter | None = None,
-            fail_at_step: int | None = None) -> SNLResult:  # fmt: skip
-    """Run the search (and the finetune, with ``finetune_epochs``) into ``out`` from scratch."""
+            fail_at_step: int | None = None, device: str | torch.device = "auto") -> SNLResult:  # fmt: skip
+    """Run the search (and the finetune, with ``finetune_epochs``) into ``out`` from scratch.
+
+    ``device`` is where the training loops run (not saved: a run may resume on another device).
+    """
+    device = resolve_device(device)  # a GPU that is not there fails before anything is written
     config.validate()
     run_dir = RunDir.new(out, advice="continue it with --resume {out}, or choose another -o")
     if config.weights is not None and Path(config.weights).is_file():
         config.weights = str(Path(config.weights).resolve())  # a resume from elsewhere still finds them
     with deferred_sigint():  # a Ctrl-C during setup stops at the first step boundary, resumably
-        job = _Job(config, run_dir, reporter, fail_at_step)  # checks model, data and budget before writing anything
+        job = _Job(config, run_dir, reporter, fail_at_step, device)  # checks model, data and budget before writing anything
         write_json_atomic(run_dir / RUN_FILE, config.to_dict())
         return job.run(None)
 
 
 def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, reporter: Reporter | None = None,
-               fail_at_step: int | None = None) -> SNLResult:  # fmt: skip
+               fail_at_step: int | None = None, device: str | torch.device = "auto") -> SNLResult:  # fmt: skip
     """Continue the run in ``out`` from its last checkpoint; ``changes`` may raise the caps.
 
     A setting other than the caps that differs from the run's is an error: the
@@ -177,7 +183,7 @@ def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, report
     run_dir = RunDir(out)
     state = run_dir.resume_state(partial=(COUNTS_FILE, PLAN_FILE, WEIGHTS_FILE))  # None: no checkpoint yet
     with deferred_sigint():
-        job = _Job(config, run_dir, reporter, fail_at_step)  # no checkpoint yet (killed early): state None, a fresh start
+        job = _Job(config, run_dir, reporter, fail_at_step, device)  # no checkpoint yet (killed early): state None, a fresh start
         write_json_atomic(path, config.to_dict())
         return job.run(state)
 
@@ -185,12 +191,14 @@ def resume_snl(out: str | Path, *, changes: dict[str, Any] | None = None, report
 class _Job:
     """One SNL run: the original (teacher), the masked student, loaders and the trainer."""
 
-    def __init__(self, config: SNLConfig, run_dir: RunDir, reporter: Reporter | None, fail_at_step: int | None):
+    def __init__(self, config: SNLConfig, run_dir: RunDir, reporter: Reporter | None, fail_at_step: int | None,
+                 device: str | torch.device = "auto"):  # fmt: skip
         from ..conversion.budget import parse_budget
         from ..data import load_dataset
         from ..models import load_model
 
         self.config, self.run_dir, self.out, self.reporter = config, run_dir, run_dir.path, reporter
+        self.device = resolve_device(device)
         torch.manual_seed(config.seed)
         self.info, self.train_split, self.test_split = load_dataset(config.data)
         size = tuple(config.input_size) if config.input_size else self.info.input_size
@@ -215,7 +223,7 @@ class _Job:
                                 leaf_modules=config.leaf_modules)  # fmt: skip
         self.trainer = Trainer(self.model, self._loader(self.train_split, train=True),
                                self._loader(self.test_split, train=False), self.out,
-                               fail_at_step=fail_at_step)  # fmt: skip
+                               fail_at_step=fail_at_step, device=self.device)  # fmt: skip
         run_dir.load_results()  # a resumed run keeps what it measured before
 
     @property
@@ -226,7 +234,8 @@ class _Job:
         """The model must take the data's images and have one output per class (a clear error now, not mid-run)."""
         try:
             with torch.no_grad():
-                outputs = self.original(example_input(self.input_size, self.original, batch=2)).shape[-1]
+                out = self.original(example_input(self.input_size, self.original, batch=2))
+                outputs = out.shape[1] if self.info.segmentation and out.ndim == 4 else out.shape[-1]
         except RuntimeError as e:
             size = "x".join(map(str, self.input_size))
             first = first_line(e, 160)
@@ -249,11 +258,15 @@ class _Job:
     def accuracy(self, model: nn.Module) -> float:
         from ..evaluate import evaluate
 
-        return evaluate(model, self.trainer.test_loader).top1
+        home = model_device(model)  # outside a phase the models stay where they were (the CPU, for tracing)
+        result = evaluate(model, self.trainer.test_loader, device=self.device)
+        model.to(home)
+        return result.score
 
     def note(self, **values: Any) -> None:
-        """Record results as soon as they are known (a resumed run keeps them)."""
-        self.run_dir.note(**values)
+        """Record results as soon as they are known (a resumed run keeps them); ``*_acc`` is ``*_miou``
+        for segmentation data."""
+        self.run_dir.note(**{task_key(k, self.info.task): v for k, v in values.items()})
 
     # ---- the two phases ------------------------------------------------------------------------------
     def run(self, state: dict[str, Any] | None) -> SNLResult:
@@ -339,7 +352,7 @@ class _Job:
                         budget_requested=c.budget, leaf_modules=c.leaf_modules)  # fmt: skip
         from ..conversion.rewrite import save
 
-        self.model.eval()
+        to_cpu(self.model).eval()  # saved and counted on the CPU, whatever device trained it
         save(self.model, self.out, plan=plan)
         counted = census(self.model, self.input_size, leaf_modules=c.leaf_modules).total_relus
         if counted != plan.achieved or counted > self.budget:

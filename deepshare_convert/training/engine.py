@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .. import interrupts
 from ..errors import DeepShareError
-from ..evaluate import evaluate
+from ..evaluate import EvalResult, evaluate
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext
 from .losses import kd_loss, task_loss
@@ -144,10 +144,12 @@ class Trainer:
     fail_at_step: int | None = None  # tests: a real SIGINT to this process when this global step starts
     checkpoints: bool = True  # False for seconds-long jobs (e.g. the XOR experiment)
     write_metrics: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # see training/device.py
 
     def __post_init__(self):
         self.out = Path(self.out)
         self.global_step = 0
+        self.device = torch.device(self.device)
 
     # ---- checkpoints ------------------------------------------------------------------------
     @property
@@ -194,6 +196,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """Train one phase; ``resume`` is a checkpoint dict of this phase. Returns final metrics."""
         hooks = hooks or PhaseHooks()
+        self.model.to(self.device)  # before the optimizer is built on its parameters
         steps_per_epoch = len(self.train_loader)
         if steps_per_epoch == 0:
             raise TrainingError("the training loader is empty")
@@ -215,7 +218,7 @@ class Trainer:
             phase_step0 = resume["extra"].get("phase_step0", self.global_step)
             sums = resume.get("epoch_sums") or None
         if teacher is not None:
-            teacher.eval()
+            teacher.to(self.device).eval()
         extra = dict(extra_state or {}, phase_step0=phase_step0)
         self.reporter.start(spec.name, total_steps, self.global_step - phase_step0)
         metrics: dict[str, Any] = {}
@@ -250,6 +253,8 @@ class Trainer:
         t0 = time.perf_counter()
         sums = sums or {}  # a resumed part-done epoch goes on from its saved running sums
         seen, correct, loss_sum = int(sums.get("seen", 0)), int(sums.get("correct", 0)), float(sums.get("loss_sum", 0.0))
+        scored = int(sums.get("scored", seen))  # what train_acc divides by: examples, or labelled pixels
+        ignore = getattr(self.train_loader, "ignore_index", None)  # segmentation: the unlabelled pixels' value
         lr = float(sums.get("lr", spec.lr_start))
         for batch_index, (x, y) in enumerate(self.train_loader):
             if batch_index < skip:
@@ -257,6 +262,7 @@ class Trainer:
             step_in_phase = self.global_step - phase_step0
             if step_in_phase >= total_steps:
                 break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             try:
                 if self.fail_at_step is not None and self.global_step == self.fail_at_step:
                     self.fail_at_step = None
@@ -267,12 +273,13 @@ class Trainer:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 hooks.before_step(self._bare(), step_in_phase, total_steps, epoch, epochs)
                 logits = model(x)
-                loss = spec.ce_weight * task_loss(logits, y) if spec.ce_weight else logits.new_zeros(())
+                loss = spec.ce_weight * task_loss(logits, y, ignore) if spec.ce_weight else logits.new_zeros(())
                 if teacher is not None:  # also run for its side effects (feature distillation's taps)
                     with torch.no_grad():
                         target = teacher(x)
                     if spec.kd_weight:
-                        loss = loss + spec.kd_weight * kd_loss(logits, target, spec.temperature)
+                        mask = (y != ignore) if logits.ndim == 4 and ignore is not None else None
+                        loss = loss + spec.kd_weight * kd_loss(logits, target, spec.temperature, mask)
                 penalty = hooks.extra_loss(self._bare())
                 if penalty is not None:
                     loss = loss + penalty
@@ -293,14 +300,15 @@ class Trainer:
             n = y.shape[0]
             seen += n
             loss_sum += float(loss.detach()) * n
-            correct += _correct(logits.detach(), y)
+            batch_correct, batch_scored = _correct(logits.detach(), y, ignore)
+            correct, scored = correct + batch_correct, scored + batch_scored
             self.reporter.advance({"loss": loss_sum / seen, "lr": lr})
             if spec.eval_every and (self.global_step - phase_step0) % spec.eval_every == 0:
                 self._eval_point(phase_index, spec, epoch, hooks)
             if hooks.after_step(self._bare(), self.global_step - phase_step0):
                 break  # the epoch ends now; a Ctrl-C is acted on after its checkpoint
             if self._stop_requested():  # the step is complete: save exactly here and stop
-                sums = {"seen": seen, "correct": correct, "loss_sum": loss_sum, "lr": lr}
+                sums = {"seen": seen, "correct": correct, "loss_sum": loss_sum, "lr": lr, "scored": scored}
                 self._save(phase_index, epoch, batch_index + 1, optimizer, hooks, extra, sums)
                 self._interrupted(phase_index, spec, epoch)
         self.dist.sync_buffers(self._bare())
@@ -311,12 +319,11 @@ class Trainer:
             "step": self.global_step,
             "lr": lr,
             "loss": loss_sum / max(seen, 1),
-            "train_acc": 100.0 * correct / max(seen, 1),
+            "train_acc": 100.0 * correct / max(scored, 1),  # segmentation: pixel accuracy
             "epoch_seconds": round(time.perf_counter() - t0, 3),
         }
         if self.test_loader is not None and self.dist.is_main:
-            result = evaluate(self._bare(), self.test_loader)
-            metrics.update(test_acc=result.top1, test_loss=result.loss)
+            metrics.update(_test_metrics(evaluate(self._bare(), self.test_loader, device=self.device)))
         self.dist.barrier()
         return metrics
 
@@ -335,16 +342,27 @@ class Trainer:
         """A mid-epoch test-accuracy point for the learning curve (metrics.jsonl, ``"eval": true``)."""
         if self.test_loader is None or not self.dist.is_main:
             return
-        result = evaluate(self._bare(), self.test_loader)
+        result = evaluate(self._bare(), self.test_loader, device=self.device)
         record = {"phase": phase_index, "kind": spec.name, "epoch": epoch, "step": self.global_step, "eval": True,
-                  "test_acc": result.top1, "test_loss": result.loss, **hooks.metrics(self._bare())}  # fmt: skip
+                  **_test_metrics(result), **hooks.metrics(self._bare())}  # fmt: skip
         self.log_metrics(record)
 
 
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+def _test_metrics(result: EvalResult) -> dict[str, float]:
+    """``test_acc`` (top-1) for classification; ``test_miou`` and ``test_pixel_acc`` for segmentation."""
+    if result.miou is not None:
+        return {"test_miou": result.miou, "test_pixel_acc": result.pixel_acc, "test_loss": result.loss}
+    return {"test_acc": result.top1, "test_loss": result.loss}
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor, ignore: int | None = None) -> tuple[int, int]:
+    """(correct, scored): examples, or labelled pixels for (N, K, H, W) logits."""
+    if logits.ndim == 4:
+        keep = y != ignore if ignore is not None else torch.ones_like(y, dtype=torch.bool)
+        return int(((logits.argmax(1) == y) & keep).sum()), int(keep.sum())
     if logits.shape[-1] == 1:
-        return int(((logits[:, 0] > 0).long() == y).sum())
-    return int((logits.argmax(-1) == y).sum())
+        return int(((logits[:, 0] > 0).long() == y).sum()), len(y)
+    return int((logits.argmax(-1) == y).sum()), len(y)
 
 
 def _make_optimizer(spec: PhaseSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -357,12 +375,14 @@ def _make_optimizer(spec: PhaseSpec, params: list[nn.Parameter]) -> torch.optim.
 
 
 def learning_curve(run_dir: str | Path, skip_kinds: tuple[str, ...] = ()) -> list[list[float]]:
-    """[step, test top-1] at every measured point of a run (epoch ends and ``eval_every`` points), by step."""
+    """[step, test top-1 (mIoU for segmentation)] at every measured point of a run (epoch ends and
+    ``eval_every`` points), by step."""
     points: dict[int, float] = {}
     for line in (Path(run_dir) / METRICS).read_text().splitlines():
         m = json.loads(line) if line else {}
-        if "test_acc" in m and m.get("kind") not in skip_kinds:
-            points[m["step"]] = round(m["test_acc"], 2)
+        key = "test_acc" if "test_acc" in m else "test_miou"
+        if key in m and m.get("kind") not in skip_kinds:
+            points[m["step"]] = round(m[key], 2)
     return [[step, acc] for step, acc in sorted(points.items())]
 
 

@@ -31,8 +31,10 @@ from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
 from ..evaluate import evaluate
 from ..interrupts import deferred_sigint
+from ..metrics import task_key
 from ..models import ModelSpec, load_model
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
+from .device import model_device, resolve_device, to_cpu
 from .distributed import DistContext, init_from_env, wrap_ddp
 from .engine import PhaseSpec, Reporter, Trainer
 from .phases import hooks_for
@@ -96,8 +98,10 @@ def _refuse_exported(m) -> None:
 class _Run:
     """State of one retraining run (kept small: everything else is rebuilt on resume)."""
 
-    def __init__(self, recipe: Recipe, out: Path, reporter: Reporter | None, fail_at_step: int | None):
+    def __init__(self, recipe: Recipe, out: Path, reporter: Reporter | None, fail_at_step: int | None,
+                 device: str | torch.device = "auto"):  # fmt: skip
         self.recipe, self.out = recipe, out
+        self.device = resolve_device(device)
         self.dist: DistContext = init_from_env()
         _refuse_exported(recipe.model)
         self.run_dir = RunDir(out, writer=self.dist.is_main)
@@ -153,11 +157,15 @@ class _Run:
         return next(iter(loader))[0]
 
     def accuracy(self, model: nn.Module) -> float:
-        return evaluate(model, self.test_loader()).top1
+        home = model_device(model)  # outside a phase the models stay where they were (the CPU, for tracing)
+        result = evaluate(model, self.test_loader(), device=self.device)
+        model.to(home)
+        return result.score
 
     def note(self, **values: Any) -> None:
-        """Record results as soon as they are known (a resumed run keeps them)."""
-        self.run_dir.note(**values)
+        """Record results as soon as they are known (a resumed run keeps them); ``*_acc`` is ``*_miou``
+        for segmentation data."""
+        self.run_dir.note(**{task_key(k, self.info.task): v for k, v in values.items()})
 
     def ensure_converted(self) -> None:
         if self.student is not None:
@@ -235,7 +243,7 @@ class _Run:
         trainer = Trainer(
             wrap_ddp(model, self.dist), self.loader(self.train_split, train=True, batch_size=phase.batch_size,
                                                     augment=phase.augment),
-            self.test_loader(), self.out, dist=self.dist, fail_at_step=self.fail_at_step,
+            self.test_loader(), self.out, dist=self.dist, fail_at_step=self.fail_at_step, device=self.device,
         )  # fmt: skip
         if self.reporter is not None:
             trainer.reporter = self.reporter
@@ -256,7 +264,7 @@ class _Run:
         if self.student is None:  # a pretrain-only recipe
             return self.results
         set_gate_mode(self.student, "step")
-        self.student.eval()
+        to_cpu(self.student).eval()  # saved, traced and counted on the CPU, whatever device trained it
         if self.dist.is_main:
             save(self.student, self.out, plan=self.plan)
         if self.dist.enabled:  # data-parallel replicas must have ended identical
@@ -271,7 +279,7 @@ def _checksum(model: nn.Module) -> float:
     """A weight fingerprint: sum of |w| * (1 + position) over all parameters and buffers."""
     total = 0.0
     for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-        flat = t.detach().double().flatten()
+        flat = t.detach().double().flatten().cpu()
         total += float((flat.abs() * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum())
     return total
 
@@ -284,19 +292,26 @@ def retrain(
     quick: bool = False,
     reporter: Reporter | None = None,
     fail_at_step: int | None = None,
+    device: str | torch.device = "auto",
 ) -> RetrainResult:
-    """Run a recipe from scratch into ``out`` (an existing checkpoint there is an error)."""
+    """Run a recipe from scratch into ``out`` (an existing checkpoint there is an error).
+
+    ``device`` (``auto``, ``cpu``, ``cuda[:N]``) is where the training loop runs; it is not part of the
+    run, so a run started on a GPU resumes on a CPU and the other way round.
+    """
+    device = resolve_device(device)  # a GPU that is not there fails before anything is written
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, quick)
     out = RunDir.new(out, advice="use --resume {out} or another --out").path
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(dump_recipe(recipe))
     with deferred_sigint():  # a Ctrl-C during setup stops at the first step boundary, resumably
-        run = _Run(recipe, out, reporter, fail_at_step)
+        run = _Run(recipe, out, reporter, fail_at_step, device)
         return RetrainResult(out, run.run(None))
 
 
-def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: int | None = None) -> RetrainResult:
+def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: int | None = None,
+           device: str | torch.device = "auto") -> RetrainResult:  # fmt: skip
     """Continue the run in ``out`` from its last checkpoint, with its resolved recipe.
 
     A run stopped before its first checkpoint starts over from the saved recipe.
@@ -305,7 +320,7 @@ def resume(out: str | Path, *, reporter: Reporter | None = None, fail_at_step: i
     recipe = load_recipe(out / RECIPE_FILE)
     state = RunDir(out).resume_state(partial=("plan.json", WEIGHTS_FILE))  # None: stopped before a checkpoint
     with deferred_sigint():
-        run = _Run(recipe, out, reporter, fail_at_step)
+        run = _Run(recipe, out, reporter, fail_at_step, device)
         if state is not None and run.plan is None and _converted_before(recipe, state) and (out / "plan.json").is_file():
             run.plan = Plan.read(out)
         return RetrainResult(out, run.run(state))
