@@ -372,7 +372,7 @@ def test_wrong_folder_kinds(tmp_path):
 
 def test_missing_default_tarball(monkeypatch, tmp_path):
     monkeypatch.setenv("DEEPSHARE_SHARED", str(tmp_path))
-    monkeypatch.setattr(data.readers, "__file__", str(tmp_path / "pkg" / "data" / "readers.py"))
+    monkeypatch.setattr(data.specs, "__file__", str(tmp_path / "pkg" / "data" / "specs.py"))
     with pytest.raises(DataError, match="set DEEPSHARE_SHARED or use cifar10-jpg:PATH"):
         load_dataset("cifar10-jpg")
 

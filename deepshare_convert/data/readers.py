@@ -30,7 +30,6 @@ keyed by the source's size/mtime (tarball) or path/file count/newest mtime
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import numpy as np
 from ..errors import DataError
 from .cache import _cached, _folder_key
 from .decode import _assemble, _classes, _decode_files, _decode_tarball, _list_images
-from .specs import Loaded, Progress, TensorSplit, _info, _require_dir, _splits, register_reader
+from .specs import Loaded, Progress, TensorSplit, _info, _require_dir, _splits, find_shared_file, register_reader
 from .stats import CIFAR10_STATS, CIFAR100_STATS, DIGITS_STATS, TINYIMAGENET_STATS, _channel_stats
 
 log = logging.getLogger(__name__)
@@ -72,18 +71,7 @@ def _load_digits(path: None = None, progress: Progress | None = None) -> Loaded:
 
 
 def _find_cifar10_tarball() -> Path:
-    name = "cifar10-jpg.tar.gz"
-    candidates: list[Path] = []
-    if env := os.environ.get("DEEPSHARE_SHARED"):
-        shared = Path(env).expanduser()
-        candidates += [shared / "data" / name, shared / name]
-    root = Path(__file__).resolve().parents[2]  # project root = parent of the package dir (we are in data/)
-    candidates += [root.parent / "shared" / "data" / name, root / "shared" / "data" / name]
-    for path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(p) for p in candidates)
-    raise DataError(f"CIFAR-10 tarball not found (looked in {looked}); set DEEPSHARE_SHARED or use cifar10-jpg:PATH")
+    return find_shared_file("cifar10-jpg.tar.gz", "CIFAR-10 tarball", "cifar10-jpg:PATH")
 
 
 @register_reader("cifar10-jpg", arg="PATH", optional=True)

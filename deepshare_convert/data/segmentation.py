@@ -24,7 +24,6 @@ bad file is a one-line :class:`DataError` naming it.
 from __future__ import annotations
 
 import logging
-import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from ..errors import DataError
 from .cache import _cached, _folder_key
 from .decode import _decode_images, _list_images
-from .specs import DatasetInfo, Loaded, Progress, SegmentationSplit, _require_dir, register_reader
+from .specs import DatasetInfo, Loaded, Progress, SegmentationSplit, _require_dir, find_shared_file, register_reader
 from .stats import _channel_stats
 
 log = logging.getLogger(__name__)
@@ -133,17 +132,7 @@ def _with_stats(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _find_camvid_tarball() -> Path:
-    candidates: list[Path] = []
-    if env := os.environ.get("DEEPSHARE_SHARED"):
-        shared = Path(env).expanduser()
-        candidates += [shared / "data" / CAMVID_TARBALL, shared / CAMVID_TARBALL]
-    root = Path(__file__).resolve().parents[2]  # project root = parent of the package dir (we are in data/)
-    candidates += [root.parent / "shared" / "data" / CAMVID_TARBALL, root / "shared" / "data" / CAMVID_TARBALL]
-    for path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(p) for p in candidates)
-    raise DataError(f"CamVid tarball not found (looked in {looked}); set DEEPSHARE_SHARED or use camvid:DIR")
+    return find_shared_file(CAMVID_TARBALL, "CamVid tarball", "camvid:DIR")
 
 
 def _camvid_tar_pairs(path: Path) -> _Pairs:

@@ -177,3 +177,25 @@ def _splits(arrays: dict[str, np.ndarray]) -> tuple[TensorSplit, TensorSplit]:
         return TensorSplit(x, y)
 
     return split("train"), split("test")
+
+
+def find_shared_file(name: str, what: str, instead: str) -> Path:
+    """``name`` in the shared data folder: ``$DEEPSHARE_SHARED`` first, then ``../shared/data`` beside the project.
+
+    Tests, benches and demos read the project's shared data from there and never download it;
+    ``instead`` names the spec form a user can give in its place (e.g. ``camvid:DIR``).
+    """
+    import os
+
+    candidates: list[Path] = []
+    if env := os.environ.get("DEEPSHARE_SHARED"):
+        shared = Path(env).expanduser()
+        candidates += [shared / "data" / name, shared / name]
+    root = Path(__file__).resolve().parents[2]  # project root = parent of the package dir (we are in data/)
+    candidates += [root.parent / "shared" / "data" / name, root / "shared" / "data" / name]
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise DataError(f"{what} not found (looked in {looked}); set DEEPSHARE_SHARED or use {instead}")
+
