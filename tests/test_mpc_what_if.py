@@ -99,3 +99,36 @@ def test_what_if_row_is_what_two_parties_measure():
     run = run_two_party(net, x, weights_mode="public", timeout=300)
     p0 = run.parties[0]
     assert (p0.bytes, p0.rounds, p0.comparisons) == (row.bytes, row.rounds, row.drelus)
+
+
+# ---- round depth: is any opening left that could share a round? -----------------------------------
+class _TwoBranches(torch.nn.Module):
+    """Two ReLUs of one input, independent of each other: 2 comparison calls, 1 on the critical path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(y) + torch.relu(2 * y)
+
+
+@pytest.mark.parametrize("mode", ["public", "private"])
+def test_every_round_of_the_converted_resnets_is_on_the_dependency_chain(mode):
+    from deepshare_convert import load_model
+    from deepshare_convert.conversion.rewrite import convert
+    from deepshare_convert.mpc.costs import CostTable
+    from deepshare_convert.mpc.lowering import lower
+    from deepshare_convert.mpc.prepare import prepare
+    from deepshare_convert.mpc.rounds import independent_rounds, round_depth
+
+    table = CostTable.load()
+    loaded = load_model("resnet20")
+    for g in (2, 4):
+        net = convert(loaded.model, loaded.input_size, budget=BUDGET, group_size=g).model
+        program = lower(prepare(net), (1, *loaded.input_size), mode)
+        total = sum(table.node_rounds(o) for o in program.ops)
+        assert round_depth(program, table) == total and independent_rounds(program, table) == 0
+    two = lower(prepare(_TwoBranches()), (1, 3, 8, 8), mode)
+    assert independent_rounds(two, table) == table.comparison_rounds  # the second branch's comparison
