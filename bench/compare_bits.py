@@ -98,7 +98,7 @@ def main() -> None:
         model = load_model("resnet20", weights=WEIGHTS).model.eval()
         stats = {"flips": 0, "n": 0, "max_abs": 0.0}
         gen = torch.Generator().manual_seed(0)
-        _swap_relus(model, lambda: SubringReLU(bits, drop, gen, stats))
+        _swap_relus(model, lambda b=bits, d=drop, g=gen, s=stats: SubringReLU(b, d, g, s))
         correct = 0
         with torch.no_grad():
             for x, y in batches:

@@ -4,9 +4,10 @@
 
 For the original model and DeepShare conversions at 49.9K / 12.9K / 6K DReLUs (batch 1) with
 layer-sharing group sizes 1, 2 and 4 (``group_size``; a budget below one prototype per gate at
-some G is an ``infeasible`` row; the model names without ``@g`` are G = 2), in both weight modes: bytes, rounds, estimated latency (compute + bytes/bandwidth + rounds*RTT,
-from deepshare_convert/mpc/cost_table.json) and the speedup over the original, next to the
-paper's Table 6.  In private mode the weights are masked once per loaded model (setup bytes
+some G is an ``infeasible`` row; the model names without ``@g`` are G = 2), in both weight
+modes: bytes, rounds, estimated latency (compute + bytes/bandwidth + rounds*RTT, from
+deepshare_convert/mpc/cost_table.json) and the speedup over the original, next to the paper's
+Table 6.  In private mode the weights are masked once per loaded model (setup bytes
 and rounds, reported apart); bytes, rounds, latency and speedups are one inference's online
 phase.  Measured two-party loopback runs (setup and online bytes, rounds, wall time,
 agreement): every configuration, or with --quick the original and 6K in public mode only, or

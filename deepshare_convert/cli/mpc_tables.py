@@ -108,14 +108,15 @@ def what_if_table(rows, est, budget: str) -> Table:
                 "net speedup"):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows:
-        g = f"{r.group_size}{' (plan)' if r.own else ''}"
+        g = f"{r.group_size}{' *' if r.own else ''}"
         if r.infeasible:
             table.add_row(g, *["-"] * 8)
             continue
         table.add_row(g, str(r.compare_calls), f"{r.drelus:,}", _mb(r.bytes), str(r.rounds), _ms(r.network_s),
                       _ms(r.latency_s), f"{r.speedup:.2f}x", f"{r.speedup_network:.2f}x")  # fmt: skip
-    lines = ["each row: `convert --group-size G` with the plan's other settings, then this estimate; a larger G "
-             "means fewer gate layers (rounds) at the same DReLUs; accuracy is not in this table"]
+    lines = ["each row: `convert --group-size G` with the plan's other settings, then this estimate (* the plan's G; "
+             "for a MODEL, convert's default); a larger G means fewer gate layers (rounds) at the same DReLUs; "
+             "accuracy is not in this table"]
     lines += [f"group size {r.group_size}: {r.infeasible}" for r in rows if r.infeasible]
     table.caption = "\n".join(lines)
     return table
