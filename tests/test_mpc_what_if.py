@@ -101,10 +101,9 @@ def test_what_if_row_is_what_two_parties_measure():
     from deepshare_convert import load_model
     from deepshare_convert.conversion.rewrite import convert
     from deepshare_convert.conversion.settings import settings_from
+    from deepshare_convert.models.batchnorm import recalibrate_batchnorm
     from deepshare_convert.mpc.launcher import run_two_party
     from deepshare_convert.mpc.what_if import what_if
-
-    from deepshare_convert.models.batchnorm import recalibrate_batchnorm
 
     torch.manual_seed(0)
     loaded = load_model("resnet20")
