@@ -13,7 +13,10 @@ by one unit of 2^t and so flips the sign of values with |x| < 2^(t-16).
 This script simulates exactly that arithmetic (random 64-bit shares, arithmetic shifts, the
 k-bit wrap) at every ReLU of the pretrained ResNet-20 on CIFAR-10 test images and reports,
 per (L, t): the largest |x| seen, the fraction of flipped comparisons, the top-1 with those
-ReLUs and the rounds / bytes the comparison would take.  Writes bench/results/compare_bits.json.
+ReLUs and the rounds / bytes the comparison would take.  Then it runs that comparison on two
+CrypTen parties (CrypTen's own carry tree, cut to log2(k) levels, on 4,096 values in (-20, 20))
+and reports the measured bytes, rounds and wrong signs ("crypten" in the JSON).  Writes
+bench/results/compare_bits.json.
 """
 
 from __future__ import annotations
@@ -81,6 +84,74 @@ def _swap_relus(model: nn.Module, make) -> nn.Module:
     return model
 
 
+def _subring_party(backend, rank: int, n: int, schemes: list[tuple[int, int]]) -> dict:
+    """At one party: CrypTen's comparison with the carry tree cut to log2(k) levels, on k-bit shares.
+
+    Each party moves bits [t, L) of its share (k = L - t) to the top of a 64-bit word (local);
+    the sum of those words is floor(x / 2^t) mod 2^k at the top (or one less), so the carry into bit 63 needs only the top aligned
+    k-bit block of CrypTen's Sklansky tree (log2 k levels; below it G = P = 0).  The msb is
+    then masked and opened as in :func:`deepshare_convert.mpc.protocols.drelu`.
+    """
+    import crypten.communicator as comm
+    from crypten.mpc.primitives import ArithmeticSharedTensor as A, BinarySharedTensor as B, circuit
+
+    from deepshare_convert.mpc.protocols import Dealer
+
+    constants = circuit.__dict__["__SPK_circuit_constants"]
+    g = torch.Generator().manual_seed(0)
+    plain = (torch.rand(n, generator=g) - 0.5) * 40  # |x| < 20, like the ResNet-20 activations
+    x = A(plain, src=1) if rank == 1 else A(None, size=(n,), src=1)
+    dealer = Dealer(rank, seed=1)
+    out = {}
+    for bits, drop in schemes:
+        k = bits - drop
+        comm.get().barrier()
+        before = comm.get().get_communication_stats()
+        word = ((x.share >> drop) << (64 - k)) if k < 64 else x.share
+        xb = [B(word, src=i) if i == rank else B(None, size=(n,), src=i) for i in range(2)]
+        S, P = xb[0] & xb[1], xb[0] ^ xb[1]
+        SP = B.stack([S, P])
+        masks, out_masks, multipliers = constants(SP.device)
+        for i in range(int(math.log2(k))):  # CrypTen's loop, cut after the top k-bit block is done
+            P0 = SP[1] & out_masks[i]
+            S1P1 = SP & masks[i]
+            S1P1._tensor *= multipliers[i]
+            update = P0 & S1P1
+            SP[1] &= out_masks[i] ^ -1
+            SP ^= update
+        total = P ^ (SP[0] << 1)
+        total.share = total.share >> 63
+        r, _, r_b = dealer.random_bit((n,))
+        z = ((total & 1) ^ r_b).reveal() & 1
+        after = comm.get().get_communication_stats()
+        out[(bits, drop)] = {"bytes": int(after["bytes"] - before["bytes"]), "rounds": int(after["rounds"] - before["rounds"]),
+                  "z": z.numpy(), "r": None if r is None else r.numpy()}  # fmt: skip
+    out["plain"] = plain.numpy() if rank == 1 else None
+    return out
+
+
+def measure_crypten(n: int = 4096, schemes=((64, 0), (32, 0), (24, 8))) -> list[dict]:
+    """Run the cut comparison on two CrypTen parties: bytes, rounds and wrong signs per (L, t).
+
+    ``wrong_outside_window``: wrong signs with |x| >= 2^(t-16), where the analysis says none.
+    """
+    from deepshare_convert.mpc.executor import CrypTenBackend
+    from deepshare_convert.mpc.launcher import spawn_two
+
+    r0, r1 = spawn_two(_subring_party, ((n, list(schemes)), (n, list(schemes))), backend=CrypTenBackend())
+    plain = torch.as_tensor(r1["plain"])
+    exact = torch.round(plain.double() * 2**FRAC_BITS) < 0
+    rows = []
+    for bits, drop in schemes:
+        m = r0[(bits, drop)]
+        wrong = (torch.as_tensor(m["z"]) ^ torch.as_tensor(m["r"])).bool() != exact
+        outside = plain.abs() >= 2.0 ** (drop - FRAC_BITS)
+        rows.append({"bits": bits, "drop": drop, "compared_bits": bits - drop, "elements": n,
+                     "bytes_per_element": m["bytes"] / n, "rounds": m["rounds"], "wrong": int(wrong.sum()),
+                     "wrong_outside_window": int((wrong & outside).sum())})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="500 test images")
@@ -112,9 +183,14 @@ def main() -> None:
         print(f"bits [{drop:2d}, {bits:2d}) k={bits - drop:2d}: {rounds} rounds, {nbytes} B/elem; max |x| "
               f"{row['max_abs']:.1f}; flips {row['flips']:,} of {row['comparisons']:,} ({100 * row['flip_rate']:.4f}%); "
               f"top-1 {row['top1']:.2f}%", flush=True)  # fmt: skip
+    crypten_rows = measure_crypten()
+    for r in crypten_rows:
+        print(f"CrypTen, cut carry tree, bits [{r['drop']}, {r['bits']}): {r['rounds']} rounds, "
+              f"{r['bytes_per_element']:g} B/elem; wrong signs {r['wrong']} of {r['elements']} "
+              f"({r['wrong_outside_window']} outside |x| < 2^(t-16))", flush=True)  # fmt: skip
     path = write_results("compare_bits_quick" if args.quick else "compare_bits",
                          {"model": "resnet20 (shared pretrained)", "data": "cifar10-jpg test", "images": limit,
-                          "frac_bits": FRAC_BITS, "rows": rows}, args.out)  # fmt: skip
+                          "frac_bits": FRAC_BITS, "rows": rows, "crypten": crypten_rows}, args.out)  # fmt: skip
     print(f"wrote {path}")
 
 

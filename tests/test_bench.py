@@ -97,7 +97,13 @@ def test_compare_bits_quick(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_bits.py"), "--out", str(tmp_path), "--quick"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {(r["bits"], r["drop"]): r for r in json.loads((tmp_path / "compare_bits_quick.json").read_text())["rows"]}
+    data = json.loads((tmp_path / "compare_bits_quick.json").read_text())
+    rows = {(r["bits"], r["drop"]): r for r in data["rows"]}
+    measured = {(r["bits"], r["drop"]): r for r in data["crypten"]}  # two real CrypTen parties
+    for key, (rounds, nbytes) in {(64, 0): (8, 432), (32, 0): (7, 368), (24, 8): (6, 304)}.items():
+        assert (measured[key]["rounds"], measured[key]["bytes_per_element"]) == (rounds, nbytes)
+        assert (rows[key]["rounds"], rows[key]["bytes_per_element"]) == (rounds, nbytes)  # the formula = CrypTen
+        assert measured[key]["wrong_outside_window"] == 0
     full = rows[(64, 0)]
     assert (full["rounds"], full["bytes_per_element"], full["flips"]) == (8, 432, 0)  # the calibrated comparison
     assert full["max_abs"] < 2.0**15  # so the 32-bit sub-ring cannot wrap: exact
