@@ -3,7 +3,7 @@
     python bench/compare_bits.py [--quick] [--limit N]
 
 CrypTen's DReLU works on the whole 64-bit ring: A2B, one AND for the generate bits, a
-Kogge-Stone carry tree of log2(64) = 6 AND levels, a 1-bit B2A: 8 rounds, 432 bytes per
+carry tree of log2(64) = 6 AND levels, a 1-bit B2A: 8 rounds, 432 bytes per
 element (cost_table.json).  Comparing only bits [t, L) of the fixed-point value (2^16 scale)
 means each party reduces its share locally (``share >> t`` then mod 2^(L-t)) and the carry
 tree runs on k = L - t bits: 2 + ceil(log2 k) rounds.  The result is exact while
