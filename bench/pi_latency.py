@@ -2,14 +2,17 @@
 
     python bench/pi_latency.py [--quick | --only private:6k ...] [--bandwidth 1Gbps] [--rtt 1ms]
 
-For the original model and DeepShare conversions at 49.9K / 12.9K / 6K DReLUs (batch 1), in
-both weight modes: bytes, rounds, estimated latency (compute + bytes/bandwidth + rounds*RTT,
-from deepshare_convert/mpc/cost_table.json) and the speedup over the original, next to the
-paper's Table 6.  In private mode the weights are masked once per loaded model (setup bytes
+For the original model and DeepShare conversions at 49.9K / 12.9K / 6K DReLUs (batch 1) with
+layer-sharing group sizes 1, 2 and 4 (``group_size``; a budget below one prototype per gate at
+some G is an ``infeasible`` row; the model names without ``@g`` are G = 2), in both weight
+modes: bytes, rounds, estimated latency (compute + bytes/bandwidth + rounds*RTT, from
+deepshare_convert/mpc/cost_table.json) and the speedup over the original, next to the paper's
+Table 6.  In private mode the weights are masked once per loaded model (setup bytes
 and rounds, reported apart); bytes, rounds, latency and speedups are one inference's online
 phase.  Measured two-party loopback runs (setup and online bytes, rounds, wall time,
 agreement): every configuration, or with --quick the original and 6K in public mode only, or
-with --only the listed MODE:MODEL rows (estimates are always computed for every row).
+with --only the listed MODE:MODEL rows, MODEL being original, 6k (G = 2) or 6k@g4 (estimates are
+always computed for every row).
 
 Writes bench/results/pi_latency.json and .png (pi_latency_quick.* with --quick,
 pi_latency_only.json with --only).
@@ -29,12 +32,14 @@ import torch.nn as nn  # noqa: E402
 
 from deepshare_convert import load_model  # noqa: E402
 from deepshare_convert.conversion.rewrite import convert  # noqa: E402
+from deepshare_convert.errors import DeepShareError  # noqa: E402
 from deepshare_convert.models.batchnorm import recalibrate_batchnorm  # noqa: E402
 from deepshare_convert.mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration  # noqa: E402
 
 from common import add_out_arg, write_results  # noqa: E402
 
 BUDGETS = ("49.9k", "12.9k", "6k")
+GROUP_SIZES = (2, 1, 4)  # 2 first: the rows named by the budget alone (the plot, the paper's comparison)
 PAPER_TABLE6 = {  # latency speedup over the original ResNet-18 (paper Table 6)
     "DeepShare": {"49.9k": 4.78, "12.9k": 6.76, "6k": 7.64},
     "AutoReP": {"49.9k": 4.92, "12.9k": 7.30, "6k": 8.01},
@@ -55,7 +60,7 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the existing JSON")
     add_out_arg(ap)
     args = ap.parse_args()
-    valid = {f"{m}:{n}" for m in ("public", "private") for n in ("original", *BUDGETS)}
+    valid = {f"{m}:{n}" for m in ("public", "private") for n in ("original", *_names())}
     if args.only and not set(args.only) <= valid:
         ap.error(f"--only takes rows among {', '.join(sorted(valid))}")
     if args.replot:
@@ -72,19 +77,31 @@ def main() -> None:
     original = _bn_from_data(loaded.model, loaded.input_size)
     models = {"original": original}
     drelus = {"original": None}
-    for b in BUDGETS:
-        conv = convert(original, loaded.input_size, budget=b, spec=loaded.spec.to_dict())
-        models[b], drelus[b] = conv.model, conv.plan.achieved
+    groups = {"original": None}
+    infeasible = {}
+    for g in GROUP_SIZES:
+        for b in BUDGETS:
+            name = _name(b, g)
+            groups[name] = g
+            try:
+                conv = convert(original, loaded.input_size, budget=b, group_size=g, spec=loaded.spec.to_dict())
+            except DeepShareError as e:  # below one prototype per gate at this group size
+                infeasible[name] = str(e)
+                continue
+            models[name], drelus[name] = conv.model, conv.plan.achieved
     x = torch.randn((1, *loaded.input_size), generator=torch.Generator().manual_seed(1))
 
     rows = []
     for mode in ("public", "private"):
+        for name, why in infeasible.items():
+            rows.append({"model": name, "weights_mode": mode, "group_size": groups[name], "infeasible": why})
+            print(f"{mode:7s} {name:8s} infeasible: {why}", flush=True)
         base = estimate(original, loaded.input_size, weights_mode=mode, table=table, bandwidth=bw, rtt=rtt)
         for name, net in models.items():
             est = base if name == "original" else estimate(net, loaded.input_size, weights_mode=mode, table=table,
                                                            bandwidth=bw, rtt=rtt)  # fmt: skip
             row = {
-                "model": name, "weights_mode": mode, "drelus": drelus[name] or base.comparisons,
+                "model": name, "weights_mode": mode, "group_size": groups[name], "drelus": drelus[name] or base.comparisons,
                 "est_bytes": est.bytes, "est_rounds": est.rounds, "est_compute_s": est.compute_s,
                 "est_network_s": est.network_s, "est_latency_s": est.latency_s,
                 "est_setup_bytes": est.setup_bytes, "est_setup_rounds": est.setup_rounds,
@@ -107,12 +124,23 @@ def main() -> None:
             rows.append(row)
             print(_line(row), flush=True)
 
+    at6k = {r["weights_mode"]: r["est_rounds"] for r in rows if r["model"] == "6k@g4"}
+    print(f"rounds at 6K with group size 4 (the accuracy bench's ResNet-20 setting at 4%/2%): "
+          f"public {at6k.get('public')}, private online {at6k.get('private')} (issue target <= 49)")
     # --quick / --only never overwrite the full results
     name = "pi_latency_quick" if args.quick else ("pi_latency_only" if args.only else "pi_latency")
     path = write_results(name, {"quick": args.quick, "only": args.only, "bandwidth_bps": bw, "rtt_s": rtt, "batch": 1,
                                         "cost_table": table.source, "rows": rows}, args.out)  # fmt: skip
     png = _plot(rows, args.out / f"{name}.png", args.bandwidth, args.rtt)
     print(f"wrote {path} and {png}")
+
+
+def _name(budget: str, group_size: int) -> str:
+    return budget if group_size == 2 else f"{budget}@g{group_size}"
+
+
+def _names() -> list[str]:
+    return [_name(b, g) for g in GROUP_SIZES for b in BUDGETS]
 
 
 def _measured(args, mode: str, name: str) -> bool:
@@ -147,7 +175,7 @@ def _plot(rows: list[dict], path: Path, bandwidth: str, rtt: str) -> Path:
         ("paper: AutoReP", [PAPER_TABLE6["AutoReP"][b] for b in BUDGETS]),
     ]
     for mode in ("public", "private"):
-        by = {r["model"]: r for r in rows if r["weights_mode"] == mode}
+        by = {r["model"]: r for r in rows if r["weights_mode"] == mode and "infeasible" not in r}
         series.append((f"ours, {mode}: network", [by[b]["speedup_network"] for b in BUDGETS]))
         series.append((f"ours, {mode}: + compute", [by[b]["speedup"] for b in BUDGETS]))
     for i, (label, vals) in enumerate(series):

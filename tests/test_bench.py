@@ -88,3 +88,24 @@ def test_accuracy_bench_remakes_a_recorded_run(tmp_path):
     assert data["rows"] == json.loads(recorded.read_text())["rows"] and data["schedule"]["limit"] is None
     assert "| resnet20 | 2% | 3,712 / 3,699 | 8,228 / 8,228 |" in proc.stdout  # equal steps, search counted
     assert (tmp_path / "accuracy_vs_budget_fulldata_curves.png").is_file()
+
+
+@needs(CIFAR10_JPG)
+@needs(RESNET20_WEIGHTS)
+def test_compare_bits_quick(tmp_path):
+    """Sub-ring comparisons: exact while |x| < 2^(L-17), rounds 2 + ceil(log2 k), CrypTen's 8 at k = 64."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_bits.py"), "--out", str(tmp_path), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "compare_bits_quick.json").read_text())
+    rows = {(r["bits"], r["drop"]): r for r in data["rows"]}
+    measured = {(r["bits"], r["drop"]): r for r in data["crypten"]}  # two real CrypTen parties
+    for key, (rounds, nbytes) in {(64, 0): (8, 432), (32, 0): (7, 368), (24, 8): (6, 304)}.items():
+        assert (measured[key]["rounds"], measured[key]["bytes_per_element"]) == (rounds, nbytes)
+        assert (rows[key]["rounds"], rows[key]["bytes_per_element"]) == (rounds, nbytes)  # the formula = CrypTen
+        assert measured[key]["wrong_outside_window"] == 0
+    full = rows[(64, 0)]
+    assert (full["rounds"], full["bytes_per_element"], full["flips"]) == (8, 432, 0)  # the calibrated comparison
+    assert full["max_abs"] < 2.0**15  # so the 32-bit sub-ring cannot wrap: exact
+    assert rows[(32, 0)]["flips"] == 0 and rows[(32, 0)]["top1"] == full["top1"] and rows[(32, 0)]["rounds"] == 7
+    assert rows[(24, 8)]["rounds"] == 6 and 0 < rows[(24, 8)]["flip_rate"] < 1e-2

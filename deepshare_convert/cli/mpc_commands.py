@@ -162,6 +162,10 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, batch_size_opt("Images per private inference.")] = 1,
         measure: Annotated[bool, typer.Option("--measure", help="Also run the real two-party execution "
                                               "(random inputs) and show measured next to predicted.")] = False,
+        what_if: Annotated[bool, typer.Option("--what-if", help="Also re-plan the same budget at group sizes "
+                                              "1, 2, 4 (and the plan's own) and compare their costs.")] = False,
+        budget: Annotated[Optional[str], typer.Option("--budget", help="DReLU budget of the --what-if rows for an "
+                                                      "unconverted MODEL (an OUT/ uses its plan's).")] = None,
         table_path: Annotated[Optional[str], typer.Option("--table", help="Cost table JSON.",
                                                           show_default="the package's cost_table.json")] = None,
         weights: WeightsOpt = None,
@@ -176,7 +180,8 @@ def register(app: typer.Typer) -> None:
 
         latency = compute + bytes*8/bandwidth + rounds*RTT, with per-operation costs measured
         on CrypTen (`deepshare calibrate`).  For a converted OUT/ the original architecture is
-        rebuilt from its plan and estimated under the same settings.
+        rebuilt from its plan and estimated under the same settings.  --what-if re-plans the same
+        budget at group sizes 1, 2, 4 with the code `convert --group-size G` runs.
         """
         from ..mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration
 
@@ -184,11 +189,19 @@ def register(app: typer.Typer) -> None:
         bw, rt = parse_bandwidth(bandwidth), parse_duration(rtt)
         table = CostTable.load(table_path)
         loaded = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf)
+        settings = _what_if_settings(model, budget, leaf) if what_if else None  # bad input: say so before any work
         kw = dict(batch=batch_size, weights_mode=weights_mode, table=table, bandwidth=bw, rtt=rt)
         with console.status("lowering and costing", spinner="dots"):
             est = estimate(loaded.model, loaded.input_size, name=loaded.spec.display, leaf_modules=leaf or (), **kw)
             orig_model = _original_of(model)
             orig = estimate(orig_model, loaded.input_size, name="original", **kw) if orig_model is not None else None
+        rows = None
+        if settings is not None:  # an unconverted MODEL is its own original
+            from ..mpc.what_if import what_if as run_what_if
+
+            base_model, base = (orig_model, orig) if orig_model is not None else (loaded.model, est)
+            with console.status("re-planning at group sizes 1, 2, 4", spinner="dots"):
+                rows = run_what_if(base_model, loaded.input_size, settings, baseline=base, **kw)
         measured = run = None
         if measure:
             import torch
@@ -204,6 +217,8 @@ def register(app: typer.Typer) -> None:
             if orig:  # online phase (the setup, private mode only, is once per loaded model: estimate.setup_*)
                 out["speedup"] = orig.latency_s / est.latency_s
                 out["speedup_network"] = orig.network_s / est.network_s
+            if rows is not None:
+                out["what_if"] = [r.to_dict() for r in rows]
             if run is not None:
                 p0 = run.parties[0]
                 out["measured"] = {"bytes": p0.bytes, "rounds": p0.rounds, "wall_s": p0.wall_s,
@@ -216,6 +231,10 @@ def register(app: typer.Typer) -> None:
         from .mpc_tables import estimate_table
 
         console.print(estimate_table(est, orig, measured))
+        if rows is not None:
+            from .mpc_tables import what_if_table
+
+            console.print(what_if_table(rows, est, settings.budget))
         if run is not None:
             p0 = run.parties[0]
             console.print(
@@ -278,6 +297,28 @@ def register(app: typer.Typer) -> None:
             f"{', '.join(f'{k} {v}' for k, v in sorted(report.op_counts.items()) if k in shown)}); "
             f"onnx.checker ok; onnxruntime vs PyTorch max abs error {report.max_abs_error:.1e}"
         )
+
+
+def _what_if_settings(model: str, budget, leaf):
+    """The conversion settings --what-if re-plans: an OUT/'s plan, or a MODEL with --budget."""
+    from pathlib import Path
+
+    from ..conversion.plan import Plan
+    from ..conversion.settings import settings_from
+    from ..errors import DeepShareError
+
+    if not Path(model).is_dir():
+        if budget is None:
+            raise DeepShareError("--what-if on an unconverted MODEL needs --budget (an OUT/ uses its plan's)")
+        return settings_from(budget=budget, leaf_modules=list(leaf or []))
+    if budget is not None:
+        raise DeepShareError("--budget is for an unconverted MODEL; an OUT/ re-plans its own plan's budget")
+    plan = Plan.read(model)
+    if plan.kind != "deepshare":
+        raise DeepShareError(f"--what-if re-plans shared-gate conversions; {model} is an {plan.kind} plan")
+    if _original_of(model) is None:
+        raise DeepShareError(f"--what-if needs the original architecture of {model}; its plan names a Python model")
+    return plan.settings()
 
 
 def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json, key):

@@ -98,3 +98,25 @@ def cost_table_table(table, path: str) -> Table:
                  f"{c.get('s_per_mac_private', 0) * 1e9:.2f} ns/MAC private, "
                  f"{c.get('s_per_comparison', 0) * 1e6:.2f} µs/comparison; {table.source}")  # fmt: skip
     return t
+
+
+def what_if_table(rows, est, budget: str) -> Table:
+    """The same budget re-planned at each group size (``mpc.what_if``), network and compute-included latency."""
+    table = Table(title=f"what if: budget {budget} re-planned at each group size ({est.weights_mode} weights, "
+                        f"batch {est.batch}, {est.bandwidth_bps / 1e9:g} Gbps, RTT {est.rtt_s * 1e3:g} ms)")  # fmt: skip
+    for col in ("group size", "cmp calls", "DReLUs", "MB", "rounds", "network ms", "+ compute ms", "speedup",
+                "net speedup"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows:
+        g = f"{r.group_size}{' *' if r.own else ''}"
+        if r.infeasible:
+            table.add_row(g, *["-"] * 8)
+            continue
+        table.add_row(g, str(r.compare_calls), f"{r.drelus:,}", _mb(r.bytes), str(r.rounds), _ms(r.network_s),
+                      _ms(r.latency_s), f"{r.speedup:.2f}x", f"{r.speedup_network:.2f}x")  # fmt: skip
+    lines = ["each row: `convert --group-size G` with the plan's other settings, then this estimate (* the plan's G; "
+             "for a MODEL, convert's default); a larger G means fewer gate layers (rounds) at the same DReLUs; "
+             "accuracy is not in this table"]
+    lines += [f"group size {r.group_size}: {r.infeasible}" for r in rows if r.infeasible]
+    table.caption = "\n".join(lines)
+    return table
