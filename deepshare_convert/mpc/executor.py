@@ -43,6 +43,7 @@ from ..errors import DeepShareError, first_line
 from . import protocols as P
 from .backend import Backend, NodeStats, PartyRun, SetupRun
 from .lowering import Program
+from .ring import RingWeight
 
 __all__ = ["CrypTenBackend", "CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program",
            "setup_weights"]  # fmt: skip
@@ -147,6 +148,14 @@ class CrypTenInterpreter(fx.Interpreter):
             self._openings[key] = P.open_masked(x, self.dealer)
         return self._openings[key]
 
+    def ring_weight(self, n: fx.Node, w: torch.Tensor, x) -> RingWeight:
+        """Node ``n``'s public weight encoded for the ring kernels, once per program (kept across runs)."""
+        cached = self.program.kernels.get(n.name)
+        if cached is None or cached[0] is not w:
+            cached = (w, RingWeight.encode(w, int(x.encoder.scale).bit_length() - 1))
+            self.program.kernels[n.name] = cached
+        return cached[1]
+
     def fixed(self, n: fx.Node) -> list[P.FixedMask]:
         """The setup masks of the model tensors node ``n`` multiplies by (the lowering names them)."""
         return [self.masks[name] for name in self.program.op(n.name).fixed]
@@ -212,12 +221,14 @@ class CrypTenInterpreter(fx.Interpreter):
             conv = vals
         fixed = self.fixed(n)
         if fixed:  # a model weight masked at setup: opens x - a only
-            out = P.fixed_product(x, fixed[0], lambda u, v: torch.conv2d(u, v, **conv), self.dealer, self.opening(n, x))
+            fan_in = fixed[0].delta[0].numel()
+            out = P.fixed_product(x, fixed[0], lambda u, v: torch.conv2d(u, v, **conv), self.dealer,
+                                  self.opening(n, x), fan_in=fan_in)  # fmt: skip
             return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
         if _is_shared(w):
             out = x.conv2d(w, **conv)
             return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
-        return P.public_conv2d(x, w, b, **conv)
+        return P.public_conv2d(x, self.ring_weight(n, w, x), b, **conv)
 
     def _h_linear(self, n, args, kwargs):
         x = args[0]
@@ -229,12 +240,14 @@ class CrypTenInterpreter(fx.Interpreter):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
         fixed = self.fixed(n)
         if fixed:  # a model weight masked at setup: opens x - a only
-            out = P.fixed_product(x, fixed[0], lambda u, v: torch.matmul(u, v.t()), self.dealer, self.opening(n, x))
+            fan_in = fixed[0].delta.shape[-1]
+            out = P.fixed_product(x, fixed[0], lambda u, v: torch.matmul(u, v.t()), self.dealer,
+                                  self.opening(n, x), fan_in=fan_in)  # fmt: skip
             return out + b if b is not None else out
         if _is_shared(w):
             out = x.matmul(w.t())
             return out + b if b is not None else out
-        return P.public_linear(x, w, b)
+        return P.public_linear(x, self.ring_weight(n, w, x), b)
 
     def _h_bn(self, n, args, kwargs):
         """A BatchNorm that could not be folded: a per-channel affine."""
