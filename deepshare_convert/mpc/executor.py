@@ -152,7 +152,7 @@ class CrypTenInterpreter(fx.Interpreter):
         """Node ``n``'s public weight encoded for the ring kernels, once per program (kept across runs)."""
         cached = self.program.kernels.get(n.name)
         if cached is None or cached[0] is not w:
-            cached = (w, RingWeight.encode(w, int(x.encoder.scale).bit_length() - 1))
+            cached = (w, RingWeight.encode(w, x.encoder.scale))
             self.program.kernels[n.name] = cached
         return cached[1]
 
@@ -221,9 +221,7 @@ class CrypTenInterpreter(fx.Interpreter):
             conv = vals
         fixed = self.fixed(n)
         if fixed:  # a model weight masked at setup: opens x - a only
-            fan_in = fixed[0].delta[0].numel()
-            out = P.fixed_product(x, fixed[0], lambda u, v: torch.conv2d(u, v, **conv), self.dealer,
-                                  self.opening(n, x), fan_in=fan_in)  # fmt: skip
+            out = P.fixed_product(x, fixed[0], lambda u, v: torch.conv2d(u, v, **conv), self.dealer, self.opening(n, x))
             return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
         if _is_shared(w):
             out = x.conv2d(w, **conv)
@@ -240,9 +238,7 @@ class CrypTenInterpreter(fx.Interpreter):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
         fixed = self.fixed(n)
         if fixed:  # a model weight masked at setup: opens x - a only
-            fan_in = fixed[0].delta.shape[-1]
-            out = P.fixed_product(x, fixed[0], lambda u, v: torch.matmul(u, v.t()), self.dealer,
-                                  self.opening(n, x), fan_in=fan_in)  # fmt: skip
+            out = P.fixed_product(x, fixed[0], lambda u, v: torch.matmul(u, v.t()), self.dealer, self.opening(n, x))
             return out + b if b is not None else out
         if _is_shared(w):
             out = x.matmul(w.t())

@@ -35,12 +35,12 @@ every CrypTen number.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..compat import import_crypten
-from .ring import RingLimbs, RingWeight, ring_bilinear, ring_conv2d, ring_linear, split_limbs
+from .ring import RingWeight, ring_conv2d, ring_linear
 
 __all__ = [
     "Dealer", "FixedMask", "MaskedBit", "Opening", "drelu", "drelu_and_open", "gate_product", "relu", "public_affine",
@@ -225,14 +225,6 @@ class FixedMask:
     mask: object  # [b], precision 0
     delta: torch.Tensor  # W - b in the ring, opened once (both parties)
     plain_mask: torch.Tensor | None  # b at the dealer (party 0), None at party 1
-    limbs: dict = field(default_factory=dict)  # fixed operands split once for ring_bilinear
-
-    def split(self, key: str, fan_in: int) -> RingLimbs:
-        """``weight`` ([W]'s share), ``delta`` or ``mask`` (b) in float64 limbs, cached: they never change."""
-        if key not in self.limbs:
-            t = {"weight": self.weight.share, "delta": self.delta, "mask": self.plain_mask}[key]
-            self.limbs[key] = split_limbs(t, fan_in)
-        return self.limbs[key]
 
 
 def mask_weights(weights: dict, dealer: Dealer) -> dict[str, FixedMask]:
@@ -274,24 +266,17 @@ def open_masked(x, dealer: Dealer) -> Opening:
     return Opening(a_plain, a, _open(x.share - a.share))
 
 
-def fixed_product(x, fm: FixedMask, fn, dealer: Dealer, opening: Opening | None = None, fan_in: int | None = None):
+def fixed_product(x, fm: FixedMask, fn, dealer: Dealer, opening: Opening | None = None):
     """[fn(x, W)] for a bilinear ``fn`` (conv, matmul, broadcast mul) and a setup-masked W: opens x - a only.
 
     ``x·W = ε·[W] + [a]·δ + [a·b]`` with ``ε = x - a``; the dealer's ``c = fn(a, b)`` uses the
     fixed ``b`` and a fresh ``a`` (or the ``a`` of an ``opening`` of this same x).  One local
-    truncation, as after CrypTen's Beaver product.  With ``fan_in`` (conv, matmul: batch along
-    dim 0) the ring products run through float64 limbs (:func:`~.ring.ring_bilinear`), exactly.
+    truncation, as after CrypTen's Beaver product.
     """
     o = opening or open_masked(x, dealer)
     a_plain, a, eps = o.a_plain, o.a, o.eps
-    if fan_in is None:
-        prod = fn
-    else:
-        def prod(u, key):
-            return ring_bilinear(u, fm.split(key, fan_in), fn, fan_in)
-    keys = ("weight", "delta", "mask") if fan_in is not None else (fm.weight.share, fm.delta, fm.plain_mask)
-    share = prod(eps, keys[0]).add_(prod(a.share, keys[1]))
-    c = dealer.share(prod(a_plain, keys[2]) if dealer.rank == 0 else None, share.shape)
+    share = fn(eps, fm.weight.share).add_(fn(a.share, fm.delta))
+    c = dealer.share(fn(a_plain, fm.plain_mask) if dealer.rank == 0 else None, share.shape)
     out = x.shallow_copy()
     out.share = share.add_(c.share)
     return out.div_(x.encoder.scale)
@@ -327,28 +312,26 @@ def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dea
 def public_conv2d(x, weight, bias: torch.Tensor | None, **kwargs):
     """Convolution with plaintext weights on shares: local (each party convolves its share).
 
-    ``weight`` is a float tensor or a :class:`~.ring.RingWeight` prepared once per layer (its
-    per-layer fixed-point scale keeps the ring convolution at two float64 chunks).  Computed
-    exactly mod 2^64 by :func:`~.ring.ring_conv2d`, then truncated by the weight's scale.
+    ``weight`` is a float tensor or a :class:`~.ring.RingWeight` prepared once per layer.
+    Computed exactly mod 2^64 by :func:`~.ring.ring_conv2d` (the faster exact kernel for this
+    layer), then the usual local truncation by the weight scale.
     """
-    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight, _frac_bits(x))
+    scale = x.encoder.scale
+    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight, scale)
     out = x.shallow_copy()
     out.share = ring_conv2d(x.share, rw, **kwargs)
-    out = out.div_(2**rw.frac_bits)
+    out = out.div_(scale)
     return out + _channel_view(bias, out.dim()) if bias is not None else out
 
 
 def public_linear(x, weight, bias: torch.Tensor | None):
     """``x @ W.T + b`` with a plaintext W: local, exact mod 2^64 (:func:`~.ring.ring_linear`), one truncation."""
-    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight, _frac_bits(x))
+    scale = x.encoder.scale
+    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight, scale)
     out = x.shallow_copy()
     out.share = ring_linear(x.share, rw)
-    out = out.div_(2**rw.frac_bits)
+    out = out.div_(scale)
     return out + bias if bias is not None else out
-
-
-def _frac_bits(x) -> int:
-    return int(x.encoder.scale).bit_length() - 1
 
 
 def maxpool2d(x, kernel_size, stride, padding, dealer: Dealer):

@@ -1,172 +1,146 @@
-"""Exact linear algebra mod 2^64 on int64 shares, through float64 kernels.
+"""Exact convolution / matmul mod 2^64 of an int64 share by a public integer weight: the fastest kernel.
 
-CPU int64 convolution / matmul has no fast kernel (~15-20x slower than float64 here), and a
-share is a uniform 64-bit integer, so one float64 product cannot hold it.  Every bilinear op
-``fn`` (conv2d, matmul) is computed as ``fn(x, w) = sum_k fn(x_k, w) << (k*b)  (mod 2^64)``
-over *signed* b-bit chunks ``x_k`` of the share: each chunk's product is an integer of
-magnitude at most ``2^(b-1) * L1(w)`` (``L1`` = the largest per-output sum of ``|w|``, which
-bounds every partial sum too), so it is exact in float64 whenever that is ``<= 2^53``, in any
-summation order.  Chunks are stacked along the batch dimension: one kernel call per weight.
+Two exact kernels compute the same integers (two's-complement wrap-around = arithmetic mod 2^64):
 
-* public weights (:class:`RingWeight`): ``b = 54 - bits(L1)``; two chunks when
-  ``L1 < 2^22``, which :func:`weight_frac_bits` arranges per layer by choosing the weight's
-  fixed-point scale.
-* two ring operands (:func:`ring_bilinear`, the private-weight products): the weight is split
-  too, into signed limbs ``w_j``, and limb ``j`` only needs its product mod ``2^(64 - j*bw)``,
-  so it takes fewer share chunks.
+* ``int64``: torch's int64 kernel on the share directly.  One pass; on torch 2.13 / x86 it runs
+  at 1.0-2.0x a float64 conv of the same layer, and does not use a second thread.
+* ``float64``: signed b-bit chunks ``x_k`` of the share, ``fn(x, w) = sum_k fn(x_k, w) << (k*b)``.
+  Each chunk's product is an integer of magnitude ``< 2^(b-1) * L1(w)`` (``L1`` = the largest
+  per-output sum of ``|w|``, a bound on every partial sum too), exact in float64 whenever that
+  is ``<= 2^53`` whatever the summation order: ``b = 54 - bits(L1)``, two chunks when
+  ``L1 < 2^22`` (every BN-folded ResNet-18 layer at CrypTen's 2^16 scale).  Two float64 passes
+  plus the splitting: slower than ``int64`` on one thread, faster on two for wide layers.
+
+Which one wins depends on the layer shape and the thread count, so the first call for a
+(shape, weight, threads) key times both once and remembers the faster (:func:`ring_conv2d`,
+:func:`ring_linear`); the answer is the same integers either way.  bench/conv_shares.py
+measures them against the plaintext float32 layer.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = [
-    "RingWeight", "ring_apply", "ring_bilinear", "ring_conv2d", "ring_linear", "split_signed",
-    "weight_frac_bits", "TWO_CHUNK_L1_BITS",
-]  # fmt: skip
+__all__ = ["KERNELS", "RingWeight", "chunked", "ring_conv2d", "ring_linear", "split_signed"]
 
 RING_BITS = 64
 _EXACT = 53  # float64 holds every integer of magnitude <= 2^53
-TWO_CHUNK_L1_BITS = _EXACT + 1 - 32  # L1(w) < 2^22: 32-bit chunks, two per share
+KERNELS = ("int64", "float64")
+_CHOSEN: dict[tuple, str] = {}  # (op, shapes, kwargs, threads) -> the faster kernel, timed once
 
 Bilinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _l1_bits(w: torch.Tensor) -> int:
-    """bits(max over outputs of sum |w|): the bound on every partial sum of a unit input."""
+    """bits(max over outputs of sum |w|): bounds every partial sum of a product with unit inputs."""
     if w.numel() == 0:
         return 0
-    l1 = w.reshape(w.shape[0], -1).abs().sum(1).max() if w.dim() > 1 else w.abs().max()
-    return int(l1.item()).bit_length()
+    return int(w.reshape(w.shape[0], -1).abs().sum(1).max().item()).bit_length()
 
 
-def split_signed(x: torch.Tensor, b: int, bits: int = RING_BITS) -> list[torch.Tensor]:
-    """Signed b-bit chunks c_k (|c_k| <= 2^(b-1)) with x = sum c_k << (k*b)  (mod 2^bits)."""
+def split_signed(x: torch.Tensor, b: int) -> list[torch.Tensor]:
+    """Signed b-bit chunks c_k (|c_k| <= 2^(b-1)) with x = sum_k c_k << (k*b)  (mod 2^64)."""
+    n = -(-RING_BITS // b)
     out, rest = [], x
-    for k in range(-(-bits // b)):
-        if k == -(-bits // b) - 1:  # the top chunk: any representative mod 2^(bits - k*b)
-            top = bits - k * b
-            out.append(torch.bitwise_right_shift(torch.bitwise_left_shift(rest, 64 - top), 64 - top))
-            break
-        lo = torch.bitwise_right_shift(torch.bitwise_left_shift(rest, 64 - b), 64 - b)
+    for k in range(n):
+        width = min(b, RING_BITS - k * b)  # the top chunk: any representative mod 2^width
+        lo = torch.bitwise_right_shift(torch.bitwise_left_shift(rest, RING_BITS - width), RING_BITS - width)
         out.append(lo)
-        rest = torch.bitwise_right_shift(rest - lo, b)
+        if k < n - 1:
+            rest = torch.bitwise_right_shift(rest - lo, b)  # exact: rest - lo is a multiple of 2^b (mod 2^64)
     return out
 
 
-def ring_apply(x: torch.Tensor, wf: torch.Tensor, l1_bits: int, fn: Bilinear, bits: int = RING_BITS):
-    """fn(x, w) mod 2^bits for int64 x and a float64 integer weight ``wf`` with L1 < 2^l1_bits.
+def chunked(x: torch.Tensor, wf: torch.Tensor, l1_bits: int, fn: Bilinear) -> torch.Tensor | None:
+    """fn(x, w) mod 2^64 through float64 products of signed chunks (``wf`` = w as float64).
 
-    Returns None when the weight is too large for chunks of at least 8 bits (caller falls back).
+    None when the weight is too large for chunks of at least 8 bits.
     """
-    b = min(_EXACT + 1 - l1_bits, bits)
+    b = min(_EXACT + 1 - l1_bits, RING_BITS)
     if b < 8:
         return None
-    chunks = split_signed(x, b, bits)
-    n = x.shape[0]
-    y = fn(torch.cat(chunks, 0).double(), wf).long()  # exact integers: no rounding needed
-    out = y[:n]
-    for k in range(1, len(chunks)):
-        out = out + torch.bitwise_left_shift(y[k * n : (k + 1) * n], k * b)
+    out = None
+    for k, part in enumerate(split_signed(x, b)):
+        y = fn(part.double(), wf).long()  # exact integers: no rounding needed
+        y = torch.bitwise_left_shift(y, k * b) if k else y
+        out = y if out is None else out.add_(y)
     return out
 
 
 @dataclass
 class RingWeight:
-    """A public integer weight prepared once per layer: float64 copy and its L1 bound."""
+    """A public integer weight prepared once per layer: its float64 copy and L1 bound."""
 
     w: torch.Tensor  # int64
     wf: torch.Tensor  # float64, same values
     l1_bits: int
-    frac_bits: int  # the weight's fixed-point scale is 2^frac_bits
 
     @classmethod
-    def of(cls, w: torch.Tensor, frac_bits: int = 0) -> RingWeight:
-        return cls(w, w.double(), _l1_bits(w), frac_bits)
+    def of(cls, w: torch.Tensor) -> RingWeight:
+        return cls(w, w.double(), _l1_bits(w))
 
     @classmethod
-    def encode(cls, weight: torch.Tensor, max_frac_bits: int, min_frac_bits: int = 10) -> RingWeight:
-        """Round a float weight at the per-layer scale of :func:`weight_frac_bits`."""
-        f = weight_frac_bits(weight, max_frac_bits, min_frac_bits)
-        return cls.of(torch.round(weight.detach().double() * 2.0**f).long(), f)
+    def encode(cls, weight: torch.Tensor, scale: int) -> RingWeight:
+        """A float weight at the fixed-point ``scale`` (CrypTen's encoder: round(w * scale))."""
+        return cls.of(torch.round(weight.detach().double() * scale).long())
 
     @property
     def chunks(self) -> int:
+        """float64 products per call (0: too large, the int64 kernel only)."""
         b = _EXACT + 1 - self.l1_bits
         return -(-RING_BITS // b) if b >= 8 else 0
 
 
-def weight_frac_bits(weight: torch.Tensor, max_frac_bits: int, min_frac_bits: int = 10) -> int:
-    """The largest weight scale 2^f (f <= max) whose encoded L1 stays < 2^22, i.e. two chunks per share.
+def _run(key: tuple, kernels: dict[str, Callable[[], torch.Tensor]], kernel: str | None) -> torch.Tensor:
+    """Run ``kernel`` (or the one remembered for ``key``); the first time, time every kernel (best of 3).
 
-    Below ``min_frac_bits`` the weight would lose precision; then keep ``max_frac_bits``
-    (three chunks).  The result is truncated by 2^f, so activations keep their own scale.
+    The kernels take turns so that a burst of load elsewhere does not decide the choice.
     """
-    w = weight.detach().double()
-    for f in range(max_frac_bits, min_frac_bits - 1, -1):
-        if _l1_bits(torch.round(w * 2.0**f).long()) <= TWO_CHUNK_L1_BITS:
-            return f
-    return max_frac_bits
-
-
-def ring_conv2d(share: torch.Tensor, w: torch.Tensor | RingWeight, **kwargs) -> torch.Tensor:
-    """conv2d(share, w) mod 2^64 for an int64 share and a public int64 weight, exactly."""
-    rw = w if isinstance(w, RingWeight) else RingWeight.of(w)
-    out = ring_apply(share, rw.wf, rw.l1_bits, lambda u, v: torch.conv2d(u, v, **kwargs))
-    return out if out is not None else torch.conv2d(share, rw.w, **kwargs)
-
-
-def ring_linear(share: torch.Tensor, w: torch.Tensor | RingWeight) -> torch.Tensor:
-    """share @ w.T mod 2^64 (w: (out, in)), exactly."""
-    rw = w if isinstance(w, RingWeight) else RingWeight.of(w)
-    out = ring_apply(share, rw.wf.t(), rw.l1_bits, torch.matmul)
-    return out if out is not None else torch.matmul(share, rw.w.t())
-
-
-@dataclass
-class RingLimbs:
-    """A full-ring int64 operand split once into signed limbs (float64) for :func:`ring_bilinear`."""
-
-    limbs: list[torch.Tensor]
-    l1_bits: list[int]
-    bw: int
-
-
-def _limb_plan(fan_in: int) -> int:
-    """The limb width minimising the number of float64 kernel units for this fan-in."""
-    k_bits = max(fan_in, 1).bit_length()
-    best, best_units = 16, None
-    for bw in range(8, 33):
-        units, ok = 0, True
-        for j in range(-(-RING_BITS // bw)):
-            b = min(_EXACT + 1 - (bw - 1 + k_bits), RING_BITS - j * bw)
-            if b < 8:
-                ok = False
-                break
-            units += -(-(RING_BITS - j * bw) // b)
-        if ok and (best_units is None or units < best_units):
-            best, best_units = bw, units
-    return best
-
-
-def split_limbs(w: torch.Tensor, fan_in: int) -> RingLimbs:
-    bw = _limb_plan(fan_in)
-    limbs = split_signed(w, bw)
-    return RingLimbs([t.double() for t in limbs], [_l1_bits(t) for t in limbs], bw)
-
-
-def ring_bilinear(x: torch.Tensor, w: torch.Tensor | RingLimbs, fn: Bilinear, fan_in: int) -> torch.Tensor:
-    """fn(x, w) mod 2^64 for two uniform int64 ring operands (fn bilinear, batch along dim 0)."""
-    rl = w if isinstance(w, RingLimbs) else split_limbs(w, fan_in)
-    out = None
-    for j, (limb, l1) in enumerate(zip(rl.limbs, rl.l1_bits)):
-        bits = RING_BITS - j * rl.bw
-        y = ring_apply(x, limb, l1, fn, bits)
-        if y is None:  # cannot happen with the limb plan; the exact int64 kernel as a safety net
-            y = fn(x, limb.long())
-        y = torch.bitwise_left_shift(y, j * rl.bw) if j else y
-        out = y if out is None else out.add_(y)
+    name = kernel or _CHOSEN.get(key)
+    if name is not None:
+        return kernels[name]()
+    if len(kernels) == 1:
+        return next(iter(kernels.values()))()
+    out = next(iter(kernels.values()))()  # warm-up, and the answer (every kernel gives the same integers)
+    times = dict.fromkeys(kernels, float("inf"))
+    for _ in range(3):
+        for name, f in kernels.items():
+            tic = time.perf_counter()
+            f()
+            times[name] = min(times[name], time.perf_counter() - tic)
+    _CHOSEN[key] = min(times, key=times.get)
     return out
+
+
+def _kernels(rw: RingWeight, share: torch.Tensor, fn: Bilinear, int_fn: Callable[[], torch.Tensor]):
+    ks = {"int64": int_fn}
+    if rw.chunks:
+        ks["float64"] = lambda: chunked(share, rw.wf, rw.l1_bits, fn)
+    return ks
+
+
+def ring_conv2d(share: torch.Tensor, w: torch.Tensor | RingWeight, kernel: str | None = None, **kwargs) -> torch.Tensor:
+    """conv2d(share, w) mod 2^64 for an int64 share and a public int64 weight, exactly.
+
+    ``kernel`` forces ``int64`` or ``float64`` (tests, benches); by default the faster one.
+    """
+    rw = w if isinstance(w, RingWeight) else RingWeight.of(w)
+
+    def fn(u, v):
+        return torch.conv2d(u, v, **kwargs)
+
+    ks = _kernels(rw, share, fn, lambda: torch.conv2d(share, rw.w, **kwargs))
+    key = ("conv2d", tuple(share.shape), tuple(rw.w.shape), repr(sorted(kwargs.items())), torch.get_num_threads())
+    return _run(key, ks, kernel if kernel in ks else (None if kernel is None else "int64"))
+
+
+def ring_linear(share: torch.Tensor, w: torch.Tensor | RingWeight, kernel: str | None = None) -> torch.Tensor:
+    """share @ w.T mod 2^64 (w: (out, in)), exactly; ``kernel`` as for :func:`ring_conv2d`."""
+    rw = w if isinstance(w, RingWeight) else RingWeight.of(w)
+    ks = _kernels(rw, share, lambda u, v: torch.matmul(u, v.t()), lambda: torch.matmul(share, rw.w.t()))
+    key = ("linear", tuple(share.shape), tuple(rw.w.shape), torch.get_num_threads())
+    return _run(key, ks, kernel if kernel in ks else (None if kernel is None else "int64"))
