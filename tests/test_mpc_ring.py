@@ -81,9 +81,17 @@ def test_encode_is_crypten_fixed_point_and_the_choice_is_remembered():
     assert torch.equal(rw.w, torch.round(w.double() * 2**16).long()) and rw.wf.dtype == torch.float64
     x = _ring(1, 4, 5, 5)
     ring._CHOSEN.clear()
-    ring_conv2d(x, rw, padding=1)
-    (key,) = ring._CHOSEN
-    assert ring._CHOSEN[key] in ring.KERNELS and key[-1] == torch.get_num_threads()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one thread: the fixed choice, nothing timed
+        ring_conv2d(x, rw, padding=1)
+        assert not ring._CHOSEN
+        torch.set_num_threads(2)  # more: timed once, then remembered
+        assert torch.equal(ring_conv2d(x, rw, padding=1), torch.conv2d(x, rw.w, padding=1))
+        (key,) = ring._CHOSEN
+        assert ring._CHOSEN[key] in ring.KERNELS and key[-1] == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Net(nn.Module):

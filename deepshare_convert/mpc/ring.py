@@ -11,10 +11,11 @@ Two exact kernels compute the same integers (two's-complement wrap-around = arit
   ``L1 < 2^22`` (every BN-folded ResNet-18 layer at CrypTen's 2^16 scale).  Two float64 passes
   plus the splitting: slower than ``int64`` on one thread, faster on two for wide layers.
 
-Which one wins depends on the layer shape and the thread count, so the first call for a
-(shape, weight, threads) key times both once and remembers the faster (:func:`ring_conv2d`,
-:func:`ring_linear`); the answer is the same integers either way.  bench/conv_shares.py
-measures them against the plaintext float32 layer.
+Which one wins depends on the op and the thread count.  On one thread (each party's default)
+the choice is fixed from bench/conv_shares.py: ``int64`` for convolutions, ``float64`` for
+matmuls.  With more threads the first call for a (shape, weight, threads) key times both and
+remembers the faster (:func:`ring_conv2d`, :func:`ring_linear`).  The answer is the same
+integers either way.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ RING_BITS = 64
 _EXACT = 53  # float64 holds every integer of magnitude <= 2^53
 KERNELS = ("int64", "float64")
 _CHOSEN: dict[tuple, str] = {}  # (op, shapes, kwargs, threads) -> the faster kernel, timed once
+# On one thread (each party's default) the choice is fixed, so no inference pays for timing it:
+# bench/conv_shares.py measures the int64 conv faster than two float64 passes at every
+# ResNet-18 layer, and the float64 matmul ~4x faster than the int64 one.
+_ONE_THREAD = {"conv2d": "int64", "linear": "float64"}
 
 Bilinear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,8 +105,8 @@ def _run(key: tuple, kernels: dict[str, Callable[[], torch.Tensor]], kernel: str
 
     The kernels take turns so that a burst of load elsewhere does not decide the choice.
     """
-    name = kernel or _CHOSEN.get(key)
-    if name is not None:
+    name = kernel or _CHOSEN.get(key) or (_ONE_THREAD[key[0]] if torch.get_num_threads() == 1 else None)
+    if name in kernels:
         return kernels[name]()
     if len(kernels) == 1:
         return next(iter(kernels.values()))()
