@@ -115,3 +115,24 @@ def test_two_party_public_layers_agree_with_plaintext():
     x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
     r = run_two_party(net, x, weights_mode="public")
     assert r.top1_agreement == 1.0 and r.max_logit_error <= 1e-3
+
+
+def test_public_weights_are_encoded_once_at_setup_and_again_only_when_changed():
+    from deepshare_convert.compat import import_crypten
+    from deepshare_convert.mpc.executor import _ring_weight, prepare_public_weights
+    from deepshare_convert.mpc.lowering import lower
+    from deepshare_convert.mpc.prepare import prepare
+
+    import_crypten()
+    net = _Net().eval()
+    program = lower(prepare(net), (1, 4, 8, 8), "public")
+    assert prepare_public_weights(program) == 3 and len(program.kernels) == 3
+    conv = next(n for n in program.gm.graph.nodes if n.op == "call_module" and n.target == "conv")
+    w = program.gm.get_submodule("conv").weight
+    rw = _ring_weight(program, conv.name, w, 2**16)
+    assert rw is program.kernels[conv.name][2]  # reused, not re-encoded
+    assert torch.equal(rw.w, torch.round(w.detach().double() * 2**16).long())
+    with torch.no_grad():
+        w.mul_(2)  # an in-place change of the weight: encoded again
+    assert torch.equal(_ring_weight(program, conv.name, w, 2**16).w, torch.round(w.detach().double() * 2**16).long())
+    assert prepare_public_weights(lower(prepare(net), (1, 4, 8, 8), "private")) == 0

@@ -396,10 +396,10 @@ def setup_weights(program: Program, rank: int, dealer: P.Dealer) -> dict[str, P.
 
 def _ring_weight(program: Program, name: str, w: torch.Tensor, scale: int) -> RingWeight:
     cached = program.kernels.get(name)
-    if cached is None or cached[0] is not w:  # keyed by the tensor itself: a new weight is re-encoded
-        cached = (w, RingWeight.encode(w, scale))
+    if cached is None or cached[0] is not w or cached[1] != w._version:  # a new or changed weight is re-encoded
+        cached = (w, w._version, RingWeight.encode(w, scale))
         program.kernels[name] = cached
-    return cached[1]
+    return cached[2]
 
 
 def prepare_public_weights(program: Program) -> int:
