@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "script,result",
     [("overhead.py", "overhead_quick.json"), ("pi_latency.py", "pi_latency_quick.json"),
+     ("conv_shares.py", "conv_shares_quick.json"),
      ("snl_search.py", "snl_search_quick.json"), ("xor.py", "xor_quick.json")],
 )  # fmt: skip
 def test_bench_quick(script, result, tmp_path):

@@ -44,6 +44,7 @@ from . import protocols as P
 from .backend import Backend, NodeStats, PartyRun, SetupRun
 from .lowering import Program, interpolate_args
 from .resample import adaptive_pool_matrices, avg_pool_matrices, interpolate_matrices
+from .ring import RingWeight
 
 __all__ = ["CrypTenBackend", "CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program",
            "setup_weights"]  # fmt: skip
@@ -148,6 +149,10 @@ class CrypTenInterpreter(fx.Interpreter):
             self._openings[key] = P.open_masked(x, self.dealer)
         return self._openings[key]
 
+    def ring_weight(self, n: fx.Node, w: torch.Tensor, x) -> RingWeight:
+        """Node ``n``'s public weight encoded for the ring kernels, once per program (kept across runs)."""
+        return _ring_weight(self.program, n.name, w, x.encoder.scale)
+
     def fixed(self, n: fx.Node) -> list[P.FixedMask]:
         """The setup masks of the model tensors node ``n`` multiplies by (the lowering names them)."""
         return [self.masks[name] for name in self.program.op(n.name).fixed]
@@ -204,7 +209,7 @@ class CrypTenInterpreter(fx.Interpreter):
         if n.op == "call_module":
             m = self.mods[n.target]
             b = self._weights(m, "bias")[0]
-            w = None if self.private else m.weight.detach()
+            w = None if self.private else m.weight
             conv = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
         else:
             names = ("weight", "bias", "stride", "padding", "dilation", "groups")
@@ -218,13 +223,13 @@ class CrypTenInterpreter(fx.Interpreter):
         if _is_shared(w):
             out = x.conv2d(w, **conv)
             return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
-        return P.public_conv2d(x, w, b, **conv)
+        return P.public_conv2d(x, self.ring_weight(n, w, x), b, **conv)
 
     def _h_linear(self, n, args, kwargs):
         x = args[0]
         if n.op == "call_module":
             m = self.mods[n.target]
-            w, b = (None if self.private else m.weight.detach()), self._weights(m, "bias")[0]
+            w, b = (None if self.private else m.weight), self._weights(m, "bias")[0]
         else:
             w = args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -235,7 +240,7 @@ class CrypTenInterpreter(fx.Interpreter):
         if _is_shared(w):
             out = x.matmul(w.t())
             return out + b if b is not None else out
-        return P.public_linear(x, w, b)
+        return P.public_linear(x, self.ring_weight(n, w, x), b)
 
     def _h_bn(self, n, args, kwargs):
         """A BatchNorm that could not be folded: a per-channel affine."""
@@ -401,6 +406,34 @@ def setup_weights(program: Program, rank: int, dealer: P.Dealer) -> dict[str, P.
     return P.mask_weights(shared, dealer)
 
 
+def _ring_weight(program: Program, name: str, w: torch.Tensor, scale: int) -> RingWeight:
+    cached = program.kernels.get(name)
+    if cached is None or cached[0] is not w or cached[1] != w._version:  # a new or changed weight is re-encoded
+        cached = (w, w._version, RingWeight.encode(w, scale))
+        program.kernels[name] = cached
+    return cached[2]
+
+
+def prepare_public_weights(program: Program) -> int:
+    """Encode every public conv / linear module weight for the ring kernels now (setup), not in the first run.
+
+    Returns the number of weights prepared (0 in ``private`` mode: those are masked instead).
+    """
+    if program.weights_mode != "public":
+        return 0
+    from crypten.encoder import FixedPointEncoder
+
+    scale, count = FixedPointEncoder().scale, 0
+    with torch.no_grad():
+        for n in program.gm.graph.nodes:
+            if n.op == "call_module" and program.op(n.name).handler in ("conv2d", "linear"):
+                w = getattr(program.gm.get_submodule(n.target), "weight", None)
+                if isinstance(w, torch.Tensor):
+                    _ring_weight(program, n.name, w, scale)
+                    count += 1
+    return count
+
+
 def _model_tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
     """A fixed tensor by its lowering name: an attribute path, or ``module:scale`` (an unfolded BatchNorm)."""
     if name.endswith(":scale"):
@@ -480,6 +513,7 @@ class CrypTenBackend(Backend):
         tic = time.perf_counter()
         dealer = P.Dealer(self.rank)
         masks = setup_weights(program, self.rank, dealer)
+        prepare_public_weights(program)  # once per loaded model, like the masks
         wall = time.perf_counter() - tic
         stats = comm.get_communication_stats()
         self._session = (program, dealer, masks)

@@ -137,6 +137,8 @@ class Program:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     weights_mode: str
+    # public weights prepared for the ring kernels (node -> RingWeight), filled by the first run
+    kernels: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def op(self, name: str) -> MPCOp:
         return self._by_name[name]

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import import_crypten
+from .ring import RingWeight, ring_conv2d, ring_linear
 
 __all__ = [
     "Dealer", "FixedMask", "MaskedBit", "Opening", "drelu", "drelu_and_open", "gate_product", "relu", "public_affine",
@@ -308,52 +309,28 @@ def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dea
     return out.div_(x.encoder.scale)
 
 
-def public_conv2d(x, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs):
+def public_conv2d(x, weight, bias: torch.Tensor | None, **kwargs):
     """Convolution with plaintext weights on shares: local (each party convolves its share).
 
-    Computed as :func:`ring_conv2d` (exact mod 2^64, through float64 convolutions), then the
-    usual local truncation by the weight scale.
+    ``weight`` is a float tensor or a :class:`~.ring.RingWeight` prepared once per layer.
+    Computed exactly mod 2^64 by :func:`~.ring.ring_conv2d` (the faster exact kernel for this
+    layer), then the usual local truncation by the weight scale.
     """
     scale = x.encoder.scale
-    w = torch.round(weight.detach().double() * scale).long()
+    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight, scale)
     out = x.shallow_copy()
-    out.share = ring_conv2d(x.share, w, **kwargs)
+    out.share = ring_conv2d(x.share, rw, **kwargs)
     out = out.div_(scale)
     return out + _channel_view(bias, out.dim()) if bias is not None else out
 
 
-_FLOAT64_EXACT_BITS = 52
-
-
-def ring_conv2d(share: torch.Tensor, w: torch.Tensor, **kwargs) -> torch.Tensor:
-    """conv2d(share, w) mod 2^64 for int64 tensors, exactly, via float64 convolutions.
-
-    CPU int64 convolution has no fast kernel (~15x slower than float64 here).  Split the share
-    into unsigned b-bit chunks, b chosen so that every chunk's convolution is below 2^52 in
-    magnitude (exact in float64): b = 52 - bits(max|w|) - bits(fan-in).  Then
-    conv(share) = sum_k conv(chunk_k) << (k*b)  (mod 2^64).  Falls back to the int64 kernel
-    when the weights are too large for chunks of at least 8 bits.
-    """
-    fan_in = w[0].numel()
-    w_bits = int(w.abs().max().item()).bit_length() if w.numel() else 0
-    b = _FLOAT64_EXACT_BITS - w_bits - max(fan_in - 1, 1).bit_length()
-    if b < 8:
-        return torch.conv2d(share, w, **kwargs)
-    b = min(b, 32)
-    chunks = -(-64 // b)
-    wf = w.double()
-    mask = (1 << b) - 1
-    out = None
-    for k in range(chunks):
-        part = torch.bitwise_and(torch.bitwise_right_shift(share, k * b), mask).double()
-        y = torch.conv2d(part, wf, **kwargs).round_().long()
-        y = torch.bitwise_left_shift(y, k * b) if k else y
-        out = y if out is None else out.add_(y)
-    return out
-
-
-def public_linear(x, weight: torch.Tensor, bias: torch.Tensor | None):
-    out = x.matmul(weight.t())
+def public_linear(x, weight, bias: torch.Tensor | None):
+    """``x @ W.T + b`` with a plaintext W: local, exact mod 2^64 (:func:`~.ring.ring_linear`), one truncation."""
+    scale = x.encoder.scale
+    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight, scale)
+    out = x.shallow_copy()
+    out.share = ring_linear(x.share, rw)
+    out = out.div_(scale)
     return out + bias if bias is not None else out
 
 
