@@ -119,9 +119,9 @@ def test_two_party_public_layers_agree_with_plaintext():
 
 def test_public_weights_are_encoded_once_at_setup_and_again_only_when_changed():
     from deepshare_convert.compat import import_crypten
-    from deepshare_convert.mpc.executor import _ring_weight, prepare_public_weights
     from deepshare_convert.mpc.lowering import lower
     from deepshare_convert.mpc.prepare import prepare
+    from deepshare_convert.mpc.weights import prepare_public_weights, ring_weight as _ring_weight
 
     import_crypten()
     net = _Net().eval()

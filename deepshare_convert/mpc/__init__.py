@@ -14,6 +14,10 @@ Modules, in the order data flows through them:
   masked-bit gate product, public-weight convolutions, the correlated-randomness dealer).
 * :mod:`.executor`  -- :class:`~.executor.CrypTenBackend`: an ``fx.Interpreter`` that runs the
   lowered graph on CrypTen tensors, plus CrypTen's start/stop and counters.
+* :mod:`.local_ops`  -- the handlers that need no communication (public arithmetic, reshapes,
+  pooling and resampling by public coefficients), a mixin of the interpreter.
+* :mod:`.weights`   -- model tensors on shares: private-mode setup masks, public weights encoded
+  once for the ring kernels, sharing a tensor or the input.
 * :mod:`.handshake` -- before any share moves: both parties prove knowledge of a shared key
   (HMAC over fresh nonces) and compare the plan's hash; strangers are refused.
 * :mod:`.launcher`  -- two real processes on 127.0.0.1 (or one party of a two-host run),
@@ -22,7 +26,7 @@ Modules, in the order data flows through them:
 * :mod:`.rounds`    -- round depth: the fewest rounds any merging of independent openings could reach.
 * :mod:`.what_if`   -- the same budget re-planned at group sizes 1, 2, 4 and costed (``--what-if``).
 
-crypten is imported only inside functions of :mod:`.protocols`, :mod:`.executor` and
+crypten is imported only inside functions of :mod:`.protocols`, :mod:`.executor`, :mod:`.weights` and
 :mod:`.costs` (via :func:`deepshare_convert.compat.import_crypten`), never at package import.
 """
 

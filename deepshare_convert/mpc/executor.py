@@ -42,9 +42,10 @@ from ..compat import import_crypten
 from ..errors import DeepShareError, first_line
 from . import protocols as P
 from .backend import Backend, NodeStats, PartyRun, SetupRun
-from .lowering import Program, interpolate_args
-from .resample import adaptive_pool_matrices, avg_pool_matrices, interpolate_matrices
+from .local_ops import LocalOps, is_shared
+from .lowering import Program
 from .ring import RingWeight
+from .weights import bn_affine, prepare_public_weights, ring_weight, setup_weights, share_input, share_model_tensor
 
 __all__ = ["CrypTenBackend", "CrypTenInterpreter", "GateValue", "NodeStats", "share_input", "run_program",
            "setup_weights"]  # fmt: skip
@@ -70,11 +71,7 @@ def _comm():
     return comm.get()
 
 
-def _is_shared(v: Any) -> bool:
-    return type(v).__name__ == "ArithmeticSharedTensor"
-
-
-class CrypTenInterpreter(fx.Interpreter):
+class CrypTenInterpreter(LocalOps, fx.Interpreter):
     """Execute ``program`` on shares at one party; ``run(x_shared)`` returns the shared output."""
 
     def __init__(self, program: Program, rank: int, dealer: P.Dealer | None = None,
@@ -151,7 +148,7 @@ class CrypTenInterpreter(fx.Interpreter):
 
     def ring_weight(self, n: fx.Node, w: torch.Tensor, x) -> RingWeight:
         """Node ``n``'s public weight encoded for the ring kernels, once per program (kept across runs)."""
-        return _ring_weight(self.program, n.name, w, x.encoder.scale)
+        return ring_weight(self.program, n.name, w, x.encoder.scale)
 
     def fixed(self, n: fx.Node) -> list[P.FixedMask]:
         """The setup masks of the model tensors node ``n`` multiplies by (the lowering names them)."""
@@ -220,7 +217,7 @@ class CrypTenInterpreter(fx.Interpreter):
         if fixed:  # a model weight masked at setup: opens x - a only
             out = P.fixed_product(x, fixed[0], lambda u, v: torch.conv2d(u, v, **conv), self.dealer, self.opening(n, x))
             return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
-        if _is_shared(w):
+        if is_shared(w):
             out = x.conv2d(w, **conv)
             return out + b.view(1, -1, *([1] * (out.dim() - 2))) if b is not None else out
         return P.public_conv2d(x, self.ring_weight(n, w, x), b, **conv)
@@ -237,7 +234,7 @@ class CrypTenInterpreter(fx.Interpreter):
         if fixed:  # a model weight masked at setup: opens x - a only
             out = P.fixed_product(x, fixed[0], lambda u, v: torch.matmul(u, v.t()), self.dealer, self.opening(n, x))
             return out + b if b is not None else out
-        if _is_shared(w):
+        if is_shared(w):
             out = x.matmul(w.t())
             return out + b if b is not None else out
         return P.public_linear(x, self.ring_weight(n, w, x), b)
@@ -246,217 +243,12 @@ class CrypTenInterpreter(fx.Interpreter):
         """A BatchNorm that could not be folded: a per-channel affine."""
         m = self.mods[n.target]
         x = args[0]
-        scale, shift = _bn_affine(m)
+        scale, shift = bn_affine(m)
         view = (1, -1) + (1,) * (x.dim() - 2)
         if self.private:  # the scale was masked at setup; the shift is an addition
             out = P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer, self.opening(n, x))
             return out + self.shared(shift).view(view)
         return x.mul(scale.view(view)) + shift.view(view)
-
-    # -- local ops -----------------------------------------------------------------------------
-    def _h_add(self, n, args, kwargs):
-        a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
-        if kwargs.get("alpha", 1) != 1:
-            b = b * kwargs["alpha"]
-        return a + b if _is_shared(a) else b + a
-
-    def _h_sub(self, n, args, kwargs):
-        a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
-        return a - b if _is_shared(a) else (-b) + a
-
-    def _h_mul(self, n, args, kwargs):
-        a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
-        return a.mul(b) if _is_shared(a) else b.mul(a)
-
-    def _h_div(self, n, args, kwargs):
-        if kwargs.get("rounding_mode") is not None:
-            raise DeepShareError(f"cannot run node {n.name!r} under MPC: division with rounding_mode")
-        return args[0].div(args[1])
-
-    def _h_neg(self, n, args, kwargs):
-        return -args[0]
-
-    def _h_identity(self, n, args, kwargs):
-        return args[0]
-
-    def _h_shape(self, n, args, kwargs):
-        x = args[0]
-        if n.op == "call_function":  # getattr(x, "shape")
-            if args[1] not in ("shape",):
-                raise DeepShareError(f"cannot run node {n.name!r} under MPC: attribute {args[1]!r} of a shared tensor")
-            return x.size()
-        return getattr(x, n.target)(*args[1:], **kwargs)
-
-    def _h_flatten(self, n, args, kwargs):
-        if n.op == "call_module":
-            m = self.mods[n.target]
-            return args[0].flatten(m.start_dim, m.end_dim)
-        return args[0].flatten(*args[1:], **kwargs)
-
-    def _h_reshape(self, n, args, kwargs):
-        shape = tuple(args[1:]) if len(args) > 2 else (args[1] if len(args) > 1 else kwargs.get("shape"))
-        if isinstance(shape, int):
-            shape = (shape,)
-        return args[0].reshape(*shape)
-
-    def _h_shape_op(self, n, args, kwargs):
-        return getattr(args[0], n.target)(*args[1:], **kwargs)
-
-    def _h_getitem(self, n, args, kwargs):
-        return args[0][args[1]]
-
-    def _h_slice(self, n, args, kwargs):
-        """``aten.slice(x, dim, start, end, step)``: basic indexing, local to each party."""
-        names = ("dim", "start", "end", "step")
-        v = {"dim": 0, "start": None, "end": None, "step": 1, **dict(zip(names, args[1:])), **kwargs}
-        index = (slice(None),) * (v["dim"] % args[0].dim()) + (slice(v["start"], v["end"], v["step"]),)
-        return args[0][index]
-
-    def _h_pad(self, n, args, kwargs):
-        pad = args[1] if len(args) > 1 else kwargs["pad"]
-        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
-        value = args[3] if len(args) > 3 else kwargs.get("value", 0)
-        if mode != "constant":
-            raise DeepShareError(f"cannot run node {n.name!r} under MPC: F.pad mode {mode!r}")
-        return args[0].pad(tuple(pad), value=0 if value is None else value)
-
-    def _h_cat(self, n, args, kwargs):
-        tensors = list(args[0])
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        if not all(_is_shared(t) for t in tensors):
-            raise DeepShareError(f"cannot run node {n.name!r} under MPC: cat of shared and public tensors")
-        scale = tensors[0].encoder.scale
-        if any(t.encoder.scale != scale for t in tensors):
-            raise DeepShareError(f"node {n.name!r}: cat of tensors with different fixed-point scales")
-        out = tensors[0].shallow_copy()
-        out.share = torch.cat([t.share for t in tensors], dim=dim)
-        return out
-
-    def _h_avgpool(self, n, args, kwargs):
-        x = args[0]
-        if n.op == "call_module":
-            m = self.mods[n.target]
-            k, s, p, ceil, incl, div = m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
-        else:
-            names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-            v = dict(zip(names, args[1:]), **kwargs)
-            k, s, p = v["kernel_size"], v.get("stride"), v.get("padding", 0)
-            ceil, incl, div = v.get("ceil_mode", False), v.get("count_include_pad", True), v.get("divisor_override")
-        if div is not None:
-            raise DeepShareError(f"cannot run node {n.name!r} under MPC: avg-pool with divisor_override")
-        if ceil or (not incl and p not in (0, (0, 0), [0, 0])):  # uneven windows: a public separable map, local
-            return P.public_separable(x, *avg_pool_matrices(tuple(x.size()[-2:]), k, s, p, ceil, incl))
-        return x.avg_pool2d(k, stride=s if s else None, padding=p)
-
-    def _h_adaptive_avgpool(self, n, args, kwargs):
-        x = args[0]
-        size = self.mods[n.target].output_size if n.op == "call_module" else (args[1] if len(args) > 1 else kwargs["output_size"])
-        size = (size, size) if isinstance(size, int) or size is None else tuple(size)
-        h, w = x.size(2), x.size(3)
-        oh, ow = (h if size[0] is None else size[0]), (w if size[1] is None else size[1])
-        if (oh, ow) == (1, 1):
-            return x.sum(dim=(2, 3), keepdim=True).div(h * w)
-        if h % oh or w % ow:  # uneven bins: a public separable map (mpc/resample.py), local
-            return P.public_separable(x, *adaptive_pool_matrices((h, w), (oh, ow)))
-        return x.avg_pool2d((h // oh, w // ow))
-
-    def _h_interpolate(self, n, args, kwargs):
-        """Bilinear / bicubic / nearest resampling: public separable coefficients, local to each party."""
-        x = args[0]
-        r = interpolate_args(n, self.mods)
-        out_hw = tuple(n.meta["tensor_meta"].shape[-2:])  # static: shapes were propagated by the lowering
-        mats = interpolate_matrices(tuple(x.size()[-2:]), out_hw, r["mode"], r["align_corners"],
-                                    r["scale_factor"], r["recompute_scale_factor"])  # fmt: skip
-        return P.public_separable(x, *mats)
-
-    def _h_mean(self, n, args, kwargs):
-        x = args[0]
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-        if dim is None:
-            return x.sum().div(x.nelement())
-        dims = (dim,) if isinstance(dim, int) else tuple(dim)
-        count = 1
-        for d in dims:
-            count *= x.size(d)
-        return x.sum(dim=dims, keepdim=keep).div(count)
-
-    def _h_sum(self, n, args, kwargs):
-        return args[0].sum(*args[1:], **kwargs)
-
-
-def _bn_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of an eval-mode BatchNorm: y = x·scale + shift."""
-    scale = m.weight.detach() / torch.sqrt(m.running_var + m.eps) if m.affine else 1 / torch.sqrt(m.running_var + m.eps)
-    shift = (m.bias.detach() if m.affine else 0) - m.running_mean * scale
-    return scale, shift
-
-
-def setup_weights(program: Program, rank: int, dealer: P.Dealer) -> dict[str, P.FixedMask]:
-    """The setup phase of ``private`` mode: share every fixed model tensor once and open its ``W - b``.
-
-    Party 0 shares the real tensors; party 1 holds only zeroed placeholders (the weightless
-    skeleton) and contributes sizes.  All openings go in one round; the masks serve every
-    later :func:`run_program` with the same ``dealer``.
-    """
-    if program.weights_mode != "private" or not program.fixed:
-        return {}
-    with torch.no_grad():
-        shared = {name: share_model_tensor(_model_tensor(program.gm, name), rank) for name in program.fixed}
-    return P.mask_weights(shared, dealer)
-
-
-def _ring_weight(program: Program, name: str, w: torch.Tensor, scale: int) -> RingWeight:
-    cached = program.kernels.get(name)
-    if cached is None or cached[0] is not w or cached[1] != w._version:  # a new or changed weight is re-encoded
-        cached = (w, w._version, RingWeight.encode(w, scale))
-        program.kernels[name] = cached
-    return cached[2]
-
-
-def prepare_public_weights(program: Program) -> int:
-    """Encode every public conv / linear module weight for the ring kernels now (setup), not in the first run.
-
-    Returns the number of weights prepared (0 in ``private`` mode: those are masked instead).
-    """
-    if program.weights_mode != "public":
-        return 0
-    from crypten.encoder import FixedPointEncoder
-
-    scale, count = FixedPointEncoder().scale, 0
-    with torch.no_grad():
-        for n in program.gm.graph.nodes:
-            if n.op == "call_module" and program.op(n.name).handler in ("conv2d", "linear"):
-                w = getattr(program.gm.get_submodule(n.target), "weight", None)
-                if isinstance(w, torch.Tensor):
-                    _ring_weight(program, n.name, w, scale)
-                    count += 1
-    return count
-
-
-def _model_tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    """A fixed tensor by its lowering name: an attribute path, or ``module:scale`` (an unfolded BatchNorm)."""
-    if name.endswith(":scale"):
-        return _bn_affine(gm.get_submodule(name.removesuffix(":scale")))[0]
-    owner, _, attr = name.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
-
-
-def share_model_tensor(t: torch.Tensor, rank: int):
-    """A model tensor secret-shared by party 0 (party 1 passes its zero placeholder: size only)."""
-    from crypten.mpc.primitives import ArithmeticSharedTensor
-
-    t = t.detach().float()
-    return ArithmeticSharedTensor(t, src=0) if rank == 0 else ArithmeticSharedTensor(None, size=t.shape, src=0)
-
-
-def share_input(x: torch.Tensor | None, shape, rank: int):
-    """The input, secret-shared by party 1; party 0 contributes only the (public) shape."""
-    from crypten.mpc.primitives import ArithmeticSharedTensor
-
-    if rank == 1:
-        return ArithmeticSharedTensor(x.float(), src=1)
-    return ArithmeticSharedTensor(None, size=tuple(shape), src=1)
 
 
 @dataclass
