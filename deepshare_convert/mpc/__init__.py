@@ -7,6 +7,8 @@ Modules, in the order data flows through them:
 * :mod:`.lowering`  -- fx graph -> MPC program: one :class:`~.lowering.MPCOp` per node saying
   what it costs under MPC (node -> handler tables, handler -> cost-rule table), or a one-line
   error naming the node no protocol can run.  No crypten import: the cost model uses it too.
+* :mod:`.program`   -- the lowered program's types (:class:`~.program.MPCOp`, :class:`~.program.Program`).
+* :mod:`.cost_rules` -- handler -> cost rule: elements compared / opened / revealed, rounds, MACs.
 * :mod:`.transport` -- ``pack``/``unpack``: graph modules across the spawn boundary.
 * :mod:`.backend`   -- the :class:`~.backend.Backend` seam: start a party, run a program on
   shares, reveal, report the traffic.  CrypTen is the one implementation.

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import DeepShareError
 from . import protocols as P
-from .lowering import interpolate_args
+from .cost_rules import interpolate_args
 from .resample import adaptive_pool_matrices, avg_pool_matrices, interpolate_matrices
 
 __all__ = ["LocalOps", "is_shared"]

@@ -10,7 +10,7 @@ merge of independent openings is possible without a different protocol (docs/pri
 from __future__ import annotations
 
 from .costs import CostTable
-from .lowering import Program, _node_inputs
+from .program import Program, node_inputs as _node_inputs
 
 __all__ = ["round_depth", "independent_rounds"]
 
