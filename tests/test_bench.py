@@ -88,3 +88,29 @@ def test_accuracy_bench_remakes_a_recorded_run(tmp_path):
     assert data["rows"] == json.loads(recorded.read_text())["rows"] and data["schedule"]["limit"] is None
     assert "| resnet20 | 2% | 3,712 / 3,699 | 8,228 / 8,228 |" in proc.stdout  # equal steps, search counted
     assert (tmp_path / "accuracy_vs_budget_fulldata_curves.png").is_file()
+
+
+CAMVID = ROOT.parent / "shared" / "data" / "camvid-240x180.tar.gz"
+
+
+@needs(CAMVID)
+def test_segmentation_bench_quick(tmp_path):
+    """CamVid bench smoke run: original, SNL and DeepShare at two budgets, equal steps, scores, costs, figure."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "segmentation.py"), "--runs", str(tmp_path / "runs"),
+                           "--out", str(tmp_path), "--quick"], capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "segmentation_quick.json").read_text())
+    assert (tmp_path / "segmentation_quick.png").is_file() and len(data["classes"]) == 11
+    rows = data["rows"]
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("original", "100%"), ("SNL", "3%"), ("DeepShare", "3%"), ("SNL", "1%"), ("DeepShare", "1%")]
+    total = rows[0]["relus"]
+    assert total == 12_554_176  # MobileNetV2's ReLU6 elements count two comparisons each, at 3x180x240
+    for snl, ds in [(rows[1], rows[2]), (rows[3], rows[4])]:
+        assert ds["steps"] == snl["steps"] > snl["search_steps"] > 0  # equal optimizer steps, search included
+        assert ds["relus"] <= total * float(ds["budget"].rstrip("%")) / 100
+        assert ds["cost"]["comparisons"] == ds["relus"] and ds["cost"]["bytes"] < rows[0]["cost"]["bytes"]
+    for r in rows:
+        if r.get("miou") is not None:
+            assert 0 <= r["miou"] <= 100 and len(r["iou"]) == 11
+    assert rows[0]["cost"]["comparisons"] == total and rows[0]["cost"]["rounds"] > rows[2]["cost"]["rounds"]
