@@ -118,8 +118,7 @@ def run_original(sched: Schedule, runs: Path) -> dict[str, Any]:
 
 
 def run_snl(weights: str, budget: str, sched: Schedule, runs: Path) -> dict[str, Any]:
-    from deepshare_convert.snl import SNLConfig, resume_snl
-    from deepshare_convert.snl import run_snl as snl
+    from deepshare_convert.snl import SNLConfig, resume_snl, run_snl as snl
 
     out = runs / f"snl_{_slug(budget)}"
     results = _done(out, "snl_miou")
@@ -294,6 +293,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 8 train / 4 test images, a few steps per run")
     p.add_argument("--budgets", default="3%,1%", help="comma-separated budgets (percent of the comparisons)")
     p.add_argument("--scale", type=int, default=1, help="every run N times longer (own results file)")
+    p.add_argument("--limit", type=int, default=None, help="reduced run: train on the first N images (own results "
+                   "file, no docs section)")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="reduced run: the original's epochs")
     p.add_argument("--runs", default=str(ROOT / "out" / "bench-seg"), help="run directories (resumable cache)")
     p.add_argument("--device", default="cpu", help="where the runs train: cpu (default), cuda, auto")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the docs/results.md section")
@@ -303,8 +305,13 @@ def main() -> None:
         raise SystemExit(f"error: {SHARED / 'data' / 'camvid-240x180.tar.gz'} not found (needs ../shared)")
     sched = Schedule.quick() if args.quick else Schedule().scaled(args.scale)
     sched.device = args.device
+    reduced = not args.quick and (args.limit is not None or args.pretrain_epochs is not None)
+    if reduced:
+        sched.limit = args.limit
+        sched.pretrain_epochs = args.pretrain_epochs or sched.pretrain_epochs
     budgets = args.budgets.split(",")
     suffix = "_quick" if args.quick else (f"_x{args.scale}" if args.scale > 1 else "")
+    suffix += f"_reduced_n{sched.limit}_e{sched.pretrain_epochs}" if reduced else ""
     runs = Path(args.runs) / ("quick" if args.quick else "full" + suffix)
     t0 = time.perf_counter()
     rows = measure(budgets, sched, runs)
@@ -316,7 +323,7 @@ def main() -> None:
     figure(rows, sched, args.out / f"{name}.png")
     md, per_class = table(rows), class_table(rows)
     print(md + "\n\n" + per_class)
-    if not args.quick and not args.no_docs:
+    if not args.quick and not reduced and not args.no_docs:
         update_docs_section(name, _docs(md, per_class, sched, args, name))
 
 
@@ -328,11 +335,12 @@ Command: `python bench/segmentation.py --budgets {args.budgets}{scale} --device 
 `bench/results/{name}.*`; docs/segmentation.md). The original `deeplabv3_mobilenetv2` is trained from scratch
 ({sched.pretrain_epochs} epochs, batch {sched.batch_size}, all 367 train images at 240×180, no ImageNet weights),
 then converted at each budget (a percentage of its comparisons, a ReLU6 element counting two): SNL searches
-(λ policy `{sched.snl_policy}`, Adam lr {sched.snl_lr:g}, at most {sched.snl_max_epochs} epochs) and finetunes {sched.snl_finetune_epochs}
-epochs; DeepShare (`recipes/deeplabv3_mobilenetv2_camvid.yaml`'s progressive phase, γ = 4, KD from the original)
-trains for exactly as many optimizer steps. Scores on the CamVid test split ({sched.test_limit or 233} images,
-label 11 ignored); "2PC" is the cost model's estimate for one 3×180×240 image (public weights, 1 Gbps, 1 ms RTT); the MPC lowering
-does not take SNL's masked ReLUs (a per-element mix of ReLU and identity), so SNL rows have none.
+(λ policy `{sched.snl_policy}`, Adam lr {sched.snl_lr:g}, at most {sched.snl_max_epochs} epochs) and
+finetunes {sched.snl_finetune_epochs} epochs; DeepShare (`recipes/deeplabv3_mobilenetv2_camvid.yaml`'s progressive
+phase, γ = 4, KD from the original) trains for exactly as many optimizer steps. Scores on the CamVid test split
+({sched.test_limit or 233} images, label 11 ignored); "2PC" is the cost model's estimate for one 3×180×240 image
+(public weights, 1 Gbps, 1 ms RTT); the MPC lowering does not take SNL's masked ReLUs (a per-element mix of ReLU
+and identity), so SNL rows have none.
 "saved" is the original's comparisons over the model's.
 
 {md}

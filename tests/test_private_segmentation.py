@@ -82,4 +82,29 @@ def test_two_party_camvid_label_map_equals_plaintext_and_costs_exactly():
     assert (est.bytes, est.rounds) == (r.parties[0].bytes, r.parties[0].rounds) == (r.parties[1].bytes,
                                                                                     r.parties[1].rounds)  # fmt: skip
     assert r.parties[0].comparisons == est.comparisons == plan.achieved  # no max-pool in MobileNetV2: DReLUs only
-    assert r.top1_agreement == same.mean()  # the run's own agreement is per pixel for dense outputs
+    assert r.dense and r.pixel_agreement == same.mean() == r.to_dict()["pixel_agreement"]
+
+
+def test_private_infer_reports_pixels_for_dense_outputs():
+    """private-infer's table and JSON count agreement per pixel, and score labels over labelled pixels only."""
+    from deepshare_convert.cli.mpc_commands import _label_score
+    from deepshare_convert.cli.mpc_tables import private_run_table
+    from deepshare_convert.mpc.launcher import PartyReport, PrivateRun
+
+    clear = np.zeros((1, 11, 2, 3), dtype=np.float32)
+    clear[0, 3] = 1.0  # plaintext: class 3 everywhere
+    private = clear.copy()
+    private[0, 5, 0, 0] = 2.0  # one pixel of six differs
+    parties = [PartyReport(rank, 10, 2, 0.1, 0.05, 6, {}, None) for rank in (0, 1)]
+    run = PrivateRun("public", parties, private, clear, 6)
+    assert run.dense and abs(run.pixel_agreement - 5 / 6) < 1e-12
+    assert run.to_dict()["pixel_agreement"] == run.pixel_agreement and run.to_dict()["pixels"] == 6
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(private_run_table(run, "seg"))
+    assert "pixel labels 83.33% of 6" in console.export_text()
+    labels = np.array([[[3, 3, 11], [3, 0, 0]]])  # 11: unlabelled, left out
+    assert _label_score(private, labels, "camvid") == ("pixel_acc_labels", 0.4, "of the labelled pixels correct")
+    flat = PrivateRun("public", parties, private[:, :, 0, 0], clear[:, :, 0, 0], 6)
+    assert not flat.dense and flat.pixel_agreement is None and "pixel_agreement" not in flat.to_dict()
