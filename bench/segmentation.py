@@ -16,9 +16,11 @@
 
 Full mode (batch 8, all 367 train images: 46 steps an epoch): 16 pretrain epochs, then at each budget
 an SNL search of at most 3 epochs plus 4 finetune epochs, and DeepShare for the same steps.  On this
-2-core machine (one thread per run, a MobileNetV2 step of batch 8 about 2.7 s, a converted one about
-1.5x that) expect about 35 min for the original and 20-25 min per SNL or DeepShare run: about two hours
-in all.  ``--device cuda`` runs the same schedule on a GPU (``--scale N`` makes every run N times
+2-core machine (one thread; a training step of batch 8 measured at 1.0 s for the original and 1.7 s for
+SNL's masked model on a quiet core, 2.7 s for the original with the cores shared by other jobs) expect
+about an hour on a quiet machine and up to two and a half when it is shared.  ``--limit``,
+``--pretrain-epochs`` and ``--snl-max-epochs`` make a reduced run (its own results file, no docs section).
+``--device cuda`` runs the same schedule on a GPU (``--scale N`` makes every run N times
 longer).  ``--quick`` is a smoke run (8 train / 4 test images, a few steps per run) whose numbers mean
 nothing.  Runs live under ``--runs`` and are read back (or resumed) rather than redone.
 
@@ -296,6 +298,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="reduced run: train on the first N images (own results "
                    "file, no docs section)")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="reduced run: the original's epochs")
+    p.add_argument("--snl-max-epochs", type=int, default=None, help="reduced run: cap of SNL's search (a subset "
+                   "needs more epochs for the same search steps)")
     p.add_argument("--runs", default=str(ROOT / "out" / "bench-seg"), help="run directories (resumable cache)")
     p.add_argument("--device", default="cpu", help="where the runs train: cpu (default), cuda, auto")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the docs/results.md section")
@@ -305,13 +309,14 @@ def main() -> None:
         raise SystemExit(f"error: {SHARED / 'data' / 'camvid-240x180.tar.gz'} not found (needs ../shared)")
     sched = Schedule.quick() if args.quick else Schedule().scaled(args.scale)
     sched.device = args.device
-    reduced = not args.quick and (args.limit is not None or args.pretrain_epochs is not None)
+    reduced = not args.quick and (args.limit, args.pretrain_epochs, args.snl_max_epochs) != (None, None, None)
     if reduced:
         sched.limit = args.limit
         sched.pretrain_epochs = args.pretrain_epochs or sched.pretrain_epochs
+        sched.snl_max_epochs = args.snl_max_epochs or sched.snl_max_epochs
     budgets = args.budgets.split(",")
     suffix = "_quick" if args.quick else (f"_x{args.scale}" if args.scale > 1 else "")
-    suffix += f"_reduced_n{sched.limit}_e{sched.pretrain_epochs}" if reduced else ""
+    suffix += f"_reduced_n{sched.limit}_e{sched.pretrain_epochs}_s{sched.snl_max_epochs}" if reduced else ""
     runs = Path(args.runs) / ("quick" if args.quick else "full" + suffix)
     t0 = time.perf_counter()
     rows = measure(budgets, sched, runs)
