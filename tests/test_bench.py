@@ -110,3 +110,29 @@ def test_compare_bits_quick(tmp_path):
     assert full["max_abs"] < 2.0**15  # so the 32-bit sub-ring cannot wrap: exact
     assert rows[(32, 0)]["flips"] == 0 and rows[(32, 0)]["top1"] == full["top1"] and rows[(32, 0)]["rounds"] == 7
     assert rows[(24, 8)]["rounds"] == 6 and 0 < rows[(24, 8)]["flip_rate"] < 1e-2
+
+
+CAMVID = ROOT.parent / "shared" / "data" / "camvid-240x180.tar.gz"
+
+
+@needs(CAMVID)
+def test_segmentation_bench_quick(tmp_path):
+    """CamVid bench smoke run: original, SNL and DeepShare at two budgets, equal steps, scores, costs, figure."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "segmentation.py"), "--runs", str(tmp_path / "runs"),
+                           "--out", str(tmp_path), "--quick"], capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "segmentation_quick.json").read_text())
+    assert (tmp_path / "segmentation_quick.png").is_file() and len(data["classes"]) == 11
+    rows = data["rows"]
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("original", "100%"), ("SNL", "3%"), ("DeepShare", "3%"), ("SNL", "1%"), ("DeepShare", "1%")]
+    total = rows[0]["relus"]
+    assert total == 12_554_176  # MobileNetV2's ReLU6 elements count two comparisons each, at 3x180x240
+    for snl, ds in [(rows[1], rows[2]), (rows[3], rows[4])]:
+        assert ds["steps"] == snl["steps"] > snl["search_steps"] > 0  # equal optimizer steps, search included
+        assert ds["relus"] <= total * float(ds["budget"].rstrip("%")) / 100
+        assert ds["cost"]["comparisons"] == ds["relus"] and ds["cost"]["bytes"] < rows[0]["cost"]["bytes"]
+    for r in rows:
+        if r.get("miou") is not None:
+            assert 0 <= r["miou"] <= 100 and len(r["iou"]) == 11
+    assert rows[0]["cost"]["comparisons"] == total and rows[0]["cost"]["rounds"] > rows[2]["cost"]["rounds"]

@@ -82,6 +82,20 @@ def _first_batch(data: str, num: int, mean, std, input_size):
     return next(iter(loader))
 
 
+def _label_score(logits, labels, data: str) -> tuple[str, float, str]:
+    """Private predictions against the dataset's labels: top-1, or for segmentation the pixel accuracy over
+    labelled pixels (the ignore label left out, as mIoU does)."""
+    pred = logits.argmax(1)
+    if pred.ndim == 1:
+        return "top1_labels", float((pred == labels).mean()), "correct"
+    from ..data import load_dataset
+
+    ignore = load_dataset(data)[0].ignore_index
+    keep = labels != ignore if ignore is not None else labels >= 0
+    acc = float((pred == labels)[keep].mean()) if keep.any() else float("nan")
+    return "pixel_acc_labels", acc, "of the labelled pixels correct"
+
+
 def register(app: typer.Typer) -> None:
     """Add the private-inference commands to ``app``."""
 
@@ -141,15 +155,15 @@ def register(app: typer.Typer) -> None:
         x, y = _first_batch(data, batch_size, loaded.mean, loaded.std, loaded.input_size)
         with console.status(f"two-party inference ({weights_mode} weights) on {len(x)} images", spinner="dots"):
             run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or (), sequential=sequential)
-        acc = float((run.logits.argmax(1) == y.numpy()).mean())
+        key, acc, what = _label_score(run.logits, y.numpy(), data)
         name = str(Path(model)) if Path(model).is_dir() else loaded.spec.display
         if as_json:
-            print(json.dumps({"model": name, "data": data, "top1_labels": acc, **run.to_dict()}, indent=2))
+            print(json.dumps({"model": name, "data": data, key: acc, **run.to_dict()}, indent=2))
             return
         from .mpc_tables import private_run_table
 
         console.print(private_run_table(run, name))
-        console.print(f"private predictions: {100 * acc:.1f}% correct on {len(y)} {data} test images; "
+        console.print(f"private predictions: {100 * acc:.1f}% {what} on {len(y)} {data} test images; "
                       f"{run.parties[0].comparisons:,} comparisons (plan: {run.comparisons_expected:,})")  # fmt: skip
 
     @app.command("estimate-latency")

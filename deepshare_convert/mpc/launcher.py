@@ -82,9 +82,20 @@ class PrivateRun:
 
     @property
     def top1_agreement(self) -> float | None:
+        """Fraction of argmax decisions (over axis 1) equal to plaintext: per image, or per pixel for dense outputs."""
         if self.plaintext is None:
             return None
         return float((self.logits.argmax(1) == self.plaintext.argmax(1)).mean())
+
+    @property
+    def dense(self) -> bool:
+        """(N, K, H, W) logits: a label per pixel (segmentation), so agreement is counted per pixel."""
+        return self.logits.ndim > 2
+
+    @property
+    def pixel_agreement(self) -> float | None:
+        """Segmentation: the fraction of pixels whose private label equals plaintext's (None otherwise)."""
+        return self.top1_agreement if self.dense else None
 
     @property
     def max_logit_error(self) -> float | None:
@@ -97,6 +108,7 @@ class PrivateRun:
             "weights_mode": self.weights_mode,
             "batch": int(self.logits.shape[0]),
             "top1_agreement": self.top1_agreement,
+            **({"pixel_agreement": self.pixel_agreement, "pixels": int(self.logits[:, 0].size)} if self.dense else {}),
             "max_logit_error": self.max_logit_error,
             "comparisons": self.parties[0].comparisons,
             "comparisons_expected": self.comparisons_expected,
