@@ -23,6 +23,8 @@ from deepshare_convert.conversion.rewrite import convert
 from deepshare_convert.errors import DeepShareError
 from deepshare_convert.models.batchnorm import recalibrate_batchnorm
 
+from .timm_cache import run_with_cached_resnet18
+
 HAS_CRYPTEN = importlib.util.find_spec("crypten") is not None
 SMALL = (3, 32, 48)
 
@@ -97,39 +99,13 @@ def test_pretrained_is_refused_for_other_builtins_only():
 
 def test_pretrained_backbone_from_timms_cache_offline(tmp_path):
     """--pretrained on a DeepLabV3 spec loads timm's weights into the backbone, via timm's cache (offline)."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
-
-    script = textwrap.dedent(
-        """
-        import torch
-        from safetensors.torch import save_file
-        from huggingface_hub.constants import HF_HUB_CACHE
-        from deepshare_convert.compat import import_timm
-        from deepshare_convert.models import load_model
-        from pathlib import Path
-
-        timm = import_timm()
-        reference = timm.create_model("resnet18", pretrained=False)
-        snapshot = Path(HF_HUB_CACHE) / "models--timm--resnet18.a1_in1k"
-        (snapshot / "refs").mkdir(parents=True)
-        (snapshot / "refs" / "main").write_text("0" * 40)
-        (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
-        save_file(reference.state_dict(), str(snapshot / "snapshots" / ("0" * 40) / "model.safetensors"))
+    r = run_with_cached_resnet18(tmp_path, """
         body = load_model("deeplabv3:resnet18", pretrained=True).model.backbone.state_dict()
         ref = reference.state_dict()
         assert len(body) > 50 and all(torch.equal(v, ref[k]) for k, v in body.items())
-        print("backbone ok")
-        """
-    )
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0 and "backbone ok" in r.stdout, r.stderr[-2000:]
+        print("ok")
+        """)  # fmt: skip
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_cli_inspect_builtin_json(capsys):

@@ -14,6 +14,8 @@ import pytest
 
 from deepshare_convert.cli.app import run
 
+from .timm_cache import run_with_cached_resnet18
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,30 +44,12 @@ def test_pretrained_offline_fails_fast_naming_weights(tmp_path, offline):
 
 def test_pretrained_offline_uses_timms_cached_copy(tmp_path):
     """A copy in the hub cache (where timm.create_model(pretrained=True) put it) loads without a network."""
-    script = textwrap.dedent(
-        """
-        import torch
-        from safetensors.torch import save_file
-        from huggingface_hub.constants import HF_HUB_CACHE
-        from deepshare_convert.compat import import_timm
-        from deepshare_convert.models import load_model
-        from pathlib import Path
-
-        timm = import_timm()
-        reference = timm.create_model("resnet18", pretrained=False)
-        snapshot = Path(HF_HUB_CACHE) / "models--timm--resnet18.a1_in1k"
-        (snapshot / "refs").mkdir(parents=True)
-        (snapshot / "refs" / "main").write_text("0" * 40)
-        (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
-        save_file(reference.state_dict(), str(snapshot / "snapshots" / ("0" * 40) / "model.safetensors"))
+    r = run_with_cached_resnet18(tmp_path, """
         loaded = load_model("timm:resnet18", pretrained=True).model
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
-        print("cached ok")
-        """
-    )
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **_empty_caches(tmp_path))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0 and "cached ok" in r.stdout, r.stderr[-2000:]
+        print("ok")
+        """)  # fmt: skip
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_pretrained_is_for_timm_only_and_not_with_weights(capsys):
