@@ -224,7 +224,7 @@ def original_accuracy(model: str, sched: Schedule) -> tuple[float, int]:
     loader = make_loader(test, info, train=False, batch_size=500, mean=loaded.mean or info.mean,
                          std=loaded.std or info.std, limit=sched.test_limit)  # fmt: skip
     top1 = evaluate(loaded.model, loader, device=sched.device).top1
-    return round(top1, 2), census(loaded.model.cpu(), loaded.input_size).total_relus
+    return round(top1, 2), census(loaded.model, loaded.input_size).total_relus
 
 
 def require_shared() -> None:

@@ -51,7 +51,7 @@ def evaluate(
     """Top-1 accuracy (or mIoU) and mean cross-entropy of ``model`` on ``loader``'s ``(x, y)`` batches.
 
     The model is moved to ``device`` and run in eval mode under ``no_grad``;
-    its train/eval mode is restored afterwards so this can sit inside a
+    its device and train/eval mode are restored afterwards so this can sit inside a
     training loop.  A model with a single output (binary, e.g. XOR) is scored
     with BCE-with-logits and predicts class 1 where the logit is > 0.
     ``progress(batches_done, total_batches_or_None)`` is called after each batch.
@@ -62,6 +62,8 @@ def evaluate(
         total = None
     ignore = getattr(loader, "ignore_index", None)
     was_training = model.training
+    home = next(iter(model.parameters()), None)
+    home = home.device if home is not None else None
     model.to(device).eval()
     correct, loss_sum, n, pixels = 0, 0.0, 0, 0
     conf: torch.Tensor | None = None
@@ -84,6 +86,8 @@ def evaluate(
                     progress(i + 1, total)
     finally:
         model.train(was_training)
+        if home is not None:
+            model.to(home)  # callers keep their models where they were (the CPU outside a training loop)
     if n == 0:
         return EvalResult(float("nan"), float("nan"), 0)
     if conf is not None:

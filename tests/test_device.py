@@ -7,7 +7,7 @@ import torch
 
 from deepshare_convert.cli.app import run
 from deepshare_convert.errors import DeepShareError
-from deepshare_convert.training.device import model_device, resolve_device
+from deepshare_convert.training.device import resolve_device
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 
@@ -40,8 +40,3 @@ def test_cli_refuses_cuda_before_any_work(command, tmp_path, capsys):
     assert "sees no CUDA GPU" in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
     assert not (tmp_path / "out").exists()  # refused before the run directory was made
-
-
-def test_model_device():
-    assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
-    assert model_device(torch.nn.ReLU()) == torch.device("cpu")

@@ -22,7 +22,7 @@ from ..conversion.tracing import check_leaf_names, example_input
 from ..errors import BudgetError, DeepShareError, PlanError, first_line
 from ..interrupts import deferred_sigint
 from ..metrics import task_key
-from ..training.device import model_device, resolve_device, to_cpu
+from ..training.device import resolve_device
 from ..training.engine import PhaseHooks, PhaseSpec, Reporter, Trainer
 from ..training.rundir import RunDir
 from .masks import THRESHOLD, binarise, kept_counts, mask_relus
@@ -258,10 +258,7 @@ class _Job:
     def accuracy(self, model: nn.Module) -> float:
         from ..evaluate import evaluate
 
-        home = model_device(model)  # outside a phase the models stay where they were (the CPU, for tracing)
-        result = evaluate(model, self.trainer.test_loader, device=self.device)
-        model.to(home)
-        return result.score
+        return evaluate(model, self.trainer.test_loader, device=self.device).score
 
     def note(self, **values: Any) -> None:
         """Record results as soon as they are known (a resumed run keeps them); ``*_acc`` is ``*_miou``
@@ -352,7 +349,7 @@ class _Job:
                         budget_requested=c.budget, leaf_modules=c.leaf_modules)  # fmt: skip
         from ..conversion.rewrite import save
 
-        to_cpu(self.model).eval()  # saved and counted on the CPU, whatever device trained it
+        self.model.cpu().eval()  # saved and counted on the CPU, whatever device trained it
         save(self.model, self.out, plan=plan)
         counted = census(self.model, self.input_size, leaf_modules=c.leaf_modules).total_relus
         if counted != plan.achieved or counted > self.budget:

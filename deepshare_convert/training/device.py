@@ -1,20 +1,17 @@
 """Which device a training job runs on: ``auto`` (CUDA when torch sees a GPU, else CPU), ``cpu``, ``cuda[:N]``.
 
 Everything outside the training loop (tracing, census, conversion, saving, MPC) stays on the CPU:
-the loop moves the model and each batch to the device and :func:`to_cpu` brings the model back
+the loop moves the model and each batch to the device, and the jobs bring the model back (``.cpu()``)
 before anything traces or saves it, so a GPU run writes the same files a CPU run does.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from ..errors import DeepShareError
 
-__all__ = ["DEVICE_HELP", "resolve_device", "model_device", "to_cpu"]
-
-DEVICE_HELP = "Training device: auto (a GPU when torch sees one), cpu, cuda or cuda:N."
+__all__ = ["resolve_device"]
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -35,17 +32,3 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeepShareError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's first parameter or buffer (CPU for a model with neither)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def to_cpu(model: nn.Module) -> nn.Module:
-    """Bring a trained model back to the CPU (in place) before it is traced, counted or saved."""
-    return model.cpu()

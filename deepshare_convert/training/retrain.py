@@ -34,7 +34,7 @@ from ..interrupts import deferred_sigint
 from ..metrics import task_key
 from ..models import ModelSpec, load_model
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
-from .device import model_device, resolve_device, to_cpu
+from .device import resolve_device
 from .distributed import DistContext, init_from_env, wrap_ddp
 from .engine import PhaseSpec, Reporter, Trainer
 from .phases import hooks_for
@@ -157,10 +157,7 @@ class _Run:
         return next(iter(loader))[0]
 
     def accuracy(self, model: nn.Module) -> float:
-        home = model_device(model)  # outside a phase the models stay where they were (the CPU, for tracing)
-        result = evaluate(model, self.test_loader(), device=self.device)
-        model.to(home)
-        return result.score
+        return evaluate(model, self.test_loader(), device=self.device).score
 
     def note(self, **values: Any) -> None:
         """Record results as soon as they are known (a resumed run keeps them); ``*_acc`` is ``*_miou``
@@ -264,7 +261,7 @@ class _Run:
         if self.student is None:  # a pretrain-only recipe
             return self.results
         set_gate_mode(self.student, "step")
-        to_cpu(self.student).eval()  # saved, traced and counted on the CPU, whatever device trained it
+        self.student.cpu().eval()  # saved, traced and counted on the CPU, whatever device trained it
         if self.dist.is_main:
             save(self.student, self.out, plan=self.plan)
         if self.dist.enabled:  # data-parallel replicas must have ended identical
