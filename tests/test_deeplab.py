@@ -260,13 +260,12 @@ def _input_with_margin(converted: nn.Module) -> torch.Tensor:
 def test_two_party_segmentation_agrees_and_costs_exactly(budget):
     from deepshare_convert.mpc.costs import estimate
     from deepshare_convert.mpc.launcher import run_two_party
-    from deepshare_convert.mpc.lowering import prepare, snap_input
+    from deepshare_convert.mpc.prepare import prepare, reference
 
     net, plan = _seg_model(budget)
     x = _input_with_margin(_seg_model("10%")[0])
     r = run_two_party(net, x, weights_mode="public", timeout=300)
-    with torch.no_grad():
-        clear = prepare(net)(snap_input(x)).numpy()
+    clear = reference(prepare(net), x).numpy()
     assert r.logits.shape == clear.shape == (1, 11, 32, 48)
     error = np.abs(r.logits - clear).max()
     same = r.logits.argmax(1) == clear.argmax(1)

@@ -126,13 +126,12 @@ CASES = [  # (model, budget, weights mode, batch)
 # ---- agreement ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,budget,mode,batch", CASES)
 def test_two_party_inference_agrees_with_plaintext(name, budget, mode, batch):
-    """Plaintext = the same deployed model in float: BN folded, weights on the 2^-16 grid."""
-    from deepshare_convert.mpc.lowering import prepare, snap_input
+    """Plaintext = the same deployed model in float64: BN folded, weights on the coefficient grid."""
+    from deepshare_convert.mpc.prepare import prepare, reference
 
     r = run(name, budget, mode, batch)
     net, _, _ = model(name, budget)
-    with torch.no_grad():
-        clear = prepare(net)(snap_input(inputs(name, batch))).numpy()
+    clear = reference(prepare(net), inputs(name, batch)).numpy()
     np.testing.assert_array_equal(r.plaintext, clear)  # the launcher compares with this, computed here
     assert r.logits.shape == clear.shape
     assert (r.logits.argmax(1) == clear.argmax(1)).all(), "top-1 differs on some example"
@@ -243,6 +242,7 @@ def test_server_never_holds_input_or_output(mode):
 
 # ---- lowering: folding and refusals ------------------------------------------------------------
 def test_batchnorm_is_folded_and_outputs_unchanged():
+    from deepshare_convert.mpc.fixed_point import WEIGHT_SCALE
     from deepshare_convert.mpc.lowering import prepare
 
     for name, budget in (("resnet20", None), ("digits_cnn", "10%")):
@@ -253,8 +253,8 @@ def test_batchnorm_is_folded_and_outputs_unchanged():
         with torch.no_grad():
             torch.testing.assert_close(folded(x), net(x), atol=1e-4, rtol=1e-4)
         snapped = prepare(net)
-        scaled = torch.cat([t.detach().flatten().double() * 2**16 for t in snapped.parameters()])
-        assert torch.equal(scaled, scaled.round())  # on the fixed-point grid
+        scaled = torch.cat([t.detach().flatten().double() * WEIGHT_SCALE for t in snapped.parameters()])
+        assert torch.equal(scaled, scaled.round())  # on the coefficient grid
 
 
 def test_unsupported_op_is_a_one_line_error_naming_the_node():

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from deepshare_convert.mpc.backend import Backend, NodeStats, PartyRun
 from deepshare_convert.mpc.launcher import free_port, run_party
+from deepshare_convert.mpc.prepare import prepare
 
 
 def wait_listening(port: int, timeout: float = 30.0) -> None:
@@ -71,5 +72,6 @@ def test_launcher_drives_any_backend():
     t.join(30)
     assert backend.calls == ["start 1", "run", "stop"] and server.calls == ["start 0", "run", "stop"]
     assert report.comparisons == 2 * 4 * 6 * 6  # one per ReLU element, from the lowering
-    with torch.no_grad():
-        assert torch.allclose(torch.from_numpy(report.output), net(x), atol=1e-3)  # the prepared (folded) model
+    with torch.no_grad():  # the prepared model (folded, on the coefficient grid) ran, not the float one
+        assert torch.allclose(torch.from_numpy(report.output), prepare(net)(x), atol=1e-5)
+        assert torch.allclose(torch.from_numpy(report.output), net(x), atol=1e-2)

@@ -119,6 +119,7 @@ def test_two_party_public_layers_agree_with_plaintext():
 
 def test_public_weights_are_encoded_once_at_setup_and_again_only_when_changed():
     from deepshare_convert.compat import import_crypten
+    from deepshare_convert.mpc.fixed_point import WEIGHT_SCALE
     from deepshare_convert.mpc.lowering import lower
     from deepshare_convert.mpc.prepare import prepare
     from deepshare_convert.mpc.weights import prepare_public_weights, ring_weight as _ring_weight
@@ -129,10 +130,10 @@ def test_public_weights_are_encoded_once_at_setup_and_again_only_when_changed():
     assert prepare_public_weights(program) == 3 and len(program.kernels) == 3
     conv = next(n for n in program.gm.graph.nodes if n.op == "call_module" and n.target == "conv")
     w = program.gm.get_submodule("conv").weight
-    rw = _ring_weight(program, conv.name, w, 2**16)
+    rw = _ring_weight(program, conv.name, w)
     assert rw is program.kernels[conv.name][2]  # reused, not re-encoded
-    assert torch.equal(rw.w, torch.round(w.detach().double() * 2**16).long())
+    assert torch.equal(rw.w, torch.round(w.detach().double() * WEIGHT_SCALE).long())
     with torch.no_grad():
         w.mul_(2)  # an in-place change of the weight: encoded again
-    assert torch.equal(_ring_weight(program, conv.name, w, 2**16).w, torch.round(w.detach().double() * 2**16).long())
+    assert torch.equal(_ring_weight(program, conv.name, w).w, torch.round(w.detach().double() * WEIGHT_SCALE).long())
     assert prepare_public_weights(lower(prepare(net), (1, 4, 8, 8), "private")) == 0

@@ -250,13 +250,16 @@ def _calibration_party(backend, rank: int, sizes: tuple[int, int], conv: tuple[i
     from crypten.mpc.primitives import ArithmeticSharedTensor as A
 
     from . import protocols as P
+    from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
     from .ring import RingWeight
 
     dealer = P.Dealer(rank, seed=1)
     g = torch.Generator().manual_seed(0)
 
     def shared(shape):
-        return A(torch.randn(shape, generator=g), src=1) if rank == 1 else A(None, size=shape, src=1)
+        if rank == 1:
+            return A(torch.randn(shape, generator=g), precision=ACTIVATION_BITS, src=1)
+        return A(None, size=shape, precision=ACTIVATION_BITS, src=1)
 
     out: dict[str, Any] = {}
     for n in sizes:
@@ -273,9 +276,9 @@ def _calibration_party(backend, rank: int, sizes: tuple[int, int], conv: tuple[i
     c, hw, k = conv
     x = shared((1, c, hw, hw))
     w = torch.randn(c, c, k, k, generator=g) * 0.05
-    ws = A(w, src=0) if rank == 0 else A(None, size=w.shape, src=0)
+    ws = A(w, precision=WEIGHT_BITS, src=0) if rank == 0 else A(None, size=w.shape, precision=WEIGHT_BITS, src=0)
     comm.get().barrier()
-    rw = RingWeight.encode(w, x.encoder.scale)  # prepared once per layer, as the executor does
+    rw = RingWeight.encode(w)  # prepared once per layer, as the executor does
     out["conv_public"] = _median_delta(comm, lambda: P.public_conv2d(x, rw, None, padding=k // 2))
     masks = P.mask_weights({"w": ws}, dealer)  # private mode: the weight masked once, as at setup
     out["conv_private"] = _median_delta(

@@ -42,6 +42,7 @@ from ..compat import import_crypten
 from ..errors import DeepShareError, first_line
 from . import protocols as P
 from .backend import Backend, NodeStats, PartyRun, SetupRun
+from .fixed_point import ACTIVATION_BITS
 from .local_ops import LocalOps, is_shared
 from .lowering import Program
 from .ring import RingWeight
@@ -148,7 +149,7 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
 
     def ring_weight(self, n: fx.Node, w: torch.Tensor, x) -> RingWeight:
         """Node ``n``'s public weight encoded for the ring kernels, once per program (kept across runs)."""
-        return ring_weight(self.program, n.name, w, x.encoder.scale)
+        return ring_weight(self.program, n.name, w)
 
     def fixed(self, n: fx.Node) -> list[P.FixedMask]:
         """The setup masks of the model tensors node ``n`` multiplies by (the lowering names them)."""
@@ -248,7 +249,7 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
         if self.private:  # the scale was masked at setup; the shift is an addition
             out = P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer, self.opening(n, x))
             return out + self.shared(shift).view(view)
-        return x.mul(scale.view(view)) + shift.view(view)
+        return P.public_mul(x, scale.view(view)) + shift.view(view)
 
 
 @dataclass
@@ -321,6 +322,7 @@ class CrypTenBackend(Backend):
         crypten = import_crypten()
         crypten.init()
         crypten.cfg.communicator.verbose = True
+        crypten.cfg.encoder.precision_bits = ACTIVATION_BITS  # what CrypTen encodes new public values at
         self.rank, self._crypten = rank, crypten
 
     def run(self, program: Program, x: torch.Tensor | None) -> PartyRun:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeepShareError
+from .fixed_point import ACTIVATION_BITS, RESAMPLE_BITS, WEIGHT_BITS
 
 if TYPE_CHECKING:
     from .lowering import Program
@@ -123,7 +124,7 @@ def _target_name(target: Any) -> str:
 def plan_digest(program: Program) -> str:
     """SHA-256 of what both parties must agree on: the lowered program, never private weights.
 
-    Covered: protocol version, weights mode, input/output shapes, every op's handler and
+    Covered: protocol version, the fixed-point format, weights mode, input/output shapes, every op's handler and
     counts, the graph (ops, targets, arguments), every module's type and settings, and every
     parameter / buffer's name, dtype and shape.  Tensor *contents* only where both parties
     hold them: all of them in ``public`` mode; in ``private`` mode only the non-float ones (the
@@ -138,6 +139,7 @@ def plan_digest(program: Program) -> str:
 
     doc = {
         "protocol": PROTOCOL,
+        "fixed_point": [ACTIVATION_BITS, WEIGHT_BITS, RESAMPLE_BITS],  # parties on other grids decode garbage
         "weights_mode": program.weights_mode,
         "input_shape": list(program.input_shape),
         "output_shape": list(program.output_shape),

@@ -40,7 +40,7 @@ from . import WEIGHT_MODES
 from .backend import Backend
 from .handshake import authenticate, new_key, plan_digest, require_key
 from .lowering import lower
-from .prepare import prepare, snap_input, strip_weights
+from .prepare import prepare, reference, strip_weights
 from .transport import pack, unpack
 
 __all__ = ["PartyReport", "PrivateRun", "run_two_party", "run_party", "spawn_two", "tensor_digest", "free_port"]
@@ -300,8 +300,7 @@ def run_two_party(
     expected = program.comparisons * count
     clear = None
     if plaintext:
-        with torch.no_grad():
-            clear = gm(snap_input(inputs)).float().numpy()  # the deployed model on the encoded input
+        clear = reference(gm, inputs).numpy()
     server = (pack(gm), shape, None, weights_mode, inventory, count)
     client_gm = pack(strip_weights(gm) if weights_mode == "private" else gm)
     client = (client_gm, shape, inputs.detach().float().numpy(), weights_mode, inventory, count)

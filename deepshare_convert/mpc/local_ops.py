@@ -24,6 +24,16 @@ def is_shared(v: Any) -> bool:
     return type(v).__name__ == "ArithmeticSharedTensor"
 
 
+def _integral(v: Any) -> bool:
+    """A public integer (Python or tensor): CrypTen multiplies shares by it without encoding or truncating."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, torch.Tensor) and not v.is_floating_point())
+
+
+def _times_public(x, v: Any):
+    """``x · v`` for a public ``v``: an integer as CrypTen does it, anything else on the coefficient grid."""
+    return x.mul(v) if _integral(v) else P.public_mul(x, v)
+
+
 class LocalOps:
     """Handlers of the local ops; the interpreter provides ``self.mods`` (the graph's modules)."""
 
@@ -32,7 +42,7 @@ class LocalOps:
     def _h_add(self, n, args, kwargs):
         a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
         if kwargs.get("alpha", 1) != 1:
-            b = b * kwargs["alpha"]
+            b = _times_public(b, kwargs["alpha"]) if is_shared(b) else b * kwargs["alpha"]
         return a + b if is_shared(a) else b + a
 
     def _h_sub(self, n, args, kwargs):
@@ -41,12 +51,19 @@ class LocalOps:
 
     def _h_mul(self, n, args, kwargs):
         a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
-        return a.mul(b) if is_shared(a) else b.mul(a)
+        if not is_shared(a):
+            a, b = b, a
+        return a.mul(b) if is_shared(b) else _times_public(a, b)
 
     def _h_div(self, n, args, kwargs):
         if kwargs.get("rounding_mode") is not None:
             raise DeepShareError(f"cannot run node {n.name!r} under MPC: division with rounding_mode")
-        return args[0].div(args[1])
+        x, d = args[0], args[1]
+        if isinstance(d, float) and d.is_integer():
+            d = int(d)
+        if is_shared(d) or _integral(d):  # by an integer: CrypTen's local truncation
+            return x.div(d)
+        return P.public_mul(x, 1.0 / torch.as_tensor(d, dtype=torch.float64))
 
     def _h_neg(self, n, args, kwargs):
         return -args[0]

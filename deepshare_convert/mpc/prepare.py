@@ -3,7 +3,7 @@
 :func:`prepare` gives a traced, eval-mode copy with gates in ``step`` mode (inference computes
 the DReLU, not its GELU surrogate), every BatchNorm that follows a convolution folded into it
 (a fold is free in plaintext, a BatchNorm on shares is a multiplication) and every weight on
-CrypTen's fixed-point grid.  It is a plaintext model: the lowering, the plaintext reference
+the coefficient grid of :mod:`.fixed_point`.  It is a plaintext model: the lowering, the plaintext reference
 and both parties all start from it, so they agree on what "the model" is.
 
 Kept apart from the lowering because it changes the model, while the lowering only reads it;
@@ -21,10 +21,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..conversion.tracing import trace
+from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
 
-__all__ = ["PRECISION_BITS", "prepare", "snap_to_grid", "snap_input", "fold_batchnorm", "strip_weights"]
+__all__ = ["PRECISION_BITS", "prepare", "reference", "snap_to_grid", "snap_input", "fold_batchnorm", "strip_weights"]
 
-PRECISION_BITS = 16  # CrypTen's default fixed-point precision (cfg.encoder.precision_bits)
+PRECISION_BITS = WEIGHT_BITS  # the grid model coefficients are snapped to (mpc/fixed_point.py)
 
 
 def prepare(model: nn.Module, precision_bits: int | None = PRECISION_BITS, *,
@@ -59,10 +60,20 @@ def snap_to_grid(module: nn.Module, precision_bits: int = PRECISION_BITS) -> nn.
     return module
 
 
-def snap_input(x: torch.Tensor, precision_bits: int = PRECISION_BITS) -> torch.Tensor:
-    """The input as the client encodes it (round to the fixed-point grid)."""
+def snap_input(x: torch.Tensor, precision_bits: int = ACTIVATION_BITS) -> torch.Tensor:
+    """The input as the client encodes it (round to the activation grid)."""
     scale = float(2**precision_bits)
     return (torch.round(x.double() * scale) / scale).float()
+
+
+def reference(gm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The plaintext answer MPC is held to: ``gm`` (a :func:`prepare`-d model) on the encoded input, in float64.
+
+    Not float32: its rounding near |x| ~ 8 is about one unit of the activation grid, as large as
+    the protocol's own.  ``gm`` itself is left as it is (a float64 copy runs).
+    """
+    with torch.no_grad():
+        return copy.deepcopy(gm).double()(snap_input(x).double()).float()
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:

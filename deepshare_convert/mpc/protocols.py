@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import import_crypten
+from .fixed_point import ACTIVATION_BITS, PRODUCT_BITS, RESAMPLE_BITS, RESAMPLE_SCALE, WEIGHT_SCALE, encode_weight
 from .ring import RingWeight, ring_conv2d, ring_linear
 
 __all__ = [
@@ -208,13 +209,23 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def public_affine(xg, x, alpha: torch.Tensor, beta: torch.Tensor):
-    """α·(x·g) + β·x with public per-channel α, β: local, one truncation."""
-    scale = x.encoder.scale
-    a = _channel_view(torch.round(alpha.double() * scale).long(), x.dim())
-    b = _channel_view(torch.round(beta.double() * scale).long(), x.dim())
+    """α·(x·g) + β·x with public per-channel α, β (on the coefficient grid): local, one truncation."""
+    a = _channel_view(encode_weight(alpha), x.dim())
+    b = _channel_view(encode_weight(beta), x.dim())
     out = x.shallow_copy()
     out.share = xg.share * a + x.share * b
-    return out.div_(scale)
+    return out.div_(WEIGHT_SCALE)
+
+
+def public_mul(x, t: torch.Tensor | float):
+    """``x · t`` for a public float ``t`` (a BatchNorm scale, a constant): on the coefficient grid, one truncation.
+
+    Not CrypTen's ``mul``, which encodes ``t`` at the activation scale and so holds the product at
+    ``2^(2·ACTIVATION_BITS)`` before truncating (:mod:`.fixed_point`: a wrap is then far likelier).
+    """
+    out = x.shallow_copy()
+    out.share = x.share * encode_weight(torch.as_tensor(t))
+    return out.div_(WEIGHT_SCALE)
 
 
 @dataclass
@@ -279,7 +290,7 @@ def fixed_product(x, fm: FixedMask, fn, dealer: Dealer, opening: Opening | None 
     c = dealer.share(fn(a_plain, fm.plain_mask) if dealer.rank == 0 else None, share.shape)
     out = x.shallow_copy()
     out.share = share.add_(c.share)
-    return out.div_(x.encoder.scale)
+    return out.div_(WEIGHT_SCALE)
 
 
 def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dealer, opening: Opening | None = None):
@@ -306,7 +317,7 @@ def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dea
     xar = eps * alpha_r + d_a * a_r.share + a_r_ba.share
     out = x.shallow_copy()
     out.share = xa * (1 - bit.z) + xar * (2 * bit.z - 1) + xb
-    return out.div_(x.encoder.scale)
+    return out.div_(WEIGHT_SCALE)
 
 
 def public_conv2d(x, weight, bias: torch.Tensor | None, **kwargs):
@@ -316,21 +327,19 @@ def public_conv2d(x, weight, bias: torch.Tensor | None, **kwargs):
     Computed exactly mod 2^64 by :func:`~.ring.ring_conv2d` (the faster exact kernel for this
     layer), then the usual local truncation by the weight scale.
     """
-    scale = x.encoder.scale
-    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight, scale)
+    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight)
     out = x.shallow_copy()
     out.share = ring_conv2d(x.share, rw, **kwargs)
-    out = out.div_(scale)
+    out = out.div_(WEIGHT_SCALE)
     return out + _channel_view(bias, out.dim()) if bias is not None else out
 
 
 def public_linear(x, weight, bias: torch.Tensor | None):
     """``x @ W.T + b`` with a plaintext W: local, exact mod 2^64 (:func:`~.ring.ring_linear`), one truncation."""
-    scale = x.encoder.scale
-    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight, scale)
+    rw = weight if isinstance(weight, RingWeight) else RingWeight.encode(weight)
     out = x.shallow_copy()
     out.share = ring_linear(x.share, rw)
-    out = out.div_(scale)
+    out = out.div_(WEIGHT_SCALE)
     return out + bias if bias is not None else out
 
 
@@ -338,27 +347,30 @@ def public_separable(x, a_h: torch.Tensor, a_w: torch.Tensor):
     """``A_h · x · A_wᵀ`` on the last two axes of shares, public matrices: local to each party.
 
     An axis whose matrix only picks pixels (see :func:`.resample.as_selection`) is a gather of
-    shares; any other is an integer matmul by the coefficients on the fixed-point grid followed
-    by CrypTen's truncation by the scale, which for two parties is local (each party divides its
+    shares; any other is an integer matmul by the coefficients on the 2^-RESAMPLE_BITS grid followed
+    by CrypTen's truncation by that scale, which for two parties is local (each party divides its
     own share, ``ArithmeticSharedTensor.div_``): no communication either way.
     """
     from .resample import as_selection
 
     out = x.shallow_copy()
-    scale = x.encoder.scale
     for axis, a in ((-2, a_h), (-1, a_w)):
         pick = as_selection(a)
         if pick is not None:
             out.share = out.share.index_select(out.share.dim() + axis, pick)
             continue
-        coef = torch.round(a.double() * scale).long()
+        coef = encode_weight(a, RESAMPLE_SCALE)
+        # the local truncation fails with probability ~|v|/2^64: v stays at scale 2^PRODUCT_BITS, as after a
+        # convolution, by truncating x to PRODUCT_BITS - RESAMPLE_BITS fractional bits first, and after each axis
+        out = out.div(_RESAMPLE_PRE) if _RESAMPLE_PRE > 1 else out  # not div_: out may share x's tensor
         share = out.share
         out.share = (share.transpose(-1, -2) @ coef.t()).transpose(-1, -2) if axis == -2 else share @ coef.t()
-        # truncate after each axis: the local truncation fails with probability ~|v|/2^64, so v must stay
-        # at scale 2^32 (as after a public convolution), never 2^48
-        out = out.div_(scale)
+        out = out.div_(RESAMPLE_SCALE // _RESAMPLE_PRE)
     out.share = out.share.contiguous()
     return out
+
+
+_RESAMPLE_PRE = 2 ** max(ACTIVATION_BITS + RESAMPLE_BITS - PRODUCT_BITS, 0)
 
 
 def maxpool2d(x, kernel_size, stride, padding, dealer: Dealer):

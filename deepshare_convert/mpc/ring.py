@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .fixed_point import WEIGHT_SCALE, encode_weight
+
 __all__ = ["KERNELS", "RingWeight", "chunked", "ring_conv2d", "ring_linear", "split_signed"]
 
 RING_BITS = 64
@@ -89,9 +91,9 @@ class RingWeight:
         return cls(w, w.double(), _l1_bits(w))
 
     @classmethod
-    def encode(cls, weight: torch.Tensor, scale: int) -> RingWeight:
-        """A float weight at the fixed-point ``scale`` (CrypTen's encoder: round(w * scale))."""
-        return cls.of(torch.round(weight.detach().double() * scale).long())
+    def encode(cls, weight: torch.Tensor, scale: int = WEIGHT_SCALE) -> RingWeight:
+        """A float weight on the coefficient grid (:mod:`.fixed_point`; CrypTen's rule round(w * scale))."""
+        return cls.of(encode_weight(weight, scale))
 
     @property
     def chunks(self) -> int:

@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import protocols as P
+from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
 from .lowering import Program
 from .ring import RingWeight
 
@@ -35,14 +36,14 @@ def setup_weights(program: Program, rank: int, dealer: P.Dealer) -> dict[str, P.
     if program.weights_mode != "private" or not program.fixed:
         return {}
     with torch.no_grad():
-        shared = {name: share_model_tensor(_model_tensor(program.gm, name), rank) for name in program.fixed}
+        shared = {name: share_model_tensor(_model_tensor(program.gm, name), rank, WEIGHT_BITS) for name in program.fixed}
     return P.mask_weights(shared, dealer)
 
 
-def ring_weight(program: Program, name: str, w: torch.Tensor, scale: int) -> RingWeight:
+def ring_weight(program: Program, name: str, w: torch.Tensor) -> RingWeight:
     cached = program.kernels.get(name)
     if cached is None or cached[0] is not w or cached[1] != w._version:  # a new or changed weight is re-encoded
-        cached = (w, w._version, RingWeight.encode(w, scale))
+        cached = (w, w._version, RingWeight.encode(w))
         program.kernels[name] = cached
     return cached[2]
 
@@ -54,15 +55,13 @@ def prepare_public_weights(program: Program) -> int:
     """
     if program.weights_mode != "public":
         return 0
-    from crypten.encoder import FixedPointEncoder
-
-    scale, count = FixedPointEncoder().scale, 0
+    count = 0
     with torch.no_grad():
         for n in program.gm.graph.nodes:
             if n.op == "call_module" and program.op(n.name).handler in ("conv2d", "linear"):
                 w = getattr(program.gm.get_submodule(n.target), "weight", None)
                 if isinstance(w, torch.Tensor):
-                    ring_weight(program, n.name, w, scale)
+                    ring_weight(program, n.name, w)
                     count += 1
     return count
 
@@ -75,12 +74,18 @@ def _model_tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
-def share_model_tensor(t: torch.Tensor, rank: int):
-    """A model tensor secret-shared by party 0 (party 1 passes its zero placeholder: size only)."""
+def share_model_tensor(t: torch.Tensor, rank: int, bits: int = ACTIVATION_BITS):
+    """A model tensor secret-shared by party 0 (party 1 passes its zero placeholder: size only).
+
+    At the activation grid for a tensor that is added to activations (a bias), at ``WEIGHT_BITS``
+    for one that multiplies them (the products then truncate by the weight scale).
+    """
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
     t = t.detach().float()
-    return ArithmeticSharedTensor(t, src=0) if rank == 0 else ArithmeticSharedTensor(None, size=t.shape, src=0)
+    if rank == 0:
+        return ArithmeticSharedTensor(t, precision=bits, src=0)
+    return ArithmeticSharedTensor(None, size=t.shape, precision=bits, src=0)
 
 
 def share_input(x: torch.Tensor | None, shape, rank: int):
@@ -88,5 +93,5 @@ def share_input(x: torch.Tensor | None, shape, rank: int):
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
     if rank == 1:
-        return ArithmeticSharedTensor(x.float(), src=1)
-    return ArithmeticSharedTensor(None, size=tuple(shape), src=1)
+        return ArithmeticSharedTensor(x.float(), precision=ACTIVATION_BITS, src=1)
+    return ArithmeticSharedTensor(None, size=tuple(shape), precision=ACTIVATION_BITS, src=1)

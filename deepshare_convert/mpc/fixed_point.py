@@ -1,0 +1,48 @@
+"""The fixed-point format on shares: activations at 2^-ACTIVATION_BITS, model coefficients at 2^-WEIGHT_BITS.
+
+Why two scales rather than CrypTen's one (16 bits for everything):
+
+* **Gate flips.**  A secret value carries the rounding of every truncation before it, tens of
+  units of its grid after a deep network.  A prototype's pre-activation within that distance of
+  zero may take the other side of the comparison on shares, and under DeepShare a flipped
+  prototype moves every replicate channel that reads its gate (``α·x_c`` each), not just itself.
+  With 16 bits a trained DeepLabV3-MobileNetV2 at 3% flipped a prototype on every full 180x240
+  CamVid frame tried (97.8-99.6% of the label map equal to plaintext); the error shrinks with the
+  activation grid, so activations get 22 bits (docs/private_inference.md, *Accuracy*).
+* **Truncation failures.**  A product ``x·w`` sits at scale ``2^(A+W)`` until the local two-party
+  truncation (each party divides its own share) brings it back to ``2^A``.  That truncation is
+  off by ``2^(64-W)`` units when the shares wrap, with probability about ``|x·w|·2^(A+W-64)``
+  per element: ``A + W`` is a budget, ``PRODUCT_BITS``, kept at CrypTen's 32 so that large
+  models fail no more often than they did.  Within it, coefficients need fewer bits than
+  activations: the deployed model is snapped to the coefficient grid once
+  (:func:`~.prepare.prepare`), so the plaintext reference carries the same weights and the grid
+  moves only the model itself, by less than noise (ResNet-20 top-1 and the DeepLab's mIoU did
+  not change from 2^-16 down to 2^-8).
+
+Public separable maps (bilinear upsampling, uneven pooling) use 16 coefficient bits: they are
+not model weights (the plaintext reference uses exact coefficients), and ``1/3`` or ``0.7`` need
+a fine grid.  To stay within the budget their input is first truncated to ``PRODUCT_BITS -
+RESAMPLE_BITS`` fractional bits (local, one more unit of rounding at that grid).
+
+Bytes and rounds do not depend on the scales (the ring is 2^64 either way).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ACTIVATION_BITS", "WEIGHT_BITS", "RESAMPLE_BITS", "PRODUCT_BITS", "ACTIVATION_SCALE", "WEIGHT_SCALE",
+           "RESAMPLE_SCALE", "encode_weight"]  # fmt: skip
+
+ACTIVATION_BITS = 22
+WEIGHT_BITS = 10
+PRODUCT_BITS = ACTIVATION_BITS + WEIGHT_BITS  # the scale of a product before its truncation (CrypTen's: 16 + 16)
+RESAMPLE_BITS = 16
+ACTIVATION_SCALE = 2**ACTIVATION_BITS
+WEIGHT_SCALE = 2**WEIGHT_BITS
+RESAMPLE_SCALE = 2**RESAMPLE_BITS
+
+
+def encode_weight(t: torch.Tensor, scale: int = WEIGHT_SCALE) -> torch.Tensor:
+    """A public coefficient tensor as ring integers: ``round(t * scale)`` (CrypTen's encoder rule)."""
+    return torch.round(t.detach().double() * scale).long()
