@@ -206,7 +206,7 @@ def measure(budgets: list[str], sched: Schedule, runs: Path) -> list[dict[str, A
                "train_s": snl["train_seconds"], "dir": snl["dir"]}  # fmt: skip
         if row["reached"]:
             model = load(snl["dir"]).model
-            row.update(score(model, sched, mean, std), cost=None)  # the MPC lowering has no MaskedReLU handler
+            row.update(score(model, sched, mean, std), cost=cost(model))  # kept ReLUs only (public masks)
         rows.append(row)
         ds = run_deepshare(orig["weights"], budget, snl["steps"], sched, runs)
         model = load(ds["dir"]).model
@@ -345,8 +345,8 @@ then converted at each budget (a percentage of its comparisons, a ReLU6 element 
 finetunes {sched.snl_finetune_epochs} epochs; DeepShare (`recipes/deeplabv3_mobilenetv2_camvid.yaml`'s progressive
 phase, γ = 4, KD from the original) trains for exactly as many optimizer steps. Scores on the CamVid test split
 ({sched.test_limit or 233} images, label 11 ignored); "2PC" is the cost model's estimate for one 3×180×240 image
-(public weights, 1 Gbps, 1 ms RTT); the MPC lowering does not take SNL's masked ReLUs (a per-element mix of ReLU
-and identity), so SNL rows have none.
+(public weights, 1 Gbps, 1 ms RTT); SNL's masks are public architecture, so its rows pay a comparison for each
+kept ReLU and nothing for a linearised neuron (docs/snl.md, "Private inference").
 "saved" is the original's comparisons over the model's.
 
 {md}

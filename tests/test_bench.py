@@ -132,6 +132,8 @@ def test_segmentation_bench_quick(tmp_path):
         assert ds["steps"] == snl["steps"] > snl["search_steps"] > 0  # equal optimizer steps, search included
         assert ds["relus"] <= total * float(ds["budget"].rstrip("%")) / 100
         assert ds["cost"]["comparisons"] == ds["relus"] and ds["cost"]["bytes"] < rows[0]["cost"]["bytes"]
+        if snl["reached"]:  # SNL rows are costed too: a comparison per kept ReLU (the masks are public)
+            assert snl["cost"]["comparisons"] == snl["relus"] and snl["cost"]["bytes"] < rows[0]["cost"]["bytes"]
     for r in rows:
         if r.get("miou") is not None:
             assert 0 <= r["miou"] <= 100 and len(r["iou"]) == 11

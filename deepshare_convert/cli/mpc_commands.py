@@ -48,15 +48,26 @@ def _original_of(path: str):
 
 
 def _architecture_only(path: str):
-    """A converted model rebuilt from plan.json alone (no weights read): what party 1 may hold."""
-    from ..conversion.plan import Plan
+    """A converted model rebuilt from plan.json alone (no weights read): what party 1 may hold.
+
+    An SNL model's masks (which neurons are ReLUs) are architecture, not weights: they are read
+    from model.safetensors, and nothing else in it is.
+    """
+    from pathlib import Path
+
+    from ..conversion.plan import WEIGHTS_FILE, Plan
     from ..conversion.rewrite import apply_plan
     from ..models import ModelSpec, load_model
 
     plan = Plan.read(path)
     spec = ModelSpec.from_dict(plan.model)
     loaded = load_model(spec.display, num_classes=spec.num_classes, input_size=tuple(plan.input_size))
-    return apply_plan(loaded.model, plan), tuple(plan.input_size)
+    gm = apply_plan(loaded.model, plan)
+    if plan.kind == "snl":
+        from ..snl.plan import load_masks
+
+        load_masks(gm, plan, Path(path) / WEIGHTS_FILE)
+    return gm, tuple(plan.input_size)
 
 
 def _normalisation(path: str):

@@ -62,6 +62,25 @@ def _cost_relu(op: MPCOp, c: CostInput) -> None:
     op.comparisons, op.compare_steps, op.opened, op.open_rounds = c.elements, 1, c.elements, 0
 
 
+def _cost_masked_relu(op: MPCOp, c: CostInput) -> None:
+    # SNL: the bool mask ``keep`` is public architecture, so only kept neurons are compared; each is a
+    # ReLU costed as ``relu`` is (comparison + product riding in its last message), the rest identity
+    op.comparisons = op.opened = _kept_elements(c.modules[c.node.target], c.node, node_shape(c.x))
+    op.compare_steps, op.open_rounds = (1 if op.comparisons else 0), 0
+
+
+def _kept_elements(mask: nn.Module, node: fx.Node, in_shape: tuple[int, ...]) -> int:
+    """ReLUs a binarised SNL mask keeps over the batch (``keep.sum() * N``); a float mask is refused."""
+    if not mask.binary:
+        raise DeepShareError(f"cannot run node {node.name!r} under MPC: SNL mask {node.target!r} is still a float "
+                             "mask (a search in progress); binarise it (snl.binarise, or let `deepshare snl` "
+                             "finish) first")  # fmt: skip
+    if tuple(mask.keep.shape) != tuple(in_shape[1:]):
+        raise DeepShareError(f"cannot run node {node.name!r} under MPC: SNL mask of shape {tuple(mask.keep.shape)} "
+                             f"for an input of shape {tuple(in_shape[1:])}")  # fmt: skip
+    return int(mask.keep.sum()) * in_shape[0]
+
+
 def _cost_gate(op: MPCOp, c: CostInput) -> None:
     # one comparison call on the first P channels only; replication to C channels is local
     gate = c.modules[c.node.target]
@@ -175,6 +194,7 @@ def _cost_div(op: MPCOp, c: CostInput) -> None:
 
 COST_RULES: dict[str, CostRule] = {
     "relu": _cost_relu,
+    "masked_relu": _cost_masked_relu,
     "gate": _cost_gate,
     "site": _cost_site,
     "conv2d": _cost_linear,

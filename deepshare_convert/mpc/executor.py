@@ -166,6 +166,31 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
     def _h_relu(self, n, args, kwargs):
         return P.relu(args[0], self.dealer)
 
+    def _h_masked_relu(self, n, args, kwargs):
+        """SNL: ReLU on the kept neurons only (the mask is public), identity on the rest.
+
+        The kept elements of each example are gathered from the share, go through one
+        :func:`~.protocols.relu` as a flat vector, and are scattered back into a copy of x's
+        share: indexing shares is local, so only the kept elements cost communication.
+        """
+        x = args[0]
+        keep = self.mods[n.target].keep.flatten()
+        kept = int(keep.sum())
+        if kept == 0:
+            return x
+        if kept == keep.numel():
+            return P.relu(x, self.dealer)
+        idx = keep.nonzero().flatten()
+        flat = x.share.reshape(x.share.shape[0], -1)
+        gathered = x.shallow_copy()
+        gathered.share = flat.index_select(1, idx)
+        y = P.relu(gathered, self.dealer)
+        out = x.shallow_copy()
+        share = flat.clone()
+        share[:, idx] = y.share
+        out.share = share.view(x.share.shape)
+        return out
+
     def _h_gate(self, n, args, kwargs):
         gate = self.mods[n.target]
         x = args[0]

@@ -34,6 +34,7 @@ from ..conversion.census import owner_module
 from ..conversion.gates import PrototypeGate, SharedGate
 from ..conversion.tracing import example_input, propagate_shapes
 from ..errors import DeepShareError
+from ..snl.masks import MaskedReLU
 from . import WEIGHT_MODES
 from .cost_rules import COST_RULES, CostInput, interpolate_args
 from .prepare import prepare, snap_input
@@ -47,6 +48,7 @@ __all__ = ["MPCOp", "Program", "CostInput", "COST_RULES", "lower", "prepare", "s
 _MODULE_HANDLERS: tuple[tuple[type[nn.Module], str], ...] = (
     (PrototypeGate, "gate"),
     (SharedGate, "site"),
+    (MaskedReLU, "masked_relu"),  # SNL: ReLU on the kept neurons (a public mask), identity elsewhere
     (nn.Conv2d, "conv2d"),
     (nn.Linear, "linear"),
     (nn.BatchNorm2d, "bn"),

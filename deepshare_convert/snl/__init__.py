@@ -28,7 +28,8 @@ work as for retraining.  The masks are put in by an fx pass that mirrors
 The modules, one concept each::
 
     masks.py    MaskedReLU and MaskPass, the fx pass that puts one at every site (mask_relus, kept_counts, binarise)
-    plan.py     the SNL plan kind: snl_plan, apply_snl_plan, check_kept (rewrite reaches them via plan_kinds)
+    plan.py     the SNL plan kind: snl_plan, apply_snl_plan, check_kept (rewrite reaches them via plan_kinds),
+                load_masks (the public masks alone, for the input party of private inference)
     search.py   the search as loop hooks (SNLSearch), the lambda policies, the masks' lr group
     job.py      SNLConfig (snl_run.json), run_snl, resume_snl and the job that runs both stages
 
@@ -72,7 +73,7 @@ from .masks import (  # noqa: F401
     mask_relus,
     masked_relus,
 )
-from .plan import apply_snl_plan, check_kept, snl_plan  # noqa: F401
+from .plan import apply_snl_plan, check_kept, load_masks, snl_plan  # noqa: F401
 from .search import LAMBDA_POLICIES, SNLSearch, _mask_groups, _SearchReporter  # noqa: F401
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "snl_plan",
     "apply_snl_plan",
     "check_kept",
+    "load_masks",
     "run_snl",
     "resume_snl",
     "COUNTS_FILE",

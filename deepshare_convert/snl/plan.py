@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from ..conversion.plan import Plan
 from ..errors import PlanError
-from .masks import kept_counts, mask_relus, masked_relus
+from .masks import MASKS_ATTR, kept_counts, mask_relus, masked_relus
 
-__all__ = ["snl_plan", "apply_snl_plan", "check_kept"]
+__all__ = ["snl_plan", "apply_snl_plan", "check_kept", "load_masks"]
 
 
 def snl_plan(model_census, counts: dict[str, int], *, spec: dict[str, Any], budget: int, budget_requested: str,
@@ -58,3 +58,29 @@ def check_kept(gm: nn.Module, plan: Plan, weights: Path | str) -> None:
             raise PlanError(f"{weights} does not fit the plan: site {name!r} keeps {kept:,} ReLUs, "
                             f"the plan says {plan.snl_kept[name]:,}")  # fmt: skip
 
+
+
+def load_masks(gm: nn.Module, plan: Plan, weights: Path | str) -> nn.Module:
+    """Put the saved ``keep`` masks into ``gm`` (from :func:`apply_snl_plan`), reading no other tensor.
+
+    Which neurons are ReLUs is public architecture under private inference: the input party
+    needs the masks to run (and hash) the same program, but never the weights beside them.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            keys = set(f.keys())
+            for name, m in masked_relus(gm).items():
+                key = f"{MASKS_ATTR}.{name}.keep"
+                if key not in keys:
+                    raise PlanError(f"{weights} does not fit the plan: no mask for site {name!r}")
+                keep = f.get_tensor(key)
+                if keep.dtype != m.keep.dtype or tuple(keep.shape) != tuple(m.keep.shape):
+                    raise PlanError(f"{weights} does not fit the plan: mask {key!r} is {keep.dtype} "
+                                    f"{tuple(keep.shape)}, the site {tuple(m.keep.shape)}")  # fmt: skip
+                m.keep.copy_(keep)
+    except (SafetensorError, OSError) as e:
+        raise PlanError(f"{weights} is not a readable safetensors file: {e}") from None
+    check_kept(gm, plan, weights)
+    return gm
