@@ -38,8 +38,10 @@ def private_run_table(run, model: str) -> Table:
     if run.plaintext is not None:
         what = (f"pixel labels {100 * run.pixel_agreement:.2f}% of {run.logits[:, 0].size:,}" if run.dense
                 else f"top-1 {100 * run.top1_agreement:.1f}%")  # fmt: skip
-        caption.insert(0, f"agreement with plaintext (the deployed model: BN folded, weights on the 2^-16 grid): "
-                          f"{what}, max logit error {run.max_logit_error:.2e}")  # fmt: skip
+        from ..mpc.fixed_point import WEIGHT_BITS
+
+        caption.insert(0, f"agreement with plaintext (the deployed model: BN folded, weights on the 2^-{WEIGHT_BITS} "
+                          f"grid): {what}, max logit error {run.max_logit_error:.2e}")  # fmt: skip
     table.caption = "\n".join(caption)
     return table
 

@@ -59,7 +59,6 @@ def check_kept(gm: nn.Module, plan: Plan, weights: Path | str) -> None:
                             f"the plan says {plan.snl_kept[name]:,}")  # fmt: skip
 
 
-
 def load_masks(gm: nn.Module, plan: Plan, weights: Path | str) -> nn.Module:
     """Put the saved ``keep`` masks into ``gm`` (from :func:`apply_snl_plan`), reading no other tensor.
 
