@@ -182,13 +182,33 @@ def cost(model) -> dict[str, Any]:
             "network_s": round(e.network_s, 2)}  # fmt: skip
 
 
+def private_agreement(model, sched: Schedule, mean, std, frames: int) -> dict[str, Any]:
+    """Real two-party inference (CrypTen, both parties on this machine, public weights) of the first ``frames``
+    test images at 3x180x240, one after another after one setup: pixel agreement with plaintext per frame, and
+    the measured bytes / rounds per image next to the cost model's.
+    """
+    from deepshare_convert.mpc.launcher import run_two_party
+
+    x, _ = next(iter(_test_loader(replace(sched, test_limit=frames, eval_batch_size=frames), mean, std)))
+    model = model.cpu().eval()
+    r = run_two_party(model, x, weights_mode="public", sequential=True, timeout=300 + 60 * frames)
+    same = (r.logits.argmax(1) == r.plaintext.argmax(1)).reshape(frames, -1).mean(1)
+    est = cost(model)
+    party = r.parties[0]
+    return {"frames": frames, "pixel_agreement": [round(float(a) * 100, 4) for a in same],
+            "at_least_99_9": int((same >= 0.999).sum()), "max_logit_error": r.max_logit_error,
+            "bytes_per_image": party.bytes // frames, "rounds_per_image": party.rounds // frames,
+            "equals_estimate": (party.bytes, party.rounds) == (est["bytes"] * frames, est["rounds"] * frames),
+            "wall_s_per_image": round(party.wall_s / frames, 2)}  # fmt: skip
+
+
 def _load_original(weights: str):
     from deepshare_convert.models import load_model
 
     return load_model(MODEL, weights=weights)
 
 
-def measure(budgets: list[str], sched: Schedule, runs: Path) -> list[dict[str, Any]]:
+def measure(budgets: list[str], sched: Schedule, runs: Path, private: int = 0) -> list[dict[str, Any]]:
     from deepshare_convert.conversion.census import census
     from deepshare_convert.conversion.rewrite import load
 
@@ -207,6 +227,8 @@ def measure(budgets: list[str], sched: Schedule, runs: Path) -> list[dict[str, A
         if row["reached"]:
             model = load(snl["dir"]).model
             row.update(score(model, sched, mean, std), cost=cost(model))  # kept ReLUs only (public masks)
+            if private:
+                row["private"] = private_agreement(model, sched, mean, std, private)
         rows.append(row)
         ds = run_deepshare(orig["weights"], budget, snl["steps"], sched, runs)
         model = load(ds["dir"]).model
@@ -214,6 +236,8 @@ def measure(budgets: list[str], sched: Schedule, runs: Path) -> list[dict[str, A
                      "train_s": ds["train_seconds"], "dir": ds["dir"],
                      "miou_before_retraining": ds.get("converted_miou_before_retraining"),
                      **score(model, sched, mean, std), "cost": cost(model)})  # fmt: skip
+        if private:
+            rows[-1]["private"] = private_agreement(model, sched, mean, std, private)
         print(f"{budget}: SNL {row.get('miou')} ({row['relus']}) | DeepShare {rows[-1]['miou']} ({rows[-1]['relus']})",
               flush=True)  # fmt: skip
     return rows
@@ -279,6 +303,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def private_table(rows: list[dict]) -> str:
+    """Two-party runs: pixel agreement with plaintext per frame, and measured cost = the estimate."""
+    lines = ["Two-party inference of the first test frames (3×180×240, CrypTen, both parties on this machine, "
+             "public weights; agreement = pixels whose private label equals plaintext's):", "",
+             "| method | budget | frames | frames ≥ 99.9% | mean agreement | lowest | measured MB / rounds per image "
+             "= estimate | wall s per image |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        p = r.get("private")
+        if not p:
+            continue
+        agree = p["pixel_agreement"]
+        lines.append(f"| {r['method']} | {r['budget']} | {p['frames']} | {p['at_least_99_9']} | "
+                     f"{sum(agree) / len(agree):.3f}% | {min(agree):.3f}% | {_mb(p['bytes_per_image'])} / "
+                     f"{p['rounds_per_image']} {'yes' if p['equals_estimate'] else 'NO'} | "
+                     f"{p['wall_s_per_image']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def class_table(rows: list[dict]) -> str:
     from deepshare_convert.data.segmentation import CAMVID_CLASSES
 
@@ -303,6 +345,8 @@ def main() -> None:
                    "needs more epochs for the same search steps)")
     p.add_argument("--runs", default=str(ROOT / "out" / "bench-seg"), help="run directories (resumable cache)")
     p.add_argument("--device", default="cpu", help="where the runs train: cpu (default), cuda, auto")
+    p.add_argument("--private", type=int, default=None, help="two-party inference of each converted model on the "
+                   "first N test frames (default: 16 in full mode, 0 in --quick)")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the docs/results.md section")
     add_out_arg(p)
     args = p.parse_args()
@@ -320,7 +364,8 @@ def main() -> None:
     suffix += f"_reduced_n{sched.limit}_e{sched.pretrain_epochs}_s{sched.snl_max_epochs}" if reduced else ""
     runs = Path(args.runs) / ("quick" if args.quick else "full" + suffix)
     t0 = time.perf_counter()
-    rows = measure(budgets, sched, runs)
+    private = args.private if args.private is not None else (0 if args.quick else 16)
+    rows = measure(budgets, sched, runs, private)
     name = "segmentation" + suffix
     from deepshare_convert.data.segmentation import CAMVID_CLASSES
 
@@ -328,6 +373,8 @@ def main() -> None:
                          "wall_s": round(time.perf_counter() - t0, 1)}, args.out)  # fmt: skip
     figure(rows, sched, args.out / f"{name}.png")
     md, per_class = table(rows), class_table(rows)
+    if private:
+        per_class += "\n\n" + private_table(rows)
     print(md + "\n\n" + per_class)
     if not args.quick and not reduced and not args.no_docs:
         update_docs_section(name, _docs(md, per_class, sched, args, name))

@@ -43,7 +43,7 @@ def _converted():
     torch.manual_seed(0)
     loaded = load_model("deeplabv3_mobilenetv2", input_size=",".join(map(str, SIZE)))
     net = recalibrate_batchnorm(loaded.model, SIZE, inputs=_frames("train", 16, loaded.mean, loaded.std))
-    conv = convert(net, SIZE, budget="1%", spec=loaded.spec.to_dict())
+    conv = convert(net, SIZE, budget="3%", spec=loaded.spec.to_dict())
     # untrained, the shared gates (the ReLU6 clip dropped) let activations grow to ~1e3: statistics of the
     # converted network itself keep them O(1), as retraining would
     frames = _frames("train", 16, loaded.mean, loaded.std)
@@ -61,12 +61,12 @@ def test_two_party_camvid_label_map_equals_plaintext_and_costs_exactly():
     pool = _frames("test", 32, loaded.mean, loaded.std)
     pool = torch.cat([pool, pool.flip(-1)])
     # the frame (or its mirror image) whose prototype inputs stay farthest from zero, chosen in plaintext: a
-    # prototype within a few units of 2^-16 of zero may take the other side in MPC and move all its replicas
-    # (docs/private_inference.md). At 1% (8,696 DReLUs) the best of these 64 keeps 41 units; at 3% (26K)
-    # and 10% (87K) the best kept 8 and 3 units, and runs there flipped prototypes (12-18% of the map agreed).
+    # prototype within the accumulated rounding of zero may take the other side in MPC and move all its
+    # replicas (docs/private_inference.md, "Accuracy"). With CrypTen's 16 fractional bits this frame flipped
+    # one (11.7% of the map agreed); on the 2^-22 activation grid it and the worst-margin frames agree fully.
     margins = gate_margins(net, pool)
     best = int(margins.argmax())
-    assert margins[best] > 16 * 2**-16
+    assert margins[best] > 64 * 2**-22
     x = pool[best : best + 1]
     r = run_two_party(net, x, weights_mode="public", timeout=300)
     clear = reference(prepare(net), x).numpy()
