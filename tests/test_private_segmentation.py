@@ -63,7 +63,7 @@ def test_two_party_camvid_label_map_equals_plaintext_and_costs_exactly():
     # the frame (or its mirror image) whose prototype inputs stay farthest from zero, chosen in plaintext: a
     # prototype within the accumulated rounding of zero may take the other side in MPC and move all its
     # replicas (docs/private_inference.md, "Accuracy"). With CrypTen's 16 fractional bits this frame flipped
-    # one (11.7% of the map agreed); on the 2^-22 activation grid it and the worst-margin frames agree fully.
+    # one (11.7% of the map agreed); on the finer activation grid it and the worst-margin frames agree fully.
     margins = gate_margins(net, pool)
     best = int(margins.argmax())
     assert margins[best] > 64 * 2**-22
