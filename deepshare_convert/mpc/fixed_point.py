@@ -7,9 +7,9 @@ Why two scales rather than CrypTen's one (16 bits for everything):
   zero may take the other side of the comparison on shares, and under DeepShare a flipped
   prototype moves every replicate channel that reads its gate (``α·x_c`` each), not just itself.
   With 16 bits a trained DeepLabV3-MobileNetV2 at 3% flipped a prototype on every full 180x240
-  CamVid frame tried (97.8-99.6% of the label map equal to plaintext), with 22 bits on 3 of 32
-  frame runs, with 24 on none of 40; the error shrinks with the activation grid, so activations
-  get 24 bits (docs/private_inference.md, *Accuracy*).
+  CamVid frame tried (97.8-99.6% of the label map equal to plaintext), with 22 bits on 8 of 88
+  frame runs, with 24 on 2 of 72; the error shrinks with the activation grid, so activations get
+  24 bits (docs/private_inference.md, *Accuracy*).
 * **Truncation failures.**  A product ``x·w`` sits at scale ``2^(A+W)`` until the local two-party
   truncation (each party divides its own share) brings it back to ``2^A``.  That truncation is
   off by ``2^(64-W)`` units when the shares wrap, with probability about ``|x·w|·2^(A+W-64)``
