@@ -21,10 +21,12 @@ Why two scales rather than CrypTen's one (16 bits for everything):
   not drop from 2^-16 down to 2^-8).  A model whose weights are all far below 2^-8 would need
   per-channel coefficient scales, which this format does not have yet.
 
-Public separable maps (bilinear upsampling, uneven pooling) use 16 coefficient bits: they are
-not model weights (the plaintext reference uses exact coefficients), and ``1/3`` or ``0.7`` need
-a fine grid.  To stay within the budget their input is first truncated to ``PRODUCT_BITS -
-RESAMPLE_BITS`` fractional bits (local, one more unit of rounding at that grid).
+Public constants that are not model weights -- the coefficients of separable maps (bilinear
+upsampling, uneven pooling) and numbers written in the graph (a LeakyReLU's slope, ``x * 0.1``)
+-- use 16 bits: the plaintext reference uses them exactly, and ``1/3`` or ``0.01`` need a fine
+grid.  To stay within the budget their input is first truncated to ``PRODUCT_BITS -
+CONSTANT_BITS`` fractional bits (local, one more unit of rounding at that grid).  A constant
+already on the weight grid (``0.5``, ``2``) takes the weights' exact path instead.
 
 Bytes and rounds do not depend on the scales (the ring is 2^64 either way).
 """
@@ -33,16 +35,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ACTIVATION_BITS", "WEIGHT_BITS", "RESAMPLE_BITS", "PRODUCT_BITS", "ACTIVATION_SCALE", "WEIGHT_SCALE",
-           "RESAMPLE_SCALE", "encode_weight"]  # fmt: skip
+__all__ = ["ACTIVATION_BITS", "WEIGHT_BITS", "CONSTANT_BITS", "PRODUCT_BITS", "ACTIVATION_SCALE", "WEIGHT_SCALE",
+           "CONSTANT_SCALE", "encode_weight", "on_weight_grid"]  # fmt: skip
 
 ACTIVATION_BITS = 24
 WEIGHT_BITS = 8
 PRODUCT_BITS = ACTIVATION_BITS + WEIGHT_BITS  # the scale of a product before its truncation (CrypTen's: 16 + 16)
-RESAMPLE_BITS = 16
+CONSTANT_BITS = 16
 ACTIVATION_SCALE = 2**ACTIVATION_BITS
 WEIGHT_SCALE = 2**WEIGHT_BITS
-RESAMPLE_SCALE = 2**RESAMPLE_BITS
+CONSTANT_SCALE = 2**CONSTANT_BITS
+
+
+def on_weight_grid(t: torch.Tensor) -> bool:
+    """Is every value a multiple of 2^-WEIGHT_BITS (then the weights' path multiplies by it exactly)?"""
+    t = t.detach().double()
+    return bool(torch.equal(torch.round(t * WEIGHT_SCALE) / WEIGHT_SCALE, t))
 
 
 def encode_weight(t: torch.Tensor, scale: int = WEIGHT_SCALE) -> torch.Tensor:

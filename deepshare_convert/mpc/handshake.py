@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeepShareError
-from .fixed_point import ACTIVATION_BITS, RESAMPLE_BITS, WEIGHT_BITS
+from .fixed_point import ACTIVATION_BITS, CONSTANT_BITS, WEIGHT_BITS
 
 if TYPE_CHECKING:
     from .lowering import Program
@@ -139,7 +139,7 @@ def plan_digest(program: Program) -> str:
 
     doc = {
         "protocol": PROTOCOL,
-        "fixed_point": [ACTIVATION_BITS, WEIGHT_BITS, RESAMPLE_BITS],  # parties on other grids decode garbage
+        "fixed_point": [ACTIVATION_BITS, WEIGHT_BITS, CONSTANT_BITS],  # parties on other grids decode garbage
         "weights_mode": program.weights_mode,
         "input_shape": list(program.input_shape),
         "output_shape": list(program.output_shape),

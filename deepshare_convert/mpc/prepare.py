@@ -23,7 +23,8 @@ import torch.nn as nn
 from ..conversion.tracing import trace
 from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
 
-__all__ = ["PRECISION_BITS", "prepare", "reference", "snap_to_grid", "snap_input", "fold_batchnorm", "strip_weights"]
+__all__ = ["PRECISION_BITS", "prepare", "reference", "plain_affine_batchnorm", "snap_to_grid", "snap_input",
+           "fold_batchnorm", "strip_weights"]
 
 PRECISION_BITS = WEIGHT_BITS  # the grid model coefficients are snapped to (mpc/fixed_point.py)
 
@@ -45,6 +46,7 @@ def prepare(model: nn.Module, precision_bits: int | None = PRECISION_BITS, *,
     gm = copy.deepcopy(gm).eval()
     set_gate_mode(gm, "step")
     gm = fold_batchnorm(gm)
+    plain_affine_batchnorm(gm)
     if precision_bits is not None:
         snap_to_grid(gm, precision_bits)
     return gm
@@ -74,6 +76,26 @@ def reference(gm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     with torch.no_grad():
         return copy.deepcopy(gm).double()(snap_input(x).double()).float()
+
+
+def plain_affine_batchnorm(module: nn.Module) -> nn.Module:
+    """Rewrite every eval-mode affine BatchNorm left after folding as ``x·weight + bias`` (mean 0, var 1, eps 0).
+
+    The same function, but its scale is then a parameter that :func:`snap_to_grid` puts on the
+    coefficient grid, so MPC multiplies by exactly the scale the plaintext reference uses (not
+    by ``weight / sqrt(var + eps)`` rounded on shares).
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.running_var is not None:
+                std = torch.sqrt(m.running_var.double() + m.eps)
+                scale = m.weight.double() / std
+                m.bias.copy_(m.bias.double() - m.running_mean.double() * scale)
+                m.weight.copy_(scale)
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+                m.eps = 0.0
+    return module
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:

@@ -40,7 +40,15 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import import_crypten
-from .fixed_point import ACTIVATION_BITS, PRODUCT_BITS, RESAMPLE_BITS, RESAMPLE_SCALE, WEIGHT_SCALE, encode_weight
+from .fixed_point import (
+    ACTIVATION_BITS,
+    CONSTANT_BITS,
+    CONSTANT_SCALE,
+    PRODUCT_BITS,
+    WEIGHT_SCALE,
+    encode_weight,
+    on_weight_grid,
+)
 from .ring import RingWeight, ring_conv2d, ring_linear
 
 __all__ = [
@@ -217,15 +225,35 @@ def public_affine(xg, x, alpha: torch.Tensor, beta: torch.Tensor):
     return out.div_(WEIGHT_SCALE)
 
 
-def public_mul(x, t: torch.Tensor | float):
-    """``x · t`` for a public float ``t`` (a BatchNorm scale, a constant): on the coefficient grid, one truncation.
+_CONSTANT_PRE = 2 ** max(ACTIVATION_BITS + CONSTANT_BITS - PRODUCT_BITS, 0)  # see _by_constant
 
-    Not CrypTen's ``mul``, which encodes ``t`` at the activation scale and so holds the product at
-    ``2^(2·ACTIVATION_BITS)`` before truncating (:mod:`.fixed_point`: a wrap is then far likelier).
+
+def public_mul(x, t: torch.Tensor | float):
+    """``x · t`` for a public float ``t`` (a BatchNorm scale, a constant in the graph): local, within the budget.
+
+    On the weight grid (a snapped BatchNorm scale, ``0.5``) exactly, with one truncation; any other
+    value on the finer constant grid (:func:`_by_constant`).  Not CrypTen's ``mul``, which encodes
+    ``t`` at the activation scale and so holds the product at ``2^(2·ACTIVATION_BITS)`` before
+    truncating (:mod:`.fixed_point`: a wrap is then far likelier).
     """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if not on_weight_grid(t):
+        c = encode_weight(t, CONSTANT_SCALE)
+        return _by_constant(x, lambda share: share * c)
     out = x.shallow_copy()
-    out.share = x.share * encode_weight(torch.as_tensor(t))
+    out.share = x.share * encode_weight(t)
     return out.div_(WEIGHT_SCALE)
+
+
+def _by_constant(x, fn):
+    """``fn(share)`` for a linear map with integer coefficients on the 2^-CONSTANT_BITS grid, truncated back.
+
+    The local truncation fails with probability ~|v|/2^64: v stays at scale 2^PRODUCT_BITS, as after a
+    convolution, because x is first truncated to PRODUCT_BITS - CONSTANT_BITS fractional bits.
+    """
+    out = x.div(_CONSTANT_PRE) if _CONSTANT_PRE > 1 else x.shallow_copy()  # not div_: x's tensor stays as it is
+    out.share = fn(out.share)
+    return out.div_(CONSTANT_SCALE // _CONSTANT_PRE)
 
 
 @dataclass
@@ -347,7 +375,7 @@ def public_separable(x, a_h: torch.Tensor, a_w: torch.Tensor):
     """``A_h · x · A_wᵀ`` on the last two axes of shares, public matrices: local to each party.
 
     An axis whose matrix only picks pixels (see :func:`.resample.as_selection`) is a gather of
-    shares; any other is an integer matmul by the coefficients on the 2^-RESAMPLE_BITS grid followed
+    shares; any other is an integer matmul by the coefficients on the 2^-CONSTANT_BITS grid followed
     by CrypTen's truncation by that scale, which for two parties is local (each party divides its
     own share, ``ArithmeticSharedTensor.div_``): no communication either way.
     """
@@ -359,18 +387,13 @@ def public_separable(x, a_h: torch.Tensor, a_w: torch.Tensor):
         if pick is not None:
             out.share = out.share.index_select(out.share.dim() + axis, pick)
             continue
-        coef = encode_weight(a, RESAMPLE_SCALE)
-        # the local truncation fails with probability ~|v|/2^64: v stays at scale 2^PRODUCT_BITS, as after a
-        # convolution, by truncating x to PRODUCT_BITS - RESAMPLE_BITS fractional bits first, and after each axis
-        out = out.div(_RESAMPLE_PRE) if _RESAMPLE_PRE > 1 else out  # not div_: out may share x's tensor
-        share = out.share
-        out.share = (share.transpose(-1, -2) @ coef.t()).transpose(-1, -2) if axis == -2 else share @ coef.t()
-        out = out.div_(RESAMPLE_SCALE // _RESAMPLE_PRE)
+        coef = encode_weight(a, CONSTANT_SCALE)
+        if axis == -2:
+            out = _by_constant(out, lambda share, c=coef: (share.transpose(-1, -2) @ c.t()).transpose(-1, -2))
+        else:
+            out = _by_constant(out, lambda share, c=coef: share @ c.t())
     out.share = out.share.contiguous()
     return out
-
-
-_RESAMPLE_PRE = 2 ** max(ACTIVATION_BITS + RESAMPLE_BITS - PRODUCT_BITS, 0)
 
 
 def maxpool2d(x, kernel_size, stride, padding, dealer: Dealer):
