@@ -4,7 +4,9 @@
 
 CrypTen's DReLU works on the whole 64-bit ring: A2B, one AND for the generate bits, a
 carry tree of log2(64) = 6 AND levels, a 1-bit B2A: 8 rounds, 432 bytes per
-element (cost_table.json).  Comparing only bits [t, L) of the fixed-point value (2^16 scale)
+element (cost_table.json).  Comparing only bits [t, L) of the fixed-point value (2^16 scale, as
+measured here; the executor's activations are on 2^-24 now (mpc/fixed_point.py), which moves every
+window up by 8 bits)
 means each party reduces its share locally (``share >> t`` then mod 2^(L-t)) and the carry
 tree runs on k = L - t bits: 2 + ceil(log2 k) rounds.  The result is exact while
 |x| < 2^(L-17) (no wrap of the sub-ring) -- up to the local truncation, which can move the sum
@@ -100,7 +102,7 @@ def _subring_party(backend, rank: int, n: int, schemes: list[tuple[int, int]]) -
     constants = circuit.__dict__["__SPK_circuit_constants"]
     g = torch.Generator().manual_seed(0)
     plain = (torch.rand(n, generator=g) - 0.5) * 40  # |x| < 20, like the ResNet-20 activations
-    x = A(plain, src=1) if rank == 1 else A(None, size=(n,), src=1)
+    x = A(plain, precision=FRAC_BITS, src=1) if rank == 1 else A(None, size=(n,), precision=FRAC_BITS, src=1)
     dealer = Dealer(rank, seed=1)
     out = {}
     for bits, drop in schemes:
