@@ -110,7 +110,7 @@ def _done(out: Path, key: str) -> dict[str, Any] | None:
 
 def run_snl_baseline(model: str, budget: str, sched: Schedule, runs: Path) -> dict[str, Any]:
     """SNL search + finetune at ``budget``; returns its results (plus the counts file path)."""
-    from deepshare_convert.snl import SNLConfig, resume_snl, run_snl
+    from deepshare_convert.snl import SNLConfig
 
     out = runs / model / f"snl_{_slug(budget)}"
     results = _done(out, "snl_acc")
@@ -121,18 +121,26 @@ def run_snl_baseline(model: str, budget: str, sched: Schedule, runs: Path) -> di
                            max_epochs=sched.snl_max_epochs,
                            max_steps=sched.snl_max_steps, check_every=20, finetune_epochs=sched.total_epochs)  # fmt: skip
         print(f"[{model}] SNL at {budget} -> {out}", flush=True)
-        t0 = time.perf_counter()
-        result = (resume_snl(out, device=sched.device) if (out / "snl_run.json").is_file()
-                  else run_snl(config, out, device=sched.device))  # fmt: skip
-        results = dict(result.results, bench_wall_seconds=round(time.perf_counter() - t0, 1))
-        if not result.reached:
-            results["snl_acc"] = None
+        results = snl_run_or_resume(config, out, sched.device, "snl_acc")
     results["counts_file"] = str(out / "snl_counts.json")
     results["dir"] = str(out)
     if (out / "metrics.jsonl").is_file():
         results["steps"] = trained_steps(out)
         results["curve"] = learning_curve(out)
         results["train_seconds"] = train_seconds(out)
+    return results
+
+
+def snl_run_or_resume(config, out: Path, device: str, score_key: str) -> dict[str, Any]:
+    """Run SNL into ``out`` (or resume it there); its results with the bench's wall time, ``score_key``
+    None when the search did not reach the budget (no finetuned model to score)."""
+    from deepshare_convert.snl import resume_snl, run_snl
+
+    t0 = time.perf_counter()
+    result = resume_snl(out, device=device) if (out / "snl_run.json").is_file() else run_snl(config, out, device=device)
+    results = dict(result.results, bench_wall_seconds=round(time.perf_counter() - t0, 1))
+    if not result.reached:
+        results[score_key] = None
     return results
 
 

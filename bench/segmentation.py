@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cifar_runs import SHARED, _done, _slug, train_seconds, trained_steps  # noqa: E402
+from cifar_runs import SHARED, _done, _slug, snl_run_or_resume, train_seconds, trained_steps  # noqa: E402
 from common import ROOT, add_out_arg, update_docs_section, write_results  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "deeplabv3_mobilenetv2_camvid.yaml"
@@ -121,7 +121,7 @@ def run_original(sched: Schedule, runs: Path) -> dict[str, Any]:
 
 
 def run_snl(weights: str, budget: str, sched: Schedule, runs: Path) -> dict[str, Any]:
-    from deepshare_convert.snl import SNLConfig, resume_snl, run_snl as snl
+    from deepshare_convert.snl import SNLConfig
 
     out = runs / f"snl_{_slug(budget)}"
     results = _done(out, "snl_miou")
@@ -132,12 +132,7 @@ def run_snl(weights: str, budget: str, sched: Schedule, runs: Path) -> dict[str,
                            max_epochs=sched.snl_max_epochs, max_steps=sched.snl_max_steps,
                            finetune_epochs=sched.snl_finetune_epochs)  # fmt: skip
         print(f"SNL at {budget} -> {out}", flush=True)
-        t0 = time.perf_counter()
-        result = (resume_snl(out, device=sched.device) if (out / "snl_run.json").is_file()
-                  else snl(config, out, device=sched.device))  # fmt: skip
-        results = dict(result.results, bench_wall_seconds=round(time.perf_counter() - t0, 1))
-        if not result.reached:
-            results["snl_miou"] = None
+        results = snl_run_or_resume(config, out, sched.device, "snl_miou")
     return dict(results, dir=str(out), steps=trained_steps(out), train_seconds=train_seconds(out))
 
 
