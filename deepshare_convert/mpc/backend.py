@@ -51,6 +51,8 @@ class SetupRun:
     rounds: int = 0
     wall_s: float = 0.0
     elements: int = 0  # model-tensor elements masked
+    offline_bytes: int = 0  # dealer -> this party (corrections): none at setup, the masks are seeded
+    offline_messages: int = 0
 
 
 @dataclass
@@ -65,6 +67,10 @@ class PartyRun:
     comparisons: int  # elements that went through the secure comparison
     per_node: dict[str, NodeStats] = field(default_factory=dict)
     setup: SetupRun | None = None  # the setup this run had to do first (None: it reused an earlier one)
+    offline_bytes: int = 0  # dealer -> this party for this run (corrections), the offline phase
+    offline_messages: int = 0
+    offline_s: float = 0.0  # waiting for and reading them
+    dealer: str = "separate"  # "separate" (a third process dealt) or "simulated" (party 0 sampled)
 
 
 class Backend(ABC):
@@ -78,6 +84,10 @@ class Backend(ABC):
     @abstractmethod
     def start(self, rank: int, master_addr: str, master_port: int) -> None:
         """Join the two-party session as party ``rank`` (0: model owner, 1: input owner)."""
+
+    def attach_dealer(self, link) -> None:
+        """Take this party's authenticated :class:`~.dealer.channel.DealerLink` (before ``setup``)."""
+        raise NotImplementedError(f"the {self.name} backend has no dealer support")
 
     @abstractmethod
     def run(self, program: Program, x: torch.Tensor | None) -> PartyRun:

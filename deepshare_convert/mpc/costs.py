@@ -253,7 +253,9 @@ def _calibration_party(backend, rank: int, sizes: tuple[int, int], conv: tuple[i
     from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
     from .ring import RingWeight
 
-    dealer = P.Dealer(rank, seed=1)
+    from .dealer.randomness import SimulatedDealer
+
+    dealer = SimulatedDealer(rank, seed=1)  # compute timings only: who deals does not change the online phase
     g = torch.Generator().manual_seed(0)
 
     def shared(shape):
@@ -301,7 +303,7 @@ def calibrate(path: str | Path | None = None, *, quick: bool = False, save: bool
     import_crypten()
     sizes = (2048, 8192) if quick else (4096, 32768)
     conv = (32, 16, 3) if quick else (64, 32, 3)
-    r0, _ = spawn_two(_calibration_party, ((sizes, conv), (sizes, conv)), backend=CrypTenBackend())
+    r0, _ = spawn_two(_calibration_party, ((sizes, conv), (sizes, conv)), backend=CrypTenBackend(dealer="simulated"))
     n1, n2 = sizes
 
     def slope(key: str) -> tuple[float, int]:

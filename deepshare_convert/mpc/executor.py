@@ -42,6 +42,8 @@ from ..compat import import_crypten
 from ..errors import DeepShareError, first_line
 from . import protocols as P
 from .backend import Backend, NodeStats, PartyRun, SetupRun
+from .dealer.provider import use as use_dealer
+from .dealer.randomness import DEALER_MODES, Corrections, Randomness, SeededParty, SimulatedDealer
 from .fixed_point import ACTIVATION_BITS
 from .local_ops import LocalOps, is_shared
 from .lowering import Program
@@ -75,13 +77,13 @@ def _comm():
 class CrypTenInterpreter(LocalOps, fx.Interpreter):
     """Execute ``program`` on shares at one party; ``run(x_shared)`` returns the shared output."""
 
-    def __init__(self, program: Program, rank: int, dealer: P.Dealer | None = None,
+    def __init__(self, program: Program, rank: int, dealer: Randomness | None = None,
                  masks: dict[str, P.FixedMask] | None = None):  # fmt: skip
         import_crypten()
         super().__init__(program.gm, garbage_collect_values=True)
         self.program = program
         self.rank = rank
-        self.dealer = dealer or P.Dealer(rank)
+        self.dealer = dealer or SimulatedDealer(rank)
         self.private = program.weights_mode == "private"
         self.masks = masks or {}
         missing = set(program.fixed) - set(self.masks)
@@ -284,14 +286,20 @@ class RunOutput:
     comparisons: int = 0
 
 
-def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: P.Dealer | None = None,
+def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: Randomness | None = None,
                 masks: dict[str, P.FixedMask] | None = None) -> RunOutput:  # fmt: skip
     """Share the input, run the graph, reveal the output to party 1 (crypten must be initialised).
 
-    In ``private`` mode ``masks`` come from :func:`setup_weights` with the same ``dealer``.
+    In ``private`` mode ``masks`` come from :func:`setup_weights` with the same ``dealer``.  Every
+    triple CrypTen itself draws (its comparison's ANDs, a Beaver product) comes from ``dealer`` too.
     """
     comm = _comm()
     interp = CrypTenInterpreter(program, rank, dealer, masks)
+    with use_dealer(interp.dealer):
+        return _run(interp, comm, program, rank, x)
+
+
+def _run(interp: CrypTenInterpreter, comm, program: Program, rank: int, x: torch.Tensor | None) -> RunOutput:
     compared_before = interp.comparisons  # a dealer kept across runs keeps counting
     before = comm.get_communication_stats()
     tic = time.perf_counter()
@@ -312,25 +320,46 @@ def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: P.D
 
 
 class CrypTenBackend(Backend):
-    """CrypTen 0.4.1 over gloo (TCP): the :class:`~.backend.Backend` the launcher uses by default."""
+    """CrypTen 0.4.1 over gloo (TCP): the :class:`~.backend.Backend` the launcher uses by default.
+
+    ``dealer="separate"`` (the default): correlated randomness comes from a third process through
+    the :class:`~.dealer.channel.DealerLink` given to :meth:`attach_dealer`; ``"simulated"``: party 0
+    samples it (for measurement only -- party 0 can then unmask the client's input).
+    """
 
     name = "crypten"
 
-    def __init__(self):
+    def __init__(self, dealer: str = "separate"):
+        if dealer not in DEALER_MODES:
+            raise DeepShareError(f"--dealer must be one of {', '.join(DEALER_MODES)}, got {dealer!r}")
+        self.dealer_mode = dealer
         self.rank: int | None = None
+        self.link = None
         self._crypten = None
-        self._session: tuple | None = None  # (program, dealer, masks) of the last setup
+        self._session: tuple | None = None  # (program, randomness, masks) of the last setup
+
+    def attach_dealer(self, link) -> None:
+        self.link = link
+
+    def _randomness(self) -> Randomness:
+        if self.dealer_mode == "simulated":
+            return SimulatedDealer(self.rank)
+        if self.link is None:
+            raise DeepShareError("no dealer is connected (dealer 'separate'): start one, or pass --dealer simulated "
+                                 "for a measurement run that is not private against party 0")  # fmt: skip
+        return SeededParty(self.rank, self.link.seed)
 
     def setup(self, program: Program) -> SetupRun:
-        """Mask the program's fixed weights (private mode) with a dealer kept for its later runs."""
+        """Mask the program's fixed weights (private mode) with randomness kept for its later runs."""
         if self.rank is None:
             raise DeepShareError("the CrypTen backend sets up a program only between start() and stop()")
         comm = _comm()
         comm.barrier()
         comm.reset_communication_stats()
         tic = time.perf_counter()
-        dealer = P.Dealer(self.rank)
-        masks = setup_weights(program, self.rank, dealer)
+        dealer = self._randomness()
+        with use_dealer(dealer):
+            masks = setup_weights(program, self.rank, dealer)
         prepare_public_weights(program)  # once per loaded model, like the masks
         wall = time.perf_counter() - tic
         stats = comm.get_communication_stats()
@@ -350,6 +379,14 @@ class CrypTenBackend(Backend):
         crypten.cfg.encoder.precision_bits = ACTIVATION_BITS  # what CrypTen encodes new public values at
         self.rank, self._crypten = rank, crypten
 
+    def _offline(self, dealer: Randomness) -> tuple[int, int, float]:
+        """The client reads this run's corrections from the dealer (the offline phase): bytes, messages, seconds."""
+        if not isinstance(dealer, SeededParty) or self.rank != 1:
+            return 0, 0, 0.0
+        b, m, s = self.link.bytes, self.link.messages, self.link.seconds
+        dealer.corrections = Corrections(self.link.receive())
+        return self.link.bytes - b, self.link.messages - m, self.link.seconds - s
+
     def run(self, program: Program, x: torch.Tensor | None) -> PartyRun:
         """Both parties in step (barrier), counters reset, then :func:`run_program` (after :meth:`setup` if needed)."""
         if self.rank is None:
@@ -358,17 +395,23 @@ class CrypTenBackend(Backend):
         if self._session is None or self._session[0] is not program:
             setup = self.setup(program)  # counted apart; later runs of this program reuse it
         _, dealer, masks = self._session
+        offline = self._offline(dealer)
         comm = _comm()
         comm.barrier()
         comm.reset_communication_stats()
         tic = time.perf_counter()
         result = run_program(program, self.rank, x, dealer, masks)
         wall = time.perf_counter() - tic
+        if isinstance(dealer, SeededParty) and dealer.corrections is not None:
+            dealer.corrections.finish()
+            dealer.corrections = None
         stats = comm.get_communication_stats()
         return PartyRun(result.output, int(stats["bytes"]), int(stats["rounds"]), wall, float(stats["time"]),
-                        int(result.comparisons), result.stats, setup)  # fmt: skip
+                        int(result.comparisons), result.stats, setup, *offline, self.dealer_mode)  # fmt: skip
 
     def stop(self) -> None:
         if self._crypten is not None:
             self._crypten.uninit()
-        self.rank, self._crypten, self._session = None, None, None
+        if self.link is not None:
+            self.link.close()
+        self.rank, self._crypten, self._session, self.link = None, None, None, None

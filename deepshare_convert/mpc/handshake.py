@@ -121,14 +121,15 @@ def _target_name(target: Any) -> str:
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
 
 
-def plan_digest(program: Program) -> str:
+def plan_digest(program: Program, weights: bool = True) -> str:
     """SHA-256 of what both parties must agree on: the lowered program, never private weights.
 
     Covered: protocol version, the fixed-point format, weights mode, input/output shapes, every op's handler and
     counts, the graph (ops, targets, arguments), every module's type and settings, and every
     parameter / buffer's name, dtype and shape.  Tensor *contents* only where both parties
     hold them: all of them in ``public`` mode; in ``private`` mode only the non-float ones (the
-    gates' channel maps), since party 1 holds a zeroed skeleton.
+    gates' channel maps), since party 1 holds a zeroed skeleton.  ``weights=False`` leaves float
+    contents out in both modes: the digest the dealer, which holds no weights, checks.
     """
     from torch.fx.node import Node, map_aggregate
 
@@ -154,7 +155,7 @@ def plan_digest(program: Program) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach()
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if program.weights_mode == "public" or not t.is_floating_point():
+        if (weights and program.weights_mode == "public") or not t.is_floating_point():
             h.update(t.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 

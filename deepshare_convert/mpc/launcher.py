@@ -38,6 +38,9 @@ import torch.nn as nn
 from ..errors import DeepShareError, first_line
 from . import WEIGHT_MODES
 from .backend import Backend
+from .dealer.channel import accept_parties, connect_dealer
+from .dealer.randomness import DEALER_MODES
+from .dealer.service import deal_session
 from .handshake import authenticate, new_key, plan_digest, require_key
 from .lowering import lower
 from .prepare import prepare, reference, strip_weights
@@ -61,6 +64,9 @@ class PartyReport:
     plaintext_digests: list[str] = field(default_factory=list)
     setup: dict[str, float] = field(default_factory=dict)  # bytes, rounds, wall_s, elements of the one setup
     inferences: list[dict[str, float]] = field(default_factory=list)  # online bytes, rounds, wall_s of each run
+    dealer: str = "separate"
+    offline_bytes: int = 0  # corrections this party received from the dealer (the offline phase)
+    offline_messages: int = 0
 
     @property
     def setup_bytes(self) -> int:
@@ -79,6 +85,18 @@ class PrivateRun:
     plaintext: np.ndarray | None  # the same model run in the clear (None when no one holds both)
     comparisons_expected: int
     setup_s: float = 0.0
+    dealer: str = "separate"  # who dealt the correlated randomness: "separate" (a third process) or "simulated"
+    dealer_report: dict[str, Any] | None = None  # what the dealer process sent (and held, with inventory)
+    offline_expected: int = 0  # bytes of corrections the cost model predicts for the whole run
+
+    @property
+    def offline_bytes(self) -> int:
+        """Correction bytes the dealer sent, as the client received them (the offline phase)."""
+        return sum(p.offline_bytes for p in self.parties)
+
+    @property
+    def offline_messages(self) -> int:
+        return sum(p.offline_messages for p in self.parties)
 
     @property
     def top1_agreement(self) -> float | None:
@@ -112,6 +130,10 @@ class PrivateRun:
             "max_logit_error": self.max_logit_error,
             "comparisons": self.parties[0].comparisons,
             "comparisons_expected": self.comparisons_expected,
+            "dealer": self.dealer,
+            "offline": {"bytes": self.offline_bytes, "bytes_expected": self.offline_expected,
+                        "messages": self.offline_messages,
+                        "setup_bytes": 0 if self.dealer_report is None else self.dealer_report["setup_bytes"]},
             "parties": [
                 {"rank": p.rank, "bytes": p.bytes, "rounds": p.rounds, "wall_s": round(p.wall_s, 4),
                  "comm_s": round(p.comm_s, 4), "setup_bytes": p.setup_bytes, "setup_rounds": p.setup_rounds,
@@ -132,7 +154,10 @@ def tensor_digest(t: torch.Tensor | np.ndarray) -> str:
 
 
 def _plaintext_inventory() -> list[str]:
-    """Digests of every non-empty floating tensor / array alive in this process."""
+    """Digests of every non-empty floating or integer tensor / array alive in this process.
+
+    Integers too: a ring element (a mask, an activation encoded at 2^ACTIVATION_BITS) is an int64.
+    """
     import warnings
 
     seen: set[str] = set()
@@ -144,9 +169,10 @@ def _plaintext_inventory() -> list[str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 is_tensor, is_array = isinstance(obj, torch.Tensor), isinstance(obj, np.ndarray)
-            if is_tensor and obj.is_floating_point() and obj.numel() and obj.device.type == "cpu":
+            if is_tensor and obj.dtype != torch.bool and obj.numel() and obj.device.type == "cpu" \
+                    and not obj.is_meta and not obj.is_complex():
                 seen.add(tensor_digest(obj))
-            elif is_array and obj.dtype.kind == "f" and obj.size:
+            elif is_array and obj.dtype.kind in "fi" and obj.size:
                 seen.add(tensor_digest(obj))
         except Exception:  # noqa: BLE001,S112 - meta tensors, half-built objects: not plaintext data
             continue
@@ -171,12 +197,17 @@ def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, inp
     setup = backend.setup(program)
     xs = [torch.from_numpy(c) for c in np.split(inputs, count)] if inputs is not None else [None] * count
     outs, runs, result = [], [], None
+    held: set[str] = set()
     for x in xs:
         result = backend.run(program, x)
         if result.output is not None:
             outs.append(result.output.detach().float())
         runs.append({"bytes": result.bytes, "rounds": result.rounds, "wall_s": result.wall_s,
-                     "comm_s": result.comm_s, "comparisons": result.comparisons})  # fmt: skip
+                     "comm_s": result.comm_s, "comparisons": result.comparisons,
+                     "offline_bytes": result.offline_bytes, "offline_messages": result.offline_messages,
+                     "offline_s": result.offline_s})  # fmt: skip
+        if inventory:  # sampled after every inference too: what the process held while it ran
+            held.update(_plaintext_inventory())
     report = {
         "rank": rank, "bytes": sum(r["bytes"] for r in runs), "rounds": sum(r["rounds"] for r in runs),
         "wall_s": sum(r["wall_s"] for r in runs), "comm_s": sum(r["comm_s"] for r in runs),
@@ -186,10 +217,13 @@ def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, inp
         "output": torch.cat(outs).numpy() if outs else None,  # a view: the tensor stays visible to the inventory
         "setup": {"bytes": setup.bytes, "rounds": setup.rounds, "wall_s": setup.wall_s, "elements": setup.elements},
         "inferences": runs,
+        "dealer": result.dealer,
+        "offline_bytes": sum(r["offline_bytes"] for r in runs),
+        "offline_messages": sum(r["offline_messages"] for r in runs),
     }  # fmt: skip
     del result, outs
     if inventory:  # everything this process holds in the clear, its own inputs and output included
-        report["plaintext_digests"] = _plaintext_inventory()
+        report["plaintext_digests"] = sorted(held.union(_plaintext_inventory()))
     return report
 
 
@@ -201,17 +235,34 @@ def _inference_plan(rank: int, gm: fx.GraphModule | dict, input_shape: tuple[int
     return digest if count == 1 else hashlib.sha256(f"{digest}:{count}".encode()).hexdigest()
 
 
+def _dealer_plan(rank: int, gm, input_shape: tuple[int, ...], inputs, weights_mode: str, inventory: bool,
+                 count: int = 1) -> tuple[str, tuple[int, ...], int]:  # fmt: skip
+    """(the weightless plan hash the dealer checks, the input shape, the number of inferences) of a party."""
+    program = lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode)
+    return dealer_digest(program, count), tuple(input_shape), count
+
+
+def dealer_digest(program, count: int) -> str:
+    """The plan hash shared with the dealer: the program without float weights, and the number of inferences."""
+    return hashlib.sha256(f"{plan_digest(program, weights=False)}:{count}".encode()).hexdigest()
+
+
 def _function_plan(fn) -> str:
     """The plan of a party body with no lowered program (calibration): which function both run."""
     return hashlib.sha256(f"{fn.__module__}.{fn.__qualname__}".encode()).hexdigest()
 
 
 def _party_entry(queue, rank: int, master_addr: str, master_port: int, backend: Backend, fn, args: tuple,
-                 key: bytes, plan, timeout: float) -> None:  # fmt: skip
-    """Process body: handshake, start the backend, run ``fn(backend, rank, *args)``, send its result or one error line."""
+                 key: bytes, plan, timeout: float, dealer_port: int | None = None) -> None:  # fmt: skip
+    """Process body: handshakes (the other party, then the dealer), start the backend, run
+    ``fn(backend, rank, *args)``, send its result or one error line."""
     try:
         digest = plan(rank, *args) if callable(plan) else _function_plan(fn)
         session = authenticate(rank, key, digest, master_addr, master_port, timeout=timeout)
+        if dealer_port is not None:
+            dplan, shape, count = _dealer_plan(rank, *args)
+            backend.attach_dealer(connect_dealer(rank, key, dplan, master_addr, dealer_port, input_shape=shape,
+                                                 count=count, timeout=timeout))  # fmt: skip
         backend.start(rank, master_addr, session.store_port)
         try:
             result = fn(backend, rank, *args)
@@ -223,8 +274,36 @@ def _party_entry(queue, rank: int, master_addr: str, master_port: int, backend: 
         queue.put(("error", rank, msg if isinstance(e, DeepShareError) else f"{type(e).__name__}: {msg}"))
 
 
+def _dealer_entry(queue, key: bytes, addr: str, port: int, gm: dict, weights_mode: str, inventory: bool,
+                  timeout: float) -> None:  # fmt: skip
+    """The dealer's process body: accept both parties, deal the session, report what it sent (and held)."""
+    try:
+        torch.set_num_threads(1)
+        graph = unpack(gm)
+
+        def plan_for(shape, count):
+            program = lower(graph, tuple(shape), weights_mode)
+            return dealer_digest(program, count), (program, count)
+
+        link0, link1, (program, count) = accept_parties(key, plan_for, addr, port, timeout=timeout)
+        try:
+            report = deal_session(program, link0, link1, count).to_dict()
+        finally:
+            link0.close()
+            link1.close()
+        if inventory:
+            report["plaintext_digests"] = _plaintext_inventory()
+        queue.put(("ok", DEALER_RANK, report))
+    except BaseException as e:  # noqa: BLE001 - report any failure as one line to the parent
+        msg = first_line(e, 300)
+        queue.put(("error", DEALER_RANK, msg if isinstance(e, DeepShareError) else f"{type(e).__name__}: {msg}"))
+
+
+DEALER_RANK = 2  # the dealer's report travels under this rank (it is no party of the MPC)
+
+
 def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend: Backend | None = None,
-              plan=None) -> list[Any]:  # fmt: skip
+              plan=None, dealer: tuple | None = None) -> list[Any]:  # fmt: skip
     """Run ``fn(backend, rank, *args[rank])`` in two spawned processes joined by ``backend``; their results.
 
     ``backend`` defaults to CrypTen.  ``fn`` (and ``plan``) must be module-level functions;
@@ -232,6 +311,10 @@ def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend:
     The two processes run the :mod:`.handshake` first, with a fresh random key sent to each
     through its spawn pipe (never a command line); ``plan(rank, *args[rank])`` gives each
     party's plan hash (None: both run ``fn``, nothing else to compare).
+
+    ``dealer`` = (packed weightless graph, weights mode, inventory): a third process deals the
+    correlated randomness (:mod:`.dealer`); its report comes back third.  None: no dealer process
+    (the backend then must not need one: ``CrypTenBackend(dealer="simulated")``).
     """
     backend = backend or default_backend()
     port = free_port()
@@ -240,11 +323,15 @@ def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend:
     queue = ctx.Queue()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CrypTen pitfall: a multi-threaded parent can hang the next run
+    dealer_port = free_port() if dealer is not None else None
     procs = [
-        ctx.Process(target=_party_entry, args=(queue, r, "127.0.0.1", port, backend, fn, args[r], key, plan, timeout),
-                    daemon=True)
+        ctx.Process(target=_party_entry, daemon=True,
+                    args=(queue, r, "127.0.0.1", port, backend, fn, args[r], key, plan, timeout, dealer_port))
         for r in range(2)
-    ]
+    ]  # fmt: skip
+    if dealer is not None:
+        procs.append(ctx.Process(target=_dealer_entry, daemon=True,
+                                 args=(queue, key, "127.0.0.1", dealer_port, *dealer, timeout)))  # fmt: skip
     started = []
     try:
         for p in procs:
@@ -259,14 +346,14 @@ def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend:
             p.join(5)
         queue.close()
         queue.join_thread()
-    return [reports[0], reports[1]]
+    return [reports[r] for r in range(len(procs))]
 
 
-def default_backend() -> Backend:
+def default_backend(dealer: str = "separate") -> Backend:
     """CrypTen, the one backend (imported on use: launching needs no crypten until a party runs)."""
     from .executor import CrypTenBackend
 
-    return CrypTenBackend()
+    return CrypTenBackend(dealer)
 
 
 def _check_mode(weights_mode: str) -> None:
@@ -285,13 +372,18 @@ def run_two_party(
     leaf_modules: Sequence[str] = (),
     backend: Backend | None = None,
     sequential: bool = False,
+    dealer: str = "separate",
 ) -> PrivateRun:
     """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen).
 
     One setup (private mode: the weights masked once), then one inference of the whole batch,
     or with ``sequential`` N inferences of one image each, one after another, reusing the setup.
+    ``dealer="separate"``: a third process deals the correlated randomness (private against
+    either party); ``"simulated"``: party 0 samples it -- a measurement of the online phase only,
+    not private against party 0.
     """
     _check_mode(weights_mode)
+    _check_dealer(dealer)
     tic = time.perf_counter()
     gm = prepare(model, leaf_modules=leaf_modules)
     count = int(inputs.shape[0]) if sequential else 1
@@ -305,9 +397,18 @@ def run_two_party(
     client_gm = pack(strip_weights(gm) if weights_mode == "private" else gm)
     client = (client_gm, shape, inputs.detach().float().numpy(), weights_mode, inventory, count)
     setup = time.perf_counter() - tic
-    reports = spawn_two(_inference_party, (server, client), timeout=timeout, backend=backend, plan=_inference_plan)
-    parties = [PartyReport(**r) for r in reports]
-    return PrivateRun(weights_mode, parties, parties[1].output, clear, expected, setup)
+    dealer_args = (pack(strip_weights(gm)), weights_mode, inventory) if dealer == "separate" else None
+    reports = spawn_two(_inference_party, (server, client), timeout=timeout, backend=backend or default_backend(dealer),
+                        plan=_inference_plan, dealer=dealer_args)  # fmt: skip
+    parties = [PartyReport(**r) for r in reports[:2]]
+    dealt = reports[2] if len(reports) > 2 else None
+    return PrivateRun(weights_mode, parties, parties[1].output, clear, expected, setup, dealer, dealt,
+                      program.offline_elements * 8 * count)  # fmt: skip
+
+
+def _check_dealer(dealer: str) -> None:
+    if dealer not in DEALER_MODES:
+        raise DeepShareError(f"--dealer must be one of {', '.join(DEALER_MODES)}, got {dealer!r}")
 
 
 def _collect(queue, procs, timeout: float) -> dict[int, dict[str, Any]]:
@@ -323,10 +424,11 @@ def _collect(queue, procs, timeout: float) -> dict[int, dict[str, Any]]:
                 raise DeepShareError(f"two-party run timed out after {timeout:.0f}s") from None
             dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in reports and p.exitcode]
             if dead:
-                raise DeepShareError(f"party {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
+                who = "the dealer" if dead[0] == DEALER_RANK else f"party {dead[0]}"
+                raise DeepShareError(f"{who} died (exit code {procs[dead[0]].exitcode})") from None
             continue
         if status == "error":
-            raise DeepShareError(f"party {rank}: {payload}")
+            raise DeepShareError(f"{'the dealer' if rank == DEALER_RANK else f'party {rank}'}: {payload}")
         reports[rank] = payload
     return reports
 

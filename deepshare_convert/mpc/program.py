@@ -45,6 +45,7 @@ class MPCOp:
     macs: int = 0
     elements: int = 0  # output elements (for tables)
     fixed: dict[str, int] = field(default_factory=dict)  # private mode: model tensors masked at setup -> elements
+    dealt: int = 0  # correction elements the dealer sends the client for this op (the offline phase)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +72,11 @@ class Program:
     @property
     def comparisons(self) -> int:
         return sum(o.comparisons for o in self.ops)
+
+    @property
+    def offline_elements(self) -> int:
+        """Correction elements the dealer sends per run (8 bytes each; the offline phase)."""
+        return sum(o.dealt for o in self.ops)
 
     @property
     def fixed(self) -> dict[str, int]:

@@ -34,7 +34,6 @@ every CrypTen number.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +48,12 @@ from .fixed_point import (
     encode_weight,
     on_weight_grid,
 )
+from .dealer.provider import use as use_dealer
+from .dealer.randomness import Dealt, Randomness
 from .ring import RingWeight, ring_conv2d, ring_linear
 
 __all__ = [
-    "Dealer", "FixedMask", "MaskedBit", "Opening", "drelu", "drelu_and_open", "gate_product", "relu", "public_affine",
+    "FixedMask", "MaskedBit", "Opening", "drelu", "drelu_and_open", "gate_product", "relu", "public_affine",
     "fixed_site", "fixed_product", "mask_weights", "open_masked", "public_conv2d", "public_linear", "ring_conv2d",
     "maxpool2d", "public_separable",
 ]  # fmt: skip
@@ -67,96 +68,61 @@ def _ast():
     return ArithmeticSharedTensor, BinarySharedTensor
 
 
-class Dealer:
-    """Correlated randomness for the online phase (party 0 samples, as CrypTen's TFP does).
-
-    Every party makes the same calls in the same order; only party 0's tensors carry values.
-    """
-
-    def __init__(self, rank: int, seed: int | None = None):
-        self.rank = rank
-        self.comparisons = 0  # elements compared so far (counted where the comparison runs)
-        self.gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "big"))
-
-    def _ring(self, size) -> torch.Tensor:
-        return torch.randint(-(2**63), 2**63 - 1, tuple(size), dtype=torch.long, generator=self.gen)
-
-    def share(self, plain: torch.Tensor | None, size):
-        A, _ = _ast()
-        if self.rank == 0:
-            return A(plain, precision=0, src=0)
-        return A(None, size=tuple(size), precision=0, src=0)
-
-    def random_bit(self, size):
-        """(r plaintext at the dealer or None, [r] arithmetic, <r> binary)."""
-        A, B = _ast()
-        r = torch.randint(0, 2, tuple(size), dtype=torch.long, generator=self.gen) if self.rank == 0 else None
-        r_a = self.share(r, size)
-        r_b = B(r, src=0) if self.rank == 0 else B(None, size=tuple(size), src=0)
-        return r, r_a, r_b
-
-    def bit_triple(self, a_size, r: torch.Tensor | None, r_size):
-        """([a], [a·r]) for uniform a of ``a_size`` broadcast against the bit tensor r."""
-        a = self._ring(a_size) if self.rank == 0 else None
-        out_size = torch.broadcast_shapes(tuple(a_size), tuple(r_size))
-        c = (a * r) if self.rank == 0 else None
-        return self.share(a, a_size), self.share(c, out_size)
-
-    def weight_mask(self, size):
-        """(b at the dealer or None, [b]): a uniform ring mask drawn once per model tensor, at setup."""
-        b = self._ring(size) if self.rank == 0 else None
-        return b, self.share(b, size)
-
-    def mask(self, size):
-        """(a at the dealer or None, [a]): a fresh uniform mask for one opening."""
-        a = self._ring(size) if self.rank == 0 else None
-        return a, self.share(a, size)
+def _arith(d: Dealt, encoder=None):
+    """The ArithmeticSharedTensor (precision 0) of a dealt value's share."""
+    A, _ = _ast()
+    return A.from_shares(d.share, precision=0)
 
 
 @dataclass
 class MaskedBit:
-    """A DReLU bit as ``g = (1 - z) + (2z - 1)·r``: z public, r a dealer bit ([r] shared)."""
+    """A DReLU bit as ``g = (1 - z) + (2z - 1)·r``: z public, r a dealt bit (its arithmetic sharing)."""
 
     z: torch.Tensor  # public 0/1, long
-    r_shared: object  # ArithmeticSharedTensor of r (precision 0)
-    r_plain: torch.Tensor | None  # the dealer's r (party 0 only)
+    r: Dealt  # [r]: this party's share (the value only where it was dealt in the clear)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.z.shape)
 
+    @property
+    def r_shared(self):
+        return _arith(self.r)
+
     def replicate(self, mapping: torch.Tensor | None, dim: int = 1) -> MaskedBit:
         """Channel c takes the bit of prototype mapping[c]: local indexing of shares."""
         if mapping is None:
             return self
-        r = self.r_shared.shallow_copy()
-        r.share = self.r_shared.share.index_select(dim, mapping)
-        plain = self.r_plain.index_select(dim, mapping) if self.r_plain is not None else None
-        return MaskedBit(self.z.index_select(dim, mapping), r, plain)
+        return MaskedBit(self.z.index_select(dim, mapping), self.r.map(lambda t: t.index_select(dim, mapping)))
 
 
-def _masked_msb(x, dealer: Dealer):
-    """CrypTen's comparison up to its last message: (the binary share of msb(x) XOR r, r, [r])."""
+def _masked_msb(x, dealer: Randomness):
+    """CrypTen's comparison up to its last message: (the binary share of msb(x) XOR r, [r]).
+
+    The adder circuit's AND triples come from ``dealer`` too (:mod:`.dealer.provider`).
+    """
     import_crypten()
+    from crypten.mpc.primitives import BinarySharedTensor
     from crypten.mpc.primitives.converters import _A2B
 
     dealer.comparisons += x.nelement()
-    xb = _A2B(x)
+    with use_dealer(dealer):
+        xb = _A2B(x)
     xb.share = xb.share >> (RING_BITS - 1)
     bit = xb & 1
-    r, r_a, r_b = dealer.random_bit(bit.size())
-    return bit ^ r_b, r, r_a
+    r_a, r_b = dealer.random_bit(bit.size())
+    return bit ^ BinarySharedTensor.from_shares(r_b.share), r_a
 
 
-def drelu(x, dealer: Dealer) -> MaskedBit:
+def drelu(x, dealer: Randomness) -> MaskedBit:
     """DReLU(x) = (x >= 0): CrypTen's comparison (same messages as ``_ltz``), keeping its mask."""
-    masked, r, r_a = _masked_msb(x, dealer)
+    masked, r_a = _masked_msb(x, dealer)
     z = masked.reveal()  # the B2A opening: msb XOR r (uniform)
     # msb(x) = r XOR z  =>  DReLU = 1 - msb = 1 - z - (1 - 2z)·r
-    return MaskedBit(z & 1, r_a, r)
+    return MaskedBit(z & 1, r_a)
 
 
-def drelu_and_open(x, y, dealer: Dealer) -> tuple[MaskedBit, Opening]:
+def drelu_and_open(x, y, dealer: Randomness) -> tuple[MaskedBit, Opening]:
     """DReLU(x), and ``y - a`` opened in the comparison's last message (one round for both).
 
     ``y - a`` needs nothing from the comparison, so it travels with the B2A opening of
@@ -166,27 +132,35 @@ def drelu_and_open(x, y, dealer: Dealer) -> tuple[MaskedBit, Opening]:
     """
     import crypten.communicator as comm
 
-    masked, r, r_a = _masked_msb(x, dealer)
-    a_plain, a = dealer.mask(y.size())
+    masked, r_a = _masked_msb(x, dealer)
+    a = dealer.ring(y.size())
     bits, diff = masked.share.flatten(), (y.share - a.share).flatten()
     s0, s1 = comm.get().all_gather(torch.cat([bits, diff]))  # both parties' shares
     n = bits.numel()
     z = (s0[:n] ^ s1[:n]).view(masked.share.shape)
     eps = (s0[n:] + s1[n:]).view(y.share.shape)
-    return MaskedBit(z & 1, r_a, r), Opening(a_plain, a, eps)
+    return MaskedBit(z & 1, r_a), Opening(a, eps)
 
 
-def _x_times_r(x, bit: MaskedBit, dealer: Dealer, opening: Opening | None = None):
-    """[x·r] with one opening of x - a (the bit r is the dealer's own mask), or x's earlier ``opening``."""
+def _mul(u, v):
+    return u * v
+
+
+def _x_times_r(x, bit: MaskedBit, dealer: Randomness, opening: Opening | None = None):
+    """[x·r] with one opening of x - a (the bit r is the dealer's own mask), or x's earlier ``opening``.
+
+    The dealer's ``a·r`` is a product of two dealt values, asked for by name.
+    """
+    size = torch.broadcast_shapes(tuple(x.size()), bit.shape)
     if opening is None:
-        a, c = dealer.bit_triple(x.size(), bit.r_plain, bit.shape)
+        a = dealer.ring(x.size())
+        c = dealer.product(_mul, (a, bit.r), size)
         eps = _open(x.share - a.share)
     else:
         a, eps = opening.a, opening.eps
-        c = dealer.share(opening.a_plain * bit.r_plain if dealer.rank == 0 else None, x.size())
-    out = c.shallow_copy()
-    out.share = c.share + eps * bit.r_shared.share
-    out.encoder = x.encoder
+        c = dealer.product(_mul, (a, bit.r), size)
+    out = x.shallow_copy()
+    out.share = c.share + eps * bit.r.share
     return out
 
 
@@ -197,7 +171,7 @@ def _open(share: torch.Tensor) -> torch.Tensor:
     return comm.get().all_reduce(share)
 
 
-def gate_product(x, bit: MaskedBit, dealer: Dealer, opening: Opening | None = None):
+def gate_product(x, bit: MaskedBit, dealer: Randomness, opening: Opening | None = None):
     """[x·g] for a DReLU bit g given as a MaskedBit of x's shape: opens x - a only (or reuses ``opening``)."""
     xr = _x_times_r(x, bit, dealer, opening)
     out = x.shallow_copy()
@@ -205,7 +179,7 @@ def gate_product(x, bit: MaskedBit, dealer: Dealer, opening: Opening | None = No
     return out
 
 
-def relu(x, dealer: Dealer):
+def relu(x, dealer: Randomness):
     """ReLU(x) = x·DReLU(x): one comparison per element + one masked product, whose x - a opening
     rides in the comparison's last message (no round of its own)."""
     bit, opening = drelu_and_open(x, x, dealer)
@@ -263,10 +237,10 @@ class FixedMask:
     weight: object  # [W], ArithmeticSharedTensor at the fixed-point scale
     mask: object  # [b], precision 0
     delta: torch.Tensor  # W - b in the ring, opened once (both parties)
-    plain_mask: torch.Tensor | None  # b at the dealer (party 0), None at party 1
+    b: Dealt  # the mask as dealt (its value only where it was dealt in the clear)
 
 
-def mask_weights(weights: dict, dealer: Dealer) -> dict[str, FixedMask]:
+def mask_weights(weights: dict, dealer: Randomness) -> dict[str, FixedMask]:
     """Setup: mask every ``name -> [W]`` with its own fixed ``b`` and open all ``W - b`` in one round.
 
     Each ``b`` is uniform in Z/2^64 and used for exactly one W, so each δ is uniform and says
@@ -274,38 +248,37 @@ def mask_weights(weights: dict, dealer: Dealer) -> dict[str, FixedMask]:
     """
     if not weights:
         return {}
-    masks = {name: dealer.weight_mask(w.size()) for name, w in weights.items()}
-    flat = torch.cat([(w.share - masks[name][1].share).flatten() for name, w in weights.items()])
+    masks = {name: dealer.ring(w.size()) for name, w in weights.items()}
+    flat = torch.cat([(w.share - masks[name].share).flatten() for name, w in weights.items()])
     opened = _open(flat)
     out, start = {}, 0
     for name, w in weights.items():
         n = w.nelement()
         delta = opened[start : start + n].view(w.size())
-        out[name] = FixedMask(w, masks[name][1], delta, masks[name][0])
+        out[name] = FixedMask(w, _arith(masks[name]), delta, masks[name])
         start += n
     return out
 
 
 @dataclass
 class Opening:
-    """An activation opened against a fresh dealer mask: ``ε = x - a`` public, ``[a]``, ``a`` at the dealer."""
+    """An activation opened against a fresh dealt mask: ``ε = x - a`` public, ``a`` dealt (a share of it)."""
 
-    a_plain: torch.Tensor | None
-    a: object  # [a], precision 0
+    a: Dealt
     eps: torch.Tensor
 
 
-def open_masked(x, dealer: Dealer) -> Opening:
+def open_masked(x, dealer: Randomness) -> Opening:
     """Open ``x - a`` for a fresh uniform ``a`` (n elements, one round).
 
     Every product of ``x`` with a setup-masked tensor can use the same opening (the dealer deals
     ``fn(a, b)`` for each fixed ``b``), so ``x`` is opened once however many such products read it.
     """
-    a_plain, a = dealer.mask(x.size())
-    return Opening(a_plain, a, _open(x.share - a.share))
+    a = dealer.ring(x.size())
+    return Opening(a, _open(x.share - a.share))
 
 
-def fixed_product(x, fm: FixedMask, fn, dealer: Dealer, opening: Opening | None = None):
+def fixed_product(x, fm: FixedMask, fn, dealer: Randomness, opening: Opening | None = None):
     """[fn(x, W)] for a bilinear ``fn`` (conv, matmul, broadcast mul) and a setup-masked W: opens x - a only.
 
     ``x·W = ε·[W] + [a]·δ + [a·b]`` with ``ε = x - a``; the dealer's ``c = fn(a, b)`` uses the
@@ -313,15 +286,16 @@ def fixed_product(x, fm: FixedMask, fn, dealer: Dealer, opening: Opening | None 
     truncation, as after CrypTen's Beaver product.
     """
     o = opening or open_masked(x, dealer)
-    a_plain, a, eps = o.a_plain, o.a, o.eps
+    a, eps = o.a, o.eps
     share = fn(eps, fm.weight.share).add_(fn(a.share, fm.delta))
-    c = dealer.share(fn(a_plain, fm.plain_mask) if dealer.rank == 0 else None, share.shape)
+    c = dealer.product(fn, (a, fm.b), share.shape)
     out = x.shallow_copy()
     out.share = share.add_(c.share)
     return out.div_(WEIGHT_SCALE)
 
 
-def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dealer, opening: Opening | None = None):
+def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Randomness,
+               opening: Opening | None = None):  # fmt: skip
     """x·(α·g + β) with secret, setup-masked α, β (C,): one opening of x - a (n elements), one round.
 
     With ``g = u + v·r`` (``u = 1 - z``, ``v = 2z - 1`` public) and ``x = ε + a``:
@@ -331,17 +305,16 @@ def fixed_site(x, bit: MaskedBit, alpha: FixedMask, beta: FixedMask, dealer: Dea
     """
     view = (1, -1) + (1,) * (x.dim() - 2)
     o = opening or open_masked(x, dealer)
-    a_plain, a, eps = o.a_plain, o.a, o.eps
-    dealt: tuple = (None,) * 5
-    if dealer.rank == 0:
-        b_a, b_b, r = alpha.plain_mask.view(view), beta.plain_mask.view(view), bit.r_plain
-        ar = a_plain * r
-        dealt = (a_plain * b_a, a_plain * b_b, ar, ar * b_a, r * b_a)
-    a_ba, a_bb, a_r, a_r_ba, r_ba = (dealer.share(t, x.size()) for t in dealt)
+    a, eps = o.a, o.eps
+    size = tuple(x.size())
+    b_a, b_b, r = alpha.b.map(lambda t: t.view(view)), beta.b.map(lambda t: t.view(view)), bit.r
+    a_ba, a_bb, a_r = (dealer.product(_mul, pair, size) for pair in ((a, b_a), (a, b_b), (a, r)))
+    a_r_ba = dealer.product(lambda u, v, w: u * v * w, (a, r, b_a), size)
+    r_ba = dealer.product(_mul, (r, b_a), torch.broadcast_shapes(bit.shape, tuple(b_a.share.shape)))
     d_a, d_b = alpha.delta.view(view), beta.delta.view(view)
     xa = eps * alpha.weight.share.view(view) + d_a * a.share + a_ba.share
     xb = eps * beta.weight.share.view(view) + d_b * a.share + a_bb.share
-    alpha_r = d_a * bit.r_shared.share + r_ba.share
+    alpha_r = d_a * r.share + r_ba.share
     xar = eps * alpha_r + d_a * a_r.share + a_r_ba.share
     out = x.shallow_copy()
     out.share = xa * (1 - bit.z) + xar * (2 * bit.z - 1) + xb
@@ -396,7 +369,7 @@ def public_separable(x, a_h: torch.Tensor, a_w: torch.Tensor):
     return out
 
 
-def maxpool2d(x, kernel_size, stride, padding, dealer: Dealer):
+def maxpool2d(x, kernel_size, stride, padding, dealer: Randomness):
     """Max over each window by a pairwise tree: max(u, v) = v + ReLU(u - v)."""
     k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     s = k if stride is None or stride == [] else ((stride, stride) if isinstance(stride, int) else tuple(stride))

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from . import protocols as P
 from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
+from .dealer.randomness import Randomness
 from .lowering import Program
 from .ring import RingWeight
 
@@ -26,7 +27,7 @@ def bn_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def setup_weights(program: Program, rank: int, dealer: P.Dealer) -> dict[str, P.FixedMask]:
+def setup_weights(program: Program, rank: int, dealer: Randomness) -> dict[str, P.FixedMask]:
     """The setup phase of ``private`` mode: share every fixed model tensor once and open its ``W - b``.
 
     Party 0 shares the real tensors; party 1 holds only zeroed placeholders (the weightless
