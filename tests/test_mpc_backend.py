@@ -65,10 +65,12 @@ def test_launcher_drives_any_backend():
     backend, server = _Clear(), _Clear()
     port, key = free_port(), b"k" * 32  # the handshake runs first: party 0 in a thread
     t = threading.Thread(target=run_party, args=(0, net, None, tuple(x.shape)),
-                         kwargs=dict(weights_mode="public", backend=server, master_port=port, key=key), daemon=True)
+                         kwargs=dict(weights_mode="public", backend=server, master_port=port, key=key,
+                                     dealer="simulated"), daemon=True)  # fmt: skip
     t.start()
     wait_listening(port)  # party 0 has traced its model: fx tracing in two threads at once is not safe
-    report = run_party(1, net, x, tuple(x.shape), weights_mode="public", backend=backend, master_port=port, key=key)
+    report = run_party(1, net, x, tuple(x.shape), weights_mode="public", backend=backend, master_port=port, key=key,
+                       dealer="simulated")  # a plaintext stand-in deals nothing: no dealer process  # fmt: skip
     t.join(30)
     assert backend.calls == ["start 1", "run", "stop"] and server.calls == ["start 0", "run", "stop"]
     assert report.comparisons == 2 * 4 * 6 * 6  # one per ReLU element, from the lowering

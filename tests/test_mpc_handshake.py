@@ -192,14 +192,28 @@ def test_plan_digest_covers_what_both_hold_and_nothing_private():
 def _party(queue, rank: int, out: int, x, port: int, key: bytes) -> None:
     try:
         rep = run_party(rank, _net(out), None if x is None else torch.from_numpy(x), (2, 3, 8, 8),
-                        weights_mode="private", master_port=port, key=key, timeout=60)  # fmt: skip
+                        weights_mode="private", master_port=port, key=key, timeout=60,
+                        dealer_addr="127.0.0.1", dealer_port=port + 2)  # fmt: skip
         queue.put((rank, "ok", rep.output))
     except DeepShareError as e:
         queue.put((rank, "error", str(e)))
 
 
+def _dealer(queue, out: int, port: int, key: bytes) -> None:
+    try:
+        from deepshare_convert.mpc.launcher import serve_dealer
+
+        rep = serve_dealer(_net(out), weights_mode="private", port=port + 2, key=key, timeout=60)
+        queue.put((2, "ok", rep))
+    except DeepShareError as e:
+        queue.put((2, "error", str(e)))
+
+
 def _spawn(ctx, queue, rank, out, x, port):
-    p = ctx.Process(target=_party, args=(queue, rank, out, x, port, KEY), daemon=True)
+    if rank == 2:
+        p = ctx.Process(target=_dealer, args=(queue, out, port, KEY), daemon=True)
+    else:
+        p = ctx.Process(target=_party, args=(queue, rank, out, x, port, KEY), daemon=True)
     p.start()
     return p
 
@@ -226,10 +240,12 @@ def test_stranger_first_then_the_real_parties_finish_and_agree():
         got = _stranger(port, WRONG)
         assert got[1] == {"refused": "authentication failed (wrong or missing key)"}
         p1 = _spawn(ctx, queue, 1, 2, x.numpy(), port)
-        res = _results(queue, [p0, p1])
+        p2 = _spawn(ctx, queue, 2, 2, None, port)
+        res = _results(queue, [p0, p1, p2])
     finally:
         torch.set_num_threads(threads)
-    assert res[0] == ("ok", None) and res[1][0] == "ok"
+    assert res[0] == ("ok", None) and res[1][0] == "ok" and res[2][0] == "ok", res
+    assert res[2][1]["bytes"][1] > 0 and res[2][1]["bytes"][0] == 0  # corrections to the client only
     clear = reference(prepare(_net()), x).numpy()
     assert np.abs(res[1][1] - clear).max() < 1e-2 and (res[1][1].argmax(1) == clear.argmax(1)).all()
 
@@ -239,10 +255,11 @@ def test_real_parties_with_different_plans_stop_before_any_share():
     port = free_port()
     backends = [_Clear(), _Clear()]
     x = torch.randn(2, 3, 8, 8)
-    t0, b0 = _in_thread(run_party, 0, _net(2), None, tuple(x.shape), master_port=port, key=KEY, backend=backends[0])
+    t0, b0 = _in_thread(run_party, 0, _net(2), None, tuple(x.shape), master_port=port, key=KEY, backend=backends[0],
+                        dealer="simulated")  # fmt: skip
     wait_listening(port)
     with pytest.raises(HandshakeError, match="different plan"):
-        run_party(1, _net(3), x, tuple(x.shape), master_port=port, key=KEY, backend=backends[1])
+        run_party(1, _net(3), x, tuple(x.shape), master_port=port, key=KEY, backend=backends[1], dealer="simulated")
     t0.join(20)
     assert isinstance(b0["error"], HandshakeError) and "different plan" in str(b0["error"])
     assert backends[0].calls == backends[1].calls == []  # no backend start, so no share and no CrypTen traffic
@@ -264,12 +281,19 @@ def test_cli_two_hosts_private_weights(tmp_path):
     key = tmp_path / "mpc.key"
     key.write_bytes(KEY)
     key.chmod(0o600)
-    exe = [sys.executable, "-m", "deepshare_convert.cli.app", "private-infer", out, "--weights-mode", "private",
-           "--key-file", str(key), "--master-port", str(free_port()), "--json"]  # fmt: skip
+    dealer_at = f"127.0.0.1:{free_port()}"
+    cli = [sys.executable, "-m", "deepshare_convert.cli.app"]
+    exe = [*cli, "private-infer", out, "--weights-mode", "private", "--key-file", str(key),
+           "--master-port", str(free_port()), "--dealer-addr", dealer_at, "--json"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def party(*args):
         return subprocess.Popen([*exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def dealer(*args):
+        return subprocess.Popen([*cli, "dealer", out, "--weights-mode", "private", "--listen", dealer_at, "--json",
+                                 "--timeout", "120", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
     p0 = party("--rank", "0", "--batch-size", "2")
     bad = party("--rank", "1", "--batch-size", "3", "--data", "digits")  # another plan: refused, party 0 stops
@@ -278,10 +302,13 @@ def test_cli_two_hosts_private_weights(tmp_path):
     assert bad.returncode != 0 and p0.returncode != 0
     assert "party 0 runs a different plan" in e_bad and "party 1 runs a different plan" in e0
     assert e0.strip().count("\n") == 0 and "Traceback" not in e0 + e_bad
+    d = dealer("--key-file", str(key))
     p0 = party("--rank", "0", "--batch-size", "2")
     p1 = party("--rank", "1", "--batch-size", "2", "--data", "digits")
-    (o1, e1), (o0, e0) = p1.communicate(timeout=180), p0.communicate(timeout=180)
-    assert p0.returncode == p1.returncode == 0, e0 + e1
-    r0, r1 = json.loads(o0), json.loads(o1)
+    (o1, e1), (o0, e0), (od, ed) = p1.communicate(timeout=180), p0.communicate(timeout=180), d.communicate(timeout=60)
+    assert p0.returncode == p1.returncode == d.returncode == 0, e0 + e1 + ed
+    r0, r1, rd = json.loads(o0), json.loads(o1), json.loads(od)
     assert r0["bytes"] == r1["bytes"] > 0 and r0["comparisons"] == 2 * conv.plan.achieved
     assert len(r1["predictions"]) == 2 and "predictions" not in r0
+    assert r1["dealer"] == r0["dealer"] == "separate" and r1["offline_bytes"] == rd["bytes"]["1"] > 0
+    assert r0["offline_bytes"] == rd["bytes"]["0"] == 0  # the server gets nothing from the dealer

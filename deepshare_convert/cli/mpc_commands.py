@@ -26,6 +26,33 @@ WeightsModeOpt = Annotated[
 ]  # fmt: skip
 
 
+DealerOpt = Annotated[
+    str,
+    typer.Option("--dealer", help="separate: a third process deals the masks and triples (private against "
+                 "either party); simulated: party 0 samples them (a measurement only: NOT private against the "
+                 "server)."),
+]  # fmt: skip
+DealerAddrOpt = Annotated[
+    Optional[str],
+    typer.Option("--dealer-addr", help="HOST:PORT of the `deepshare dealer` (with --rank; both parties name it)."),
+]  # fmt: skip
+DealerKeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--dealer-key-file", help="Key shared with the dealer (mode 600; default: --key-file)."),
+]  # fmt: skip
+
+SIMULATED_WARNING = ("dealer simulated: party 0 sampled every mask and triple, so this run is NOT private against "
+                     "the server (a measurement of the online phase only)")  # fmt: skip
+
+
+def _host_port(value: str, option: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port), or a one-line usage error."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"{option} must be HOST:PORT (e.g. 127.0.0.1:29600), got {value!r}")
+    return host, int(port)
+
+
 def _check_batch(batch_size: int) -> None:
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be at least 1, got {batch_size}")
@@ -127,6 +154,9 @@ def register(app: typer.Typer) -> None:
         key_file: Annotated[Optional[str], typer.Option("--key-file", help="File holding the key both parties share "
                                                         "(mode 600; default: $DEEPSHARE_MPC_KEY). Required with "
                                                         "--rank; a local run makes a fresh key.")] = None,
+        dealer: DealerOpt = "separate",
+        dealer_addr: DealerAddrOpt = None,
+        dealer_key_file: DealerKeyOpt = None,
         weights: WeightsOpt = None,
         input_size: InputSizeOpt = None,
         num_classes: NumClassesOpt = None,
@@ -137,11 +167,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Two-party CrypTen inference: party 0 holds the model, party 1 the inputs and gets the output.
 
-        Without --rank both parties run here as separate processes (gloo on 127.0.0.1) and the
-        result is compared with plaintext inference.  With --rank, this process is one party
-        of a two-host run; party 0 needs no --data.  Either way the parties first prove
-        knowledge of a shared key and compare the plan's hash; no share moves before both hold.
-        Setup (private weights masked once) and online costs are reported apart.
+        Without --rank the server, the client and the dealer run here as three processes (gloo on
+        127.0.0.1) and the result is compared with plaintext inference.  With --rank, this process
+        is one party of a deployment whose dealer runs elsewhere (`deepshare dealer`, --dealer-addr);
+        party 0 needs no --data.  Every participant first proves knowledge of a shared key and
+        compares the plan's hash; no share moves before all hold.  Setup, offline (the dealer's
+        corrections) and online costs are reported apart.
         """
         from pathlib import Path
 
@@ -149,12 +180,22 @@ def register(app: typer.Typer) -> None:
         from ..mpc.handshake import load_key, require_key
 
         _check_batch(batch_size)
+        _check_dealer(dealer)
         how = (weights, input_size, num_classes, trust_pickle, pretrained, leaf)
         if rank is not None:
             if sequential:
                 raise DeepShareError("--sequential runs both parties here; it does not combine with --rank")
             key = require_key(key_file)  # before loading anything: a missing key is the first thing to say
-            _one_party(model, data, batch_size, weights_mode, rank, master_addr, master_port, how, as_json, key)
+            link = None
+            if dealer == "separate":
+                if dealer_addr is None:
+                    raise DeepShareError("a two-host run needs the dealer: pass --dealer-addr HOST:PORT (where "
+                                         "`deepshare dealer` listens), or --dealer simulated for a measurement that "
+                                         "is not private against party 0")  # fmt: skip
+                host, port = _host_port(dealer_addr, "--dealer-addr")
+                link = (host, port, require_key(dealer_key_file) if dealer_key_file else key)
+            _one_party(model, data, batch_size, weights_mode, rank, master_addr, master_port, how, as_json, key,
+                       dealer, link)  # fmt: skip
             return
         if key_file is not None:
             load_key(key_file)  # a local run makes its own key; a given file is still checked (mode, length)
@@ -164,18 +205,69 @@ def register(app: typer.Typer) -> None:
 
         loaded = load_model_or_out(model, *how)
         x, y = _first_batch(data, batch_size, loaded.mean, loaded.std, loaded.input_size)
-        with console.status(f"two-party inference ({weights_mode} weights) on {len(x)} images", spinner="dots"):
-            run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or (), sequential=sequential)
+        who = "server, client and dealer" if dealer == "separate" else "two parties, simulated dealer"
+        with console.status(f"private inference ({who}; {weights_mode} weights) on {len(x)} images", spinner="dots"):
+            run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or (), sequential=sequential,
+                                dealer=dealer)  # fmt: skip
         key, acc, what = _label_score(run.logits, y.numpy(), data)
         name = str(Path(model)) if Path(model).is_dir() else loaded.spec.display
         if as_json:
-            print(json.dumps({"model": name, "data": data, key: acc, **run.to_dict()}, indent=2))
+            doc = {"model": name, "data": data, key: acc, **run.to_dict()}
+            if dealer == "simulated":
+                doc["warning"] = SIMULATED_WARNING
+            print(json.dumps(doc, indent=2))
             return
         from .mpc_tables import private_run_table
 
         console.print(private_run_table(run, name))
         console.print(f"private predictions: {100 * acc:.1f}% {what} on {len(y)} {data} test images; "
                       f"{run.parties[0].comparisons:,} comparisons (plan: {run.comparisons_expected:,})")  # fmt: skip
+        _print_dealer_line(run)
+
+    @app.command("dealer")
+    def dealer_command(
+        model: ModelOrOutArg,
+        listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to wait on for the two parties.")] = "127.0.0.1:29600",
+        key_file: Annotated[Optional[str], typer.Option("--key-file", help="Key shared with the parties (mode 600; "
+                                                        "default: $DEEPSHARE_MPC_KEY); the parties' --dealer-key-file, "
+                                                        "or their --key-file.")] = None,
+        weights_mode: WeightsModeOpt = "public",
+        timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for both parties.")] = 600.0,
+        weights: WeightsOpt = None,
+        input_size: InputSizeOpt = None,
+        num_classes: NumClassesOpt = None,
+        leaf: LeafOpt = None,
+        trust_pickle: TrustPickleOpt = False,
+        pretrained: PretrainedOpt = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """The dealer of a deployment: correlated randomness for both parties, on a host of its own.
+
+        Waits on --listen for the server and the client (`private-infer --rank 0/1 --dealer-addr`),
+        authenticates both under the key, checks that all three run one plan, then deals the
+        session's masks and triples: seeds to each party, corrections to the client.  A converted
+        OUT/ is rebuilt from plan.json alone; no weights are read.
+        """
+        from pathlib import Path
+
+        from ..mpc.handshake import require_key
+        from ..mpc.launcher import serve_dealer
+
+        host, port = _host_port(listen, "--listen")
+        key = require_key(key_file)
+        if Path(model).is_dir():
+            net, _ = _architecture_only(model)  # the dealer never reads the weights file
+        else:
+            net = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf).model
+        with console.status(f"dealer: waiting for both parties on {host}:{port}", spinner="dots"):
+            report = serve_dealer(net, weights_mode=weights_mode, addr=host, port=port, key=key,
+                                  leaf_modules=leaf or (), timeout=timeout)  # fmt: skip
+        if as_json:
+            print(json.dumps({"role": "dealer", "weights_mode": weights_mode, **report}, indent=2))
+            return
+        console.print(f"dealer ({weights_mode} weights): {len(report['inferences'])} inference(s) dealt; offline "
+                      f"{report['bytes'][1] / 1e6:,.2f} MB to the client in {report['messages'][1]} message(s), "
+                      f"{report['bytes'][0]:,} bytes to the server; {report['wall_s']:.2f} s")  # fmt: skip
 
     @app.command("estimate-latency")
     def estimate_latency(
@@ -346,7 +438,25 @@ def _what_if_settings(model: str, budget, leaf):
     return plan.settings()
 
 
-def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json, key):
+def _check_dealer(dealer: str) -> None:
+    from ..mpc.dealer.randomness import DEALER_MODES
+
+    if dealer not in DEALER_MODES:
+        raise typer.BadParameter(f"--dealer must be one of {', '.join(DEALER_MODES)}, got {dealer!r}")
+
+
+def _print_dealer_line(run) -> None:
+    """One line on who dealt: the offline bytes (estimate = measured), or the simulated dealer's warning."""
+    if run.dealer == "simulated":
+        console.print(f"[yellow]{SIMULATED_WARNING}[/yellow]")
+        return
+    console.print(f"dealer separate: offline {run.offline_bytes / 1e6:,.3f} MB to the client in "
+                  f"{run.offline_messages} message(s) (estimate {run.offline_expected / 1e6:,.3f} MB); "
+                  f"nothing to the server")  # fmt: skip
+
+
+def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json, key, dealer="separate",
+               link=None):  # fmt: skip
     """One party of a two-host deployment (``--rank``)."""
     from pathlib import Path
 
@@ -366,11 +476,15 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, h
         x, _ = _first_batch(data, num, mean, std, input_size)
     shape = (num, *input_size) if x is None else tuple(x.shape)
     with console.status(f"party {rank}: waiting for / running with {master_addr}:{master_port}", spinner="dots"):
+        dealer_kw = dict(dealer_addr=link[0], dealer_port=link[1], dealer_key=link[2]) if link else {}
         rep = run_party(rank, net, x, shape, weights_mode=weights_mode, master_addr=master_addr,
-                        master_port=master_port, leaf_modules=how[-1] or (), key=key)  # fmt: skip
+                        master_port=master_port, leaf_modules=how[-1] or (), key=key, dealer=dealer, **dealer_kw)  # fmt: skip
     result = {"rank": rank, "weights_mode": weights_mode, "bytes": rep.bytes, "rounds": rep.rounds,
               "wall_s": rep.wall_s, "comparisons": rep.comparisons, "setup_bytes": rep.setup_bytes,
-              "setup_rounds": rep.setup_rounds}  # fmt: skip
+              "setup_rounds": rep.setup_rounds, "dealer": dealer, "offline_bytes": rep.offline_bytes,
+              "offline_messages": rep.offline_messages}  # fmt: skip
+    if dealer == "simulated":
+        result["warning"] = SIMULATED_WARNING
     if rep.output is not None:
         result["predictions"] = rep.output.argmax(1).tolist()
     if as_json:
@@ -380,5 +494,8 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, h
         f"party {rank} ({weights_mode} weights): setup {rep.setup_bytes / 1e6:,.2f} MB, {rep.setup_rounds} rounds; "
         f"online {rep.bytes / 1e6:,.2f} MB, {rep.rounds} rounds, "
         f"{rep.wall_s * 1e3:,.0f} ms, {rep.comparisons:,} comparisons"
+        + (f"; offline {rep.offline_bytes / 1e6:,.2f} MB from the dealer" if dealer == "separate" else "")
         + (f"; predictions {result['predictions']}" if "predictions" in result else "")
     )
+    if dealer == "simulated":
+        console.print(f"[yellow]{SIMULATED_WARNING}[/yellow]")

@@ -55,11 +55,19 @@ class CostInput:
 
 CostRule = Callable[[MPCOp, CostInput], None]
 
+# Offline phase: correction elements the dealer sends the client (:mod:`.dealer`).  A comparison
+# takes CrypTen's A2B adder circuit -- 13 binary AND triples per element, each triple's ``a & b``
+# corrected -- and the B2A bit's arithmetic ``[r]``: 14 per compared element (tests/test_dealer.py
+# checks it on the dealer's own pass).  Every other dealt product costs its output elements; the
+# uniform masks (``a``, ``b``, the triples' operands) are seeded at both parties and cost nothing.
+DEALT_PER_COMPARISON = 14
+
 
 def _cost_relu(op: MPCOp, c: CostInput) -> None:
     # DReLU (one comparison per element) + the masked-bit product x*g, whose x - a opening
     # travels in the comparison's last message (no round of its own)
     op.comparisons, op.compare_steps, op.opened, op.open_rounds = c.elements, 1, c.elements, 0
+    op.dealt = (DEALT_PER_COMPARISON + 1) * c.elements  # the comparison, then a·r for x·g
 
 
 def _cost_masked_relu(op: MPCOp, c: CostInput) -> None:
@@ -67,6 +75,7 @@ def _cost_masked_relu(op: MPCOp, c: CostInput) -> None:
     # ReLU costed as ``relu`` is (comparison + product riding in its last message), the rest identity
     op.comparisons = op.opened = _kept_elements(c.modules[c.node.target], c.node, node_shape(c.x))
     op.compare_steps, op.open_rounds = (1 if op.comparisons else 0), 0
+    op.dealt = (DEALT_PER_COMPARISON + 1) * op.comparisons
 
 
 def _kept_elements(mask: nn.Module, node: fx.Node, in_shape: tuple[int, ...]) -> int:
@@ -89,6 +98,7 @@ def _cost_gate(op: MPCOp, c: CostInput) -> None:
     in_shape = node_shape(c.x)
     op.comparisons, op.compare_steps = numel((in_shape[0], gate.prototypes, *in_shape[2:])), 1
     op.elements = numel(in_shape)
+    op.dealt = DEALT_PER_COMPARISON * op.comparisons
     if any(_is_site_of(u, c.node, c.x, c.modules) for u in c.x.users):
         # a site reads this gate's own input: its x - a opening rides in the comparison's last message
         op.opened = numel(in_shape)
@@ -104,9 +114,12 @@ def _cost_site(op: MPCOp, c: CostInput) -> None:
     # public: y = α·(x·g) + β·x, one masked product.  private: α, β masked at setup, and the
     # dealer's (a, a·r, a·b_α, ...) make x·(α·g + β) one opening of x - a as well
     c.open_once(op, remember=c.weights_mode == "private")  # nothing to open when x went with its gate's comparison
+    x = numel(node_shape(c.x))
+    op.dealt = x  # public: a·r
     if c.weights_mode == "private":
         channels = c.modules[c.node.target].channels
         op.fixed = {f"{c.node.target}.alpha": channels, f"{c.node.target}.beta": channels}
+        op.dealt = 5 * x  # a·b_α, a·b_β, a·r, a·r·b_α, r·b_α
 
 
 def _cost_linear(op: MPCOp, c: CostInput) -> None:
@@ -117,14 +130,17 @@ def _cost_linear(op: MPCOp, c: CostInput) -> None:
     if secret_w and fixed:
         c.open_once(op)
         op.fixed = {fixed: numel(w_shape)}
+        op.dealt = c.elements  # fn(a, b)
     elif secret_w:
         op.opened, op.open_rounds = numel(node_shape(c.x)) + numel(w_shape), 1
+        op.dealt = c.elements  # CrypTen's Beaver triple: its c
 
 
 def _cost_bn(op: MPCOp, c: CostInput) -> None:
     if c.weights_mode == "private":  # per-channel secret scale masked at setup (the shift is an addition)
         c.open_once(op)
         op.fixed = {f"{c.node.target}:scale": c.modules[c.node.target].num_features}
+        op.dealt = c.elements
 
 
 def _cost_maxpool(op: MPCOp, c: CostInput) -> None:
@@ -132,6 +148,7 @@ def _cost_maxpool(op: MPCOp, c: CostInput) -> None:
     steps, pairs = _max_tree(_pool_window(c.node, c.modules))
     op.comparisons, op.compare_steps = c.elements * pairs, steps
     op.opened, op.open_rounds = c.elements * pairs, 0  # each step's product rides with its comparison
+    op.dealt = (DEALT_PER_COMPARISON + 1) * op.comparisons  # each a ReLU
 
 
 def _cost_mul(op: MPCOp, c: CostInput) -> None:
@@ -139,6 +156,7 @@ def _cost_mul(op: MPCOp, c: CostInput) -> None:
     a, b = c.node.args[0], c.node.args[1]
     if isinstance(a, fx.Node) and isinstance(b, fx.Node) and c.secret.get(a) and c.secret.get(b):
         op.opened, op.open_rounds = numel(node_shape(a)) + numel(node_shape(b)), 1
+        op.dealt = c.elements  # CrypTen's Beaver triple: its c
 
 
 def _cost_interpolate(op: MPCOp, c: CostInput) -> None:

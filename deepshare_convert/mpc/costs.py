@@ -250,10 +250,9 @@ def _calibration_party(backend, rank: int, sizes: tuple[int, int], conv: tuple[i
     from crypten.mpc.primitives import ArithmeticSharedTensor as A
 
     from . import protocols as P
+    from .dealer.randomness import SimulatedDealer
     from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
     from .ring import RingWeight
-
-    from .dealer.randomness import SimulatedDealer
 
     dealer = SimulatedDealer(rank, seed=1)  # compute timings only: who deals does not change the online phase
     g = torch.Generator().manual_seed(0)

@@ -94,6 +94,7 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
         self.stats: dict[str, NodeStats] = {}
         self._shared_cache: dict[int, Any] = {}
         self._openings: dict[str, P.Opening] = {}  # input node -> its masked opening
+        self.probe = None  # threat-model tests: called after every node (what the process holds meanwhile)
 
     @property
     def comparisons(self) -> int:
@@ -128,6 +129,8 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
         if op.inplace_of is not None:  # an in-place op also rewrote its input for later readers
             self.env[self.nodes[op.inplace_of]] = result
             self._openings.pop(op.inplace_of, None)
+        if self.probe is not None:
+            self.probe()
         for done in self.user_to_last_uses.get(n, ()):  # no later reader: its opening is not needed
             self._openings.pop(done.name, None)
         return result
@@ -287,7 +290,7 @@ class RunOutput:
 
 
 def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: Randomness | None = None,
-                masks: dict[str, P.FixedMask] | None = None) -> RunOutput:  # fmt: skip
+                masks: dict[str, P.FixedMask] | None = None, probe=None) -> RunOutput:  # fmt: skip
     """Share the input, run the graph, reveal the output to party 1 (crypten must be initialised).
 
     In ``private`` mode ``masks`` come from :func:`setup_weights` with the same ``dealer``.  Every
@@ -295,6 +298,7 @@ def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: Ran
     """
     comm = _comm()
     interp = CrypTenInterpreter(program, rank, dealer, masks)
+    interp.probe = probe
     with use_dealer(interp.dealer):
         return _run(interp, comm, program, rank, x)
 
@@ -335,6 +339,8 @@ class CrypTenBackend(Backend):
         self.dealer_mode = dealer
         self.rank: int | None = None
         self.link = None
+        self.probe = None  # threat-model tests: called after every node of every run
+        self.record_dealt = False  # threat-model tests: digest every value this party deals in the clear
         self._crypten = None
         self._session: tuple | None = None  # (program, randomness, masks) of the last setup
 
@@ -343,11 +349,20 @@ class CrypTenBackend(Backend):
 
     def _randomness(self) -> Randomness:
         if self.dealer_mode == "simulated":
-            return SimulatedDealer(self.rank)
-        if self.link is None:
+            r = SimulatedDealer(self.rank)
+        elif self.link is None:
             raise DeepShareError("no dealer is connected (dealer 'separate'): start one, or pass --dealer simulated "
                                  "for a measurement run that is not private against party 0")  # fmt: skip
-        return SeededParty(self.rank, self.link.seed)
+        else:
+            r = SeededParty(self.rank, self.link.seed)
+        if self.record_dealt:
+            r.dealt_digests = set()
+        return r
+
+    @property
+    def dealt_digests(self) -> set[str]:
+        """What this party dealt in the clear (the simulated dealer's party 0; nothing in a separate-dealer run)."""
+        return set() if self._session is None else set(self._session[1].dealt_digests or ())
 
     def setup(self, program: Program) -> SetupRun:
         """Mask the program's fixed weights (private mode) with randomness kept for its later runs."""
@@ -400,7 +415,7 @@ class CrypTenBackend(Backend):
         comm.barrier()
         comm.reset_communication_stats()
         tic = time.perf_counter()
-        result = run_program(program, self.rank, x, dealer, masks)
+        result = run_program(program, self.rank, x, dealer, masks, self.probe)
         wall = time.perf_counter() - tic
         if isinstance(dealer, SeededParty) and dealer.corrections is not None:
             dealer.corrections.finish()

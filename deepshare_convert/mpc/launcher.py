@@ -46,7 +46,8 @@ from .lowering import lower
 from .prepare import prepare, reference, strip_weights
 from .transport import pack, unpack
 
-__all__ = ["PartyReport", "PrivateRun", "run_two_party", "run_party", "spawn_two", "tensor_digest", "free_port"]
+__all__ = ["PartyReport", "PrivateRun", "run_two_party", "run_party", "serve_dealer", "spawn_two", "tensor_digest",
+           "free_port"]
 
 
 @dataclass
@@ -62,6 +63,7 @@ class PartyReport:
     per_node: dict[str, dict[str, float]]
     output: np.ndarray | None
     plaintext_digests: list[str] = field(default_factory=list)
+    dealt_digests: list[str] = field(default_factory=list)  # values this party dealt in the clear (simulated: party 0)
     setup: dict[str, float] = field(default_factory=dict)  # bytes, rounds, wall_s, elements of the one setup
     inferences: list[dict[str, float]] = field(default_factory=list)  # online bytes, rounds, wall_s of each run
     dealer: str = "separate"
@@ -194,10 +196,12 @@ def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, inp
     / ``wall_s`` are the online phase summed over the inferences, ``per_node`` the last one's.
     """
     program = lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode)
+    held: set[str] = set()
+    if inventory and hasattr(backend, "probe"):  # what the process holds after every node, not only at the end
+        backend.probe, backend.record_dealt = lambda: held.update(_plaintext_inventory()), True
     setup = backend.setup(program)
     xs = [torch.from_numpy(c) for c in np.split(inputs, count)] if inputs is not None else [None] * count
     outs, runs, result = [], [], None
-    held: set[str] = set()
     for x in xs:
         result = backend.run(program, x)
         if result.output is not None:
@@ -224,6 +228,7 @@ def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, inp
     del result, outs
     if inventory:  # everything this process holds in the clear, its own inputs and output included
         report["plaintext_digests"] = sorted(held.union(_plaintext_inventory()))
+        report["dealt_digests"] = sorted(getattr(backend, "dealt_digests", ()))
     return report
 
 
@@ -286,13 +291,17 @@ def _dealer_entry(queue, key: bytes, addr: str, port: int, gm: dict, weights_mod
             return dealer_digest(program, count), (program, count)
 
         link0, link1, (program, count) = accept_parties(key, plan_for, addr, port, timeout=timeout)
+        held: set[str] = set()
         try:
-            report = deal_session(program, link0, link1, count).to_dict()
+            dealt = deal_session(program, link0, link1, count, record=inventory,
+                                 probe=(lambda: held.update(_plaintext_inventory())) if inventory else None)  # fmt: skip
+            report = dealt.to_dict()
         finally:
             link0.close()
             link1.close()
         if inventory:
-            report["plaintext_digests"] = _plaintext_inventory()
+            report["plaintext_digests"] = sorted(held.union(_plaintext_inventory()))
+            report["dealt_digests"] = sorted(dealt.dealt_digests)
         queue.put(("ok", DEALER_RANK, report))
     except BaseException as e:  # noqa: BLE001 - report any failure as one line to the parent
         msg = first_line(e, 300)
@@ -403,7 +412,7 @@ def run_two_party(
     parties = [PartyReport(**r) for r in reports[:2]]
     dealt = reports[2] if len(reports) > 2 else None
     return PrivateRun(weights_mode, parties, parties[1].output, clear, expected, setup, dealer, dealt,
-                      program.offline_elements * 8 * count)  # fmt: skip
+                      program.offline_elements * 8 * count if dealer == "separate" else 0)  # fmt: skip
 
 
 def _check_dealer(dealer: str) -> None:
@@ -446,6 +455,10 @@ def run_party(
     backend: Backend | None = None,
     key: bytes | None = None,
     timeout: float = 600.0,
+    dealer: str = "separate",
+    dealer_addr: str | None = None,
+    dealer_port: int | None = None,
+    dealer_key: bytes | None = None,
 ) -> PartyReport:
     """Run one party in this process; the other runs the same call elsewhere with the other rank.
 
@@ -453,27 +466,73 @@ def run_party(
     ``private`` mode, a model whose weights it does not know (they are zeroed here anyway).
     ``key`` (default: ``$DEEPSHARE_MPC_KEY``, required) authenticates the two parties on
     ``master_port`` before the backend meets on ``master_port + 1``; party 0 waits up to
-    ``timeout`` seconds for an authenticated party 1, refusing strangers meanwhile.
+    ``timeout`` seconds for an authenticated party 1, refusing strangers meanwhile.  With
+    ``dealer="separate"`` (the default) both then authenticate the dealer at ``dealer_addr:dealer_port``
+    (:func:`serve_dealer`, under ``dealer_key``, default ``key``) before any share moves.
     """
     _check_mode(weights_mode)
+    _check_dealer(dealer)
     if rank not in (0, 1):
         raise DeepShareError(f"--rank must be 0 (model owner) or 1 (input owner), got {rank}")
     if rank == 1 and inputs is None:
         raise DeepShareError("party 1 holds the inputs: pass --data")
     if not 0 < master_port < 65535:
         raise DeepShareError(f"--master-port must be 1..65534 (the handshake's; CrypTen uses the next), got {master_port}")
+    if dealer == "separate" and (dealer_addr is None or dealer_port is None):
+        raise DeepShareError("a two-host run needs the dealer: pass --dealer-addr HOST:PORT (a `deepshare dealer`), "
+                             "or --dealer simulated for a measurement that is not private against party 0")  # fmt: skip
     gm = prepare(model, leaf_modules=leaf_modules)
     if rank == 1 and weights_mode == "private":
         gm = strip_weights(gm)
     key = key if key is not None else require_key()
     arr = inputs.detach().float().numpy() if (rank == 1 and inputs is not None) else None
-    digest = plan_digest(lower(gm, tuple(input_shape), weights_mode))  # refuses unsupported nodes before listening
-    session = authenticate(rank, key, digest, master_addr, master_port, store_port=master_port + 1, timeout=timeout)
-    backend = backend or default_backend()
+    program = lower(gm, tuple(input_shape), weights_mode)  # refuses unsupported nodes before listening
+    session = authenticate(rank, key, plan_digest(program), master_addr, master_port, store_port=master_port + 1,
+                           timeout=timeout)  # fmt: skip
+    backend = backend or default_backend(dealer)
+    if dealer == "separate":
+        backend.attach_dealer(connect_dealer(rank, dealer_key or key, dealer_digest(program, 1), dealer_addr,
+                                             dealer_port, input_shape=tuple(input_shape), timeout=timeout))  # fmt: skip
     threads = torch.get_num_threads()
     backend.start(rank, master_addr, session.store_port)
     try:
         return PartyReport(**_inference_party(backend, rank, gm, tuple(input_shape), arr, weights_mode, False))
     finally:
         backend.stop()
+        torch.set_num_threads(threads)
+
+
+def serve_dealer(model: nn.Module, *, weights_mode: str = "public", addr: str = "127.0.0.1", port: int = 29600,
+                 key: bytes | None = None, leaf_modules: Sequence[str] = (),
+                 timeout: float = 600.0) -> dict[str, Any]:  # fmt: skip
+    """The dealer of one two-host session: wait for both parties, deal, return what was sent.
+
+    ``model`` is the architecture only (its weights are zeroed here and never read): the dealer
+    needs shapes, not values.  The input shape comes from the parties' hellos and the plan hash
+    of all three must agree.
+    """
+    _check_mode(weights_mode)
+    if not 0 < port < 65536:
+        raise DeepShareError(f"--listen port must be 1..65535, got {port}")
+    key = key if key is not None else require_key()
+    graph = strip_weights(prepare(model, leaf_modules=leaf_modules))
+
+    def plan_for(shape, count):
+        program = lower(graph, tuple(shape), weights_mode)
+        return dealer_digest(program, count), (program, count)
+
+    try:
+        listener = socket.create_server((addr, port))
+    except OSError as e:
+        raise DeepShareError(f"the dealer cannot listen on {addr}:{port}: {e.strerror or e}") from None
+    threads = torch.get_num_threads()
+    try:
+        link0, link1, (program, count) = accept_parties(key, plan_for, addr, port, timeout=timeout, listener=listener)
+        try:
+            return deal_session(program, link0, link1, count).to_dict()
+        finally:
+            link0.close()
+            link1.close()
+    finally:
+        listener.close()
         torch.set_num_threads(threads)

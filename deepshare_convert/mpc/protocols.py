@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import import_crypten
+from .dealer.provider import use as use_dealer
+from .dealer.randomness import Dealt, Randomness
 from .fixed_point import (
     ACTIVATION_BITS,
     CONSTANT_BITS,
@@ -48,8 +50,6 @@ from .fixed_point import (
     encode_weight,
     on_weight_grid,
 )
-from .dealer.provider import use as use_dealer
-from .dealer.randomness import Dealt, Randomness
 from .ring import RingWeight, ring_conv2d, ring_linear
 
 __all__ = [

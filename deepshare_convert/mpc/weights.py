@@ -12,8 +12,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import protocols as P
-from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
 from .dealer.randomness import Randomness
+from .fixed_point import ACTIVATION_BITS, WEIGHT_BITS
 from .lowering import Program
 from .ring import RingWeight
 

@@ -230,8 +230,8 @@ def _greet(conn: socket.socket, peer: str, key: bytes, deadline: float) -> _Pend
     return _Pending(rank, conn, peer, transcript, plan, shape, int(hello.get("count", 1)), seed, aead)
 
 
-def accept_parties(key: bytes, plan_for, addr: str, port: int, *, timeout: float = 600.0,
-                   step_timeout: float = 10.0, listener: socket.socket | None = None) -> tuple[PartyLink, PartyLink, Any]:  # fmt: skip
+def accept_parties(key: bytes, plan_for, addr: str, port: int, *, timeout: float = 600.0, step_timeout: float = 10.0,
+                   listener: socket.socket | None = None) -> tuple[PartyLink, PartyLink, Any]:  # fmt: skip
     """The dealer's side: accept until party 0 and party 1 have both authenticated, then check the plan.
 
     ``plan_for(input_shape, count)`` gives the dealer's own (plan hash, program) for what the

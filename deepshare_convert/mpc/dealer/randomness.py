@@ -56,6 +56,13 @@ class Randomness(ABC):
 
     def __init__(self):
         self.comparisons = 0  # elements compared so far (counted where the comparison runs)
+        self.dealt_digests: set[str] | None = None  # threat-model tests: digests of every uniform value dealt in the clear
+
+    def _record(self, plain: torch.Tensor | None) -> None:
+        if self.dealt_digests is not None and plain is not None:
+            from ..launcher import tensor_digest
+
+            self.dealt_digests.add(tensor_digest(plain))
 
     @abstractmethod
     def ring(self, size) -> Dealt:
@@ -142,11 +149,13 @@ class DealingView(Randomness):
     def ring(self, size) -> Dealt:
         size = _size(size)
         v = self.s0.ring(size) + self.s1.ring(size)  # int64 addition wraps: the ring Z/2^64
+        self._record(v)
         return Dealt(v, v)
 
     def bits(self, size, bitlength: int = 64) -> Dealt:
         size = _size(size)
         v = self.s0.bits(size, bitlength) ^ self.s1.bits(size, bitlength)
+        self._record(v)
         return Dealt(v, v)
 
     def _value(self, fn, operands, size) -> torch.Tensor:
@@ -196,6 +205,7 @@ class SimulatedDealer(Randomness):
 
     def ring(self, size) -> Dealt:
         v = torch.randint(-(2**63), 2**63 - 1, _size(size), dtype=torch.long, generator=self.gen) if self.rank == 0 else None
+        self._record(v)
         return self._share(v, size)
 
     def bits(self, size, bitlength: int = 64) -> Dealt:
@@ -204,6 +214,7 @@ class SimulatedDealer(Randomness):
             hi = 2 if bitlength == 1 else 2**63 - 1
             lo = 0 if bitlength == 1 else -(2**63)
             v = torch.randint(lo, hi, _size(size), dtype=torch.long, generator=self.gen)
+        self._record(v)
         return self._share(v, size, binary=True)
 
     def product(self, fn, operands, size) -> Dealt:

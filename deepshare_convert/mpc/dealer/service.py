@@ -31,19 +31,25 @@ class DealerReport:
     inferences: list[dict[str, float]] = field(default_factory=list)  # bytes, deal_s of each
     setup_bytes: int = 0
     wall_s: float = 0.0
+    dealt_digests: set[str] = field(default_factory=set)  # threat-model tests: every uniform value dealt
 
     def to_dict(self) -> dict:
         return {"bytes": dict(self.bytes), "messages": dict(self.messages), "inferences": self.inferences,
                 "setup_bytes": self.setup_bytes, "wall_s": round(self.wall_s, 4)}  # fmt: skip
 
 
-def deal_session(program, link0, link1, count: int) -> DealerReport:
-    """Deal one setup and ``count`` inferences of ``program`` to the parties behind ``link0`` / ``link1``."""
+def deal_session(program, link0, link1, count: int, *, record: bool = False, probe=None) -> DealerReport:
+    """Deal one setup and ``count`` inferences of ``program`` to the parties behind ``link0`` / ``link1``.
+
+    ``record`` / ``probe``: for the threat-model tests (digests of what was dealt; a call after every node).
+    """
     from ..executor import run_program
     from ..weights import setup_weights
 
     tic = time.perf_counter()
     view = DealingView(link0.seed, link1.seed)
+    if record:
+        view.dealt_digests = set()
     report = DealerReport()
     with dry_crypten(), use(view), torch.no_grad():
         masks = setup_weights(program, 0, view)
@@ -51,11 +57,12 @@ def deal_session(program, link0, link1, count: int) -> DealerReport:
             raise DeepShareError("the setup asked for dealt products: the dealer has no setup message")
         for _ in range(count):
             t = time.perf_counter()
-            run_program(program, 0, None, view, masks)
+            run_program(program, 0, None, view, masks, probe)
             flat = view.take_corrections()
             link1.send(flat)
             report.inferences.append({"bytes": int(flat.numel() * 8), "deal_s": time.perf_counter() - t})
     report.bytes = {0: link0.bytes, 1: link1.bytes}
     report.messages = {0: link0.messages, 1: link1.messages}
     report.wall_s = time.perf_counter() - tic
+    report.dealt_digests = set(view.dealt_digests or ())
     return report
