@@ -97,13 +97,13 @@ def _subring_party(backend, rank: int, n: int, schemes: list[tuple[int, int]]) -
     import crypten.communicator as comm
     from crypten.mpc.primitives import ArithmeticSharedTensor as A, BinarySharedTensor as B, circuit
 
-    from deepshare_convert.mpc.protocols import Dealer
+    from deepshare_convert.mpc.dealer.randomness import SimulatedDealer
 
     constants = circuit.__dict__["__SPK_circuit_constants"]
     g = torch.Generator().manual_seed(0)
     plain = (torch.rand(n, generator=g) - 0.5) * 40  # |x| < 20, like the ResNet-20 activations
     x = A(plain, precision=FRAC_BITS, src=1) if rank == 1 else A(None, size=(n,), precision=FRAC_BITS, src=1)
-    dealer = Dealer(rank, seed=1)
+    dealer = SimulatedDealer(rank, seed=1)  # a measurement of comparison bytes: who deals does not change them
     out = {}
     for bits, drop in schemes:
         k = bits - drop
@@ -123,8 +123,9 @@ def _subring_party(backend, rank: int, n: int, schemes: list[tuple[int, int]]) -
             SP ^= update
         total = P ^ (SP[0] << 1)
         total.share = total.share >> 63
-        r, _, r_b = dealer.random_bit((n,))
-        z = ((total & 1) ^ r_b).reveal() & 1
+        _, r_b = dealer.random_bit((n,))
+        r = r_b.plain
+        z = ((total & 1) ^ B.from_shares(r_b.share)).reveal() & 1
         after = comm.get().get_communication_stats()
         out[(bits, drop)] = {"bytes": int(after["bytes"] - before["bytes"]), "rounds": int(after["rounds"] - before["rounds"]),
                   "z": z.numpy(), "r": None if r is None else r.numpy()}  # fmt: skip
@@ -140,7 +141,7 @@ def measure_crypten(n: int = 4096, schemes=((64, 0), (32, 0), (24, 8))) -> list[
     from deepshare_convert.mpc.executor import CrypTenBackend
     from deepshare_convert.mpc.launcher import spawn_two
 
-    r0, r1 = spawn_two(_subring_party, ((n, list(schemes)), (n, list(schemes))), backend=CrypTenBackend())
+    r0, r1 = spawn_two(_subring_party, ((n, list(schemes)), (n, list(schemes))), backend=CrypTenBackend(dealer="simulated"))
     plain = torch.as_tensor(r1["plain"])
     exact = torch.round(plain.double() * 2**FRAC_BITS) < 0
     rows = []

@@ -340,6 +340,7 @@ def register(app: typer.Typer) -> None:
                 p0 = run.parties[0]
                 out["measured"] = {"bytes": p0.bytes, "rounds": p0.rounds, "wall_s": p0.wall_s,
                                    "setup_bytes": p0.setup_bytes, "setup_rounds": p0.setup_rounds,
+                                   "offline_bytes": run.offline_bytes, "offline_messages": run.offline_messages,
                                    "bytes_deviation": (est.bytes - p0.bytes) / max(p0.bytes, 1),
                                    "rounds_deviation": (est.rounds - p0.rounds) / max(p0.rounds, 1),
                                    "max_logit_error": run.max_logit_error}  # fmt: skip
@@ -348,6 +349,9 @@ def register(app: typer.Typer) -> None:
         from .mpc_tables import estimate_table
 
         console.print(estimate_table(est, orig, measured))
+        console.print(f"offline (dealer -> client, per inference): {est.offline_bytes / 1e6:,.3f} MB in "
+                      f"{est.offline_messages} message, {est.offline_network_s * 1e3:,.1f} ms at {bandwidth}; "
+                      f"it can travel before the input exists, so the latency above is online only")  # fmt: skip
         if rows is not None:
             from .mpc_tables import what_if_table
 
@@ -360,7 +364,8 @@ def register(app: typer.Typer) -> None:
                 f"online {p0.bytes / 1e6:,.2f} MB, {p0.rounds} rounds, {p0.wall_s * 1e3:,.0f} ms; "
                 f"predicted {est.bytes / 1e6:,.2f} MB ({100 * (est.bytes - p0.bytes) / max(p0.bytes, 1):+.2f}%), "
                 f"{est.rounds} rounds ({100 * (est.rounds - p0.rounds) / max(p0.rounds, 1):+.2f}%); "
-                f"max logit error {run.max_logit_error:.2e}"
+                f"max logit error {run.max_logit_error:.2e}; offline {run.offline_bytes / 1e6:,.3f} MB measured "
+                f"(predicted {est.offline_bytes / 1e6:,.3f} MB)"
             )
 
     @app.command()

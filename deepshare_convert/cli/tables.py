@@ -106,6 +106,7 @@ def demo_summary_table(s: dict) -> Table:
         ("2PC bytes (party 0, measured)", f"{p['original']['parties'][0]['bytes']:,}",
          f"{p['converted']['parties'][0]['bytes']:,}"),
         ("2PC rounds (measured)", str(p["original"]["parties"][0]["rounds"]), str(p["converted"]["parties"][0]["rounds"])),
+        ("offline bytes, dealer -> client (measured = est.)", *(_offline(p[k]) for k in ("original", "converted"))),
         ("est. network latency / image @1Gbps, 1ms", f"{e['original']['network_s'] * 1e3:.1f} ms",
          f"{e['converted']['network_s'] * 1e3:.1f} ms ({s['speedup_network']:.1f}x faster)"),
         ("est. latency incl. compute", f"{e['original']['latency_s'] * 1e3:.1f} ms",
@@ -120,6 +121,15 @@ def demo_summary_table(s: dict) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _offline(run: dict) -> str:
+    """The separate dealer's corrections, measured (with the estimate when they differ), or who dealt instead."""
+    o = run.get("offline")
+    if run.get("dealer") != "separate" or o is None:
+        return f"- (dealer {run.get('dealer', 'simulated')}: not private)"
+    same = "" if o["bytes"] == o["bytes_expected"] else f" (est. {o['bytes_expected']:,})"
+    return f"{o['bytes']:,}{same}"
 
 
 def _num(value, fmt: str = "{:.2f}") -> str:

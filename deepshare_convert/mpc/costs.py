@@ -119,6 +119,13 @@ class Estimate:
     nodes: list[NodeCost]
     setup_bytes: int = 0  # once per loaded model (private mode: W - b of every fixed tensor)
     setup_rounds: int = 0
+    offline_bytes: int = 0  # dealer -> client per inference (corrections; mpc/dealer), exact from the lowering
+    offline_messages: int = 0
+
+    @property
+    def offline_network_s(self) -> float:
+        """The dealer's message at this bandwidth: offline, it can travel before the input exists."""
+        return self.offline_bytes * 8 / self.bandwidth_bps
 
     @property
     def setup_network_s(self) -> float:
@@ -155,7 +162,9 @@ class Estimate:
             "bandwidth_bps": self.bandwidth_bps, "rtt_s": self.rtt_s, "comparisons": self.comparisons,
             "bytes": self.bytes, "rounds": self.rounds, "compute_s": self.compute_s, "network_s": self.network_s,
             "latency_s": self.latency_s, "setup_bytes": self.setup_bytes, "setup_rounds": self.setup_rounds,
-            "setup_network_s": self.setup_network_s, "nodes": [asdict(n) for n in self.nodes],
+            "setup_network_s": self.setup_network_s, "offline_bytes": self.offline_bytes,
+            "offline_messages": self.offline_messages, "offline_network_s": self.offline_network_s,
+            "nodes": [asdict(n) for n in self.nodes],
         }  # fmt: skip
 
 
@@ -171,7 +180,7 @@ def estimate_program(program: Program, table: CostTable | None = None, *, bandwi
             nodes.append(NodeCost(op.node, op.layer, op.handler, op.comparisons, b, r, c,
                                   c + b * 8 / bandwidth + r * rtt))  # fmt: skip
     return Estimate(name, program.weights_mode, program.input_shape[0], bandwidth, rtt, nodes,
-                    *table.setup_cost(program))  # fmt: skip
+                    *table.setup_cost(program), program.offline_elements * 8, 1)  # fmt: skip
 
 
 def estimate(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, weights_mode: str = "public",

@@ -23,7 +23,7 @@ opens only activations.  :class:`CrypTenBackend` keeps them (and the dealer that
 and stops CrypTen at one party and reads its communication counters around a run.  CrypTen
 pitfalls handled there: communication is only counted with
 ``crypten.cfg.communicator.verbose = True``; triples from the default trusted-first-party
-provider (and our :class:`~.protocols.Dealer`) are generated locally and not counted -- the
+provider and the simulated dealer are generated locally; a separate dealer's corrections are counted apart (offline) -- the
 numbers are the online phase.
 """
 
