@@ -14,6 +14,12 @@ agreement): every configuration, or with --quick the original and 6K in public m
 with --only the listed MODE:MODEL rows, MODEL being original, 6k (G = 2) or 6k@g4 (estimates are
 always computed for every row).
 
+Correlated randomness comes from a separate dealer process (mpc/dealer): its corrections to the
+client are the offline phase, estimated (``est_offline_bytes``) and measured
+(``measured_offline_bytes``) apart from the online figures.  ``--simulated-too`` also runs each
+measured row with the party-0 (simulated, not private) dealer in the same invocation, so the two
+wall times sit side by side (``measured_wall_s`` / ``measured_wall_s_simulated``).
+
 Writes bench/results/pi_latency.json and .png (pi_latency_quick.* with --quick,
 pi_latency_only.json with --only).
 """
@@ -58,6 +64,8 @@ def main() -> None:
     ap.add_argument("--bandwidth", default="1Gbps")
     ap.add_argument("--rtt", default="1ms")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the existing JSON")
+    ap.add_argument("--simulated-too", action="store_true",
+                    help="also measure every measured row with the simulated (party-0) dealer, for the wall time")
     add_out_arg(ap)
     args = ap.parse_args()
     valid = {f"{m}:{n}" for m in ("public", "private") for n in ("original", *_names())}
@@ -105,6 +113,7 @@ def main() -> None:
                 "est_bytes": est.bytes, "est_rounds": est.rounds, "est_compute_s": est.compute_s,
                 "est_network_s": est.network_s, "est_latency_s": est.latency_s,
                 "est_setup_bytes": est.setup_bytes, "est_setup_rounds": est.setup_rounds,
+                "est_offline_bytes": est.offline_bytes, "est_offline_messages": est.offline_messages,
                 "speedup": base.latency_s / est.latency_s, "speedup_network": base.network_s / est.network_s,
                 "paper_deepshare": PAPER_TABLE6["DeepShare"].get(name), "paper_autorep": PAPER_TABLE6["AutoReP"].get(name),
             }  # fmt: skip
@@ -120,7 +129,15 @@ def main() -> None:
                            measured_comm_s=p0.comm_s, comparisons=p0.comparisons, max_logit_error=r.max_logit_error,
                            top1_agreement=r.top1_agreement, run_s=time.perf_counter() - t0,
                            bytes_deviation=(est.bytes - p0.bytes) / p0.bytes,
-                           rounds_deviation=(est.rounds - p0.rounds) / p0.rounds)  # fmt: skip
+                           rounds_deviation=(est.rounds - p0.rounds) / p0.rounds, dealer=r.dealer,
+                           measured_offline_bytes=r.offline_bytes, measured_offline_messages=r.offline_messages,
+                           measured_offline_s=r.parties[1].inferences[0]["offline_s"],
+                           measured_deal_s=r.dealer_report["inferences"][0]["deal_s"])  # fmt: skip
+                if args.simulated_too:
+                    sim = run_two_party(net, x, weights_mode=mode, timeout=900, dealer="simulated")
+                    q0 = sim.parties[0]
+                    assert (q0.bytes, q0.rounds) == (p0.bytes, p0.rounds), "the dealer changed the online phase"
+                    row.update(measured_wall_s_simulated=q0.wall_s, top1_agreement_simulated=sim.top1_agreement)
             rows.append(row)
             print(_line(row), flush=True)
 
@@ -157,7 +174,11 @@ def _line(r: dict) -> str:
     if "measured_bytes" in r:
         s += (f" | measured setup {r['measured_setup_bytes'] / 1e6:7.2f} MB {r['measured_setup_rounds']} rnd, online "
               f"{r['measured_bytes'] / 1e6:8.2f} MB {r['measured_rounds']:4d} rounds "
-              f"{r['measured_wall_s'] * 1e3:7.0f} ms, logit err {r['max_logit_error']:.1e}")  # fmt: skip
+              f"{r['measured_wall_s'] * 1e3:7.0f} ms, logit err {r['max_logit_error']:.1e}; offline "
+              f"{r['measured_offline_bytes'] / 1e6:.2f} MB (est {r['est_offline_bytes'] / 1e6:.2f})")  # fmt: skip
+        if "measured_wall_s_simulated" in r:
+            s += (f"; wall {r['measured_wall_s'] * 1e3:.0f} ms (dealer) vs "
+                  f"{r['measured_wall_s_simulated'] * 1e3:.0f} ms (simulated)")
     return s
 
 

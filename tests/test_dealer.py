@@ -193,3 +193,45 @@ def test_two_host_run_without_a_dealer_address_is_refused():
     net, _, size = model("digits_cnn", "10%")
     with pytest.raises(DeepShareError, match="--dealer-addr"):
         run_party(0, net, None, (1, *size), key=b"k" * 32)
+
+
+def test_each_link_may_have_its_own_key_and_the_servers_key_cannot_pose_as_the_dealer():
+    """{0: S, 1: C} at the dealer: both parties get in with their own key; a dealer holding only S (what the
+    server knows) is refused by the client."""
+    import time
+
+    from deepshare_convert.mpc.dealer import channel
+    from deepshare_convert.mpc.handshake import HandshakeError
+    from deepshare_convert.mpc.launcher import free_port
+
+    server_key, client_key, plan = b"s" * 32, b"c" * 32, "f" * 64
+    port = free_port()
+    got = {}
+
+    def dealer():
+        with socket.create_server(("127.0.0.1", port)) as listener:
+            got["links"] = channel.accept_parties({0: server_key, 1: client_key}, lambda s, c: (plan, None),
+                                                  "127.0.0.1", port, timeout=20, listener=listener)  # fmt: skip
+
+    t = threading.Thread(target=dealer, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    links = {}
+    threads = [threading.Thread(target=lambda r, k: links.setdefault(r, channel.connect_dealer(
+        r, k, plan, "127.0.0.1", port, input_shape=(1, 1, 8, 8), timeout=10)), args=(r, k))
+        for r, k in ((0, server_key), (1, client_key))]  # fmt: skip
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    t.join(30)
+    l0, l1, _ = got["links"]
+    assert links[0].seed == l0.seed and links[1].seed == l1.seed and l0.seed != l1.seed
+    for link in (*links.values(), l0, l1):
+        link.close()
+
+    port = free_port()
+    _fake_dealer(port, server_key, plan)  # the server, posing as the dealer to the client
+    time.sleep(0.3)
+    with pytest.raises(HandshakeError, match="failed authentication as the dealer"):
+        channel.connect_dealer(1, client_key, plan, "127.0.0.1", port, input_shape=(1, 1, 8, 8), timeout=10)

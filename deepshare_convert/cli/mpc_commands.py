@@ -231,6 +231,11 @@ def register(app: typer.Typer) -> None:
         key_file: Annotated[Optional[str], typer.Option("--key-file", help="Key shared with the parties (mode 600; "
                                                         "default: $DEEPSHARE_MPC_KEY); the parties' --dealer-key-file, "
                                                         "or their --key-file.")] = None,
+        server_key_file: Annotated[Optional[str], typer.Option("--server-key-file", help="The server link's own key "
+                                                               "(default: --key-file).")] = None,
+        client_key_file: Annotated[Optional[str], typer.Option("--client-key-file", help="The client link's own key "
+                                                               "(default: --key-file): unknown to the server, it stops "
+                                                               "a server posing as the dealer.")] = None,
         weights_mode: WeightsModeOpt = "public",
         timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for both parties.")] = 600.0,
         weights: WeightsOpt = None,
@@ -254,7 +259,9 @@ def register(app: typer.Typer) -> None:
         from ..mpc.launcher import serve_dealer
 
         host, port = _host_port(listen, "--listen")
-        key = require_key(key_file)
+        default = require_key(key_file) if key_file or not (server_key_file and client_key_file) else None
+        key = {0: require_key(server_key_file) if server_key_file else default,
+               1: require_key(client_key_file) if client_key_file else default}  # fmt: skip
         if Path(model).is_dir():
             net, _ = _architecture_only(model)  # the dealer never reads the weights file
         else:

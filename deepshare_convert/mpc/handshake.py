@@ -22,7 +22,7 @@ peer.  The key comes from a file (``--key-file``, refused if group/others can re
 local launch makes a fresh random key per run and hands it to both child processes itself.
 
 What this does not do: encrypt or authenticate the backend's traffic after the handshake (gloo
-over TCP) -- run that over WireGuard or another tunnel (docs/private_inference.md, "Two hosts,
+over TCP) -- run that over WireGuard or another tunnel (docs/private_inference.md, "Three hosts,
 safely").  No crypten import.
 """
 

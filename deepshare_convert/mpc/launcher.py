@@ -21,7 +21,6 @@ the next run).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import multiprocessing as mp
 import socket
@@ -42,6 +41,7 @@ from .dealer.channel import accept_parties, connect_dealer
 from .dealer.randomness import DEALER_MODES
 from .dealer.service import deal_session
 from .handshake import authenticate, new_key, plan_digest, require_key
+from .holdings import plaintext_inventory as _plaintext_inventory, tensor_digest
 from .lowering import lower
 from .prepare import prepare, reference, strip_weights
 from .transport import pack, unpack
@@ -145,40 +145,6 @@ class PrivateRun:
                 for p in self.parties
             ],  # fmt: skip
         }
-
-
-def tensor_digest(t: torch.Tensor | np.ndarray) -> str:
-    """A content digest of a float tensor (dtype, shape and bytes)."""
-    a = t.detach().cpu().contiguous().numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t)
-    h = hashlib.sha1(f"{a.dtype}{a.shape}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _plaintext_inventory() -> list[str]:
-    """Digests of every non-empty floating or integer tensor / array alive in this process.
-
-    Integers too: a ring element (a mask, an activation encoded at 2^ACTIVATION_BITS) is an int64.
-    """
-    import warnings
-
-    seen: set[str] = set()
-    with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
-        warnings.simplefilter("ignore")
-        objects = gc.get_objects()
-    for obj in objects:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                is_tensor, is_array = isinstance(obj, torch.Tensor), isinstance(obj, np.ndarray)
-            if is_tensor and obj.dtype != torch.bool and obj.numel() and obj.device.type == "cpu" \
-                    and not obj.is_meta and not obj.is_complex():
-                seen.add(tensor_digest(obj))
-            elif is_array and obj.dtype.kind in "fi" and obj.size:
-                seen.add(tensor_digest(obj))
-        except Exception:  # noqa: BLE001,S112 - meta tensors, half-built objects: not plaintext data
-            continue
-    return sorted(seen)
 
 
 def free_port() -> int:
@@ -503,13 +469,13 @@ def run_party(
 
 
 def serve_dealer(model: nn.Module, *, weights_mode: str = "public", addr: str = "127.0.0.1", port: int = 29600,
-                 key: bytes | None = None, leaf_modules: Sequence[str] = (),
+                 key: bytes | dict[int, bytes] | None = None, leaf_modules: Sequence[str] = (),
                  timeout: float = 600.0) -> dict[str, Any]:  # fmt: skip
     """The dealer of one two-host session: wait for both parties, deal, return what was sent.
 
     ``model`` is the architecture only (its weights are zeroed here and never read): the dealer
     needs shapes, not values.  The input shape comes from the parties' hellos and the plan hash
-    of all three must agree.
+    of all three must agree.  ``key``: one for both links, or ``{0: server's, 1: client's}``.
     """
     _check_mode(weights_mode)
     if not 0 < port < 65536:

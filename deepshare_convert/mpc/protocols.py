@@ -25,11 +25,13 @@ in one round) and keep ``[W]``, ``[b]`` and ``δ``.  Every later product ``x·W`
 too (:func:`fixed_site`): with the gate's bit ``r`` the dealer also hands out ``a·r``,
 ``a·r·b_α`` and ``r·b_α``, so ``x·(α·g + β)`` needs no second opening.
 
-Correlated randomness comes from :class:`Dealer`, simulated the way CrypTen's default
-"trusted first party" provider simulates it: party 0 samples and shares with pseudo-random
-zero sharings, no communication counted.  In a deployment this is the offline phase (a
-dealer or OT/HE preprocessing); the counted bytes and rounds are the online phase, as for
-every CrypTen number.
+Correlated randomness comes from a :class:`~.dealer.randomness.Randomness` (``dealer`` in every
+function here): a protocol asks for uniform values (``dealer.ring``) and for products of earlier
+ones by name (``dealer.product(fn, operands, size)``), and gets a :class:`~.dealer.randomness.Dealt`
+share back -- never a plaintext at a party.  With the separate dealer (:mod:`.dealer`) both parties
+expand uniform values from seeds and the client receives corrections for the products: the
+offline phase, counted apart (``MPCOp.dealt``).  The counted bytes and rounds here are the online
+phase, as for every CrypTen number.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ Both ends then derive, with HKDF-SHA256 over the X25519 secret and the transcrip
 PRG seed of this party and an AES-GCM key.  A passive observer -- the other party included, even
 though it knows ``K`` -- sees only public keys, so it learns neither the seed nor the corrections,
 which travel to the client AES-GCM-encrypted.  (With one ``K`` for all three, a server that can
-also *rewrite* the client's traffic could pose as the dealer; give the dealer links their own key
-with ``--dealer-key-file`` to rule that out: docs/private_inference.md, threat model.)
+also *rewrite* the client's traffic could pose as the dealer to the client; a client link key of
+its own -- the client's ``--dealer-key-file``, the dealer's ``--client-key-file`` -- rules that
+out: docs/private_inference.md, threat model.)
 """
 
 from __future__ import annotations
@@ -203,17 +204,19 @@ class _Pending:
     plan: str
     input_shape: tuple[int, ...]
     count: int
+    key: bytes = field(repr=False, default=b"")
     seed: bytes = field(repr=False, default=b"")
     aead: bytes = field(repr=False, default=b"")
 
 
-def _greet(conn: socket.socket, peer: str, key: bytes, deadline: float) -> _Pending:
+def _greet(conn: socket.socket, peer: str, keys: dict[int, bytes], deadline: float) -> _Pending:
     hello = _recv(conn, deadline)
     rank, nonce, pub = hello.get("rank"), hello.get("nonce"), hello.get("pub")
     if hello.get("protocol") != DEALER_PROTOCOL or rank not in (0, 1) or not isinstance(nonce, str) \
             or not isinstance(pub, str):
         _send(conn, {"refused": f"not a {DEALER_PROTOCOL} party"})
         raise ValueError("not a deepshare party hello")
+    key = keys[rank]
     priv, nd = X25519PrivateKey.generate(), secrets.token_hex(32)
     pd = _public(priv)
     transcript = _transcript(rank, nonce[:64], nd, pub, pd)
@@ -227,17 +230,22 @@ def _greet(conn: socket.socket, peer: str, key: bytes, deadline: float) -> _Pend
         raise ValueError("authentication failed (wrong or missing key)")
     seed, aead = _derive(priv, pub, transcript)
     shape = tuple(int(d) for d in hello.get("input_shape") or ())
-    return _Pending(rank, conn, peer, transcript, plan, shape, int(hello.get("count", 1)), seed, aead)
+    return _Pending(rank, conn, peer, transcript, plan, shape, int(hello.get("count", 1)), key, seed, aead)
 
 
-def accept_parties(key: bytes, plan_for, addr: str, port: int, *, timeout: float = 600.0, step_timeout: float = 10.0,
-                   listener: socket.socket | None = None) -> tuple[PartyLink, PartyLink, Any]:  # fmt: skip
+def accept_parties(key: bytes | dict[int, bytes], plan_for, addr: str, port: int, *, timeout: float = 600.0,
+                   step_timeout: float = 10.0, listener: socket.socket | None = None,
+                   ) -> tuple[PartyLink, PartyLink, Any]:  # fmt: skip
     """The dealer's side: accept until party 0 and party 1 have both authenticated, then check the plan.
+
+    ``key``: one key for both links, or ``{0: server's, 1: client's}`` -- with a key of its own the
+    client's link cannot be impersonated by a server that rewrites traffic.
 
     ``plan_for(input_shape, count)`` gives the dealer's own (plan hash, program) for what the
     parties announce; both parties' hashes must equal it.  Strangers are refused and logged.
     Returns the two links and the program.
     """
+    keys = key if isinstance(key, dict) else {0: key, 1: key}
     deadline = time.monotonic() + timeout
     server = listener or socket.create_server((addr, port))
     pending: dict[int, _Pending] = {}
@@ -254,7 +262,7 @@ def accept_parties(key: bytes, plan_for, addr: str, port: int, *, timeout: float
                 continue
             conn.settimeout(step_timeout)
             try:
-                p = _greet(conn, peer[0], key, time.monotonic() + step_timeout)
+                p = _greet(conn, peer[0], keys, time.monotonic() + step_timeout)
             except (OSError, ValueError, UnicodeDecodeError) as e:
                 _log.warning("the dealer refused a connection from %s: %s", peer[0], e)
                 conn.close()
@@ -264,13 +272,13 @@ def accept_parties(key: bytes, plan_for, addr: str, port: int, *, timeout: float
             pending[p.rank] = p
         p0, p1 = pending[0], pending[1]
         if (p0.input_shape, p0.count) != (p1.input_shape, p1.count):
-            _refuse(key, pending.values(), "the parties announce different inputs")
+            _refuse(pending.values())
             raise HandshakeError(f"the parties announce different inputs ({p0.input_shape} x{p0.count} vs "
                                  f"{p1.input_shape} x{p1.count})")  # fmt: skip
         plan, program = plan_for(p0.input_shape, p0.count)
         for p in (p0, p1):
             verdict = "ok" if _same(p.plan, plan) else "plan-mismatch"
-            _send(p.sock, {"verdict": verdict, "plan": plan, "mac": _mac(key, "verdict", p.transcript, verdict, plan)})
+            _send(p.sock, {"verdict": verdict, "plan": plan, "mac": _mac(p.key, "verdict", p.transcript, verdict, plan)})
         bad = [p.rank for p in (p0, p1) if not _same(p.plan, plan)]
         if bad:
             raise HandshakeError(f"party {bad[0]} runs a different plan (sha256 {_short(pending[bad[0]].plan)}… vs "
@@ -288,9 +296,9 @@ def accept_parties(key: bytes, plan_for, addr: str, port: int, *, timeout: float
     return links[0], links[1], program
 
 
-def _refuse(key: bytes, parties, reason: str) -> None:
+def _refuse(parties) -> None:
     for p in parties:
         try:
-            _send(p.sock, {"verdict": "refused", "plan": "", "mac": _mac(key, "verdict", p.transcript, "refused", "")})
+            _send(p.sock, {"verdict": "refused", "plan": "", "mac": _mac(p.key, "verdict", p.transcript, "refused", "")})
         except OSError:
             pass

@@ -60,7 +60,7 @@ class Randomness(ABC):
 
     def _record(self, plain: torch.Tensor | None) -> None:
         if self.dealt_digests is not None and plain is not None:
-            from ..launcher import tensor_digest
+            from ..holdings import tensor_digest
 
             self.dealt_digests.add(tensor_digest(plain))
 
