@@ -119,19 +119,42 @@ def test_the_simulated_dealer_fails_the_same_check(mode):
     assert dealt and dealt & set(r.parties[0].plaintext_digests)
 
 
+def _encoded_input():
+    """The client's input as it enters the ring (CrypTen's encoder at the activation grid)."""
+    from crypten.encoder import FixedPointEncoder
+
+    from deepshare_convert.mpc.fixed_point import ACTIVATION_BITS
+    from deepshare_convert.mpc.launcher import tensor_digest
+
+    return tensor_digest(FixedPointEncoder(precision_bits=ACTIVATION_BITS).encode(inputs("digits_cnn", DIGITS_BATCH)))
+
+
+def test_the_server_unmasks_the_input_only_with_the_simulated_dealer():
+    """Private mode opens the input itself (x - a, for the first convolution): party 0 adds what it holds of a.
+
+    With the simulated dealer that is a, and it reads the client's image in the ring exactly; with the
+    separate dealer it is its share of a, and what it gets is still masked by the client's share."""
+    from deepshare_convert.compat import import_crypten
+
+    import_crypten()
+    x = _encoded_input()
+    sim, sep = run("private", "simulated"), run("private", "separate")
+    assert x in set(sim.parties[0].unmasked_digests)  # the attack works where it should
+    assert sim.parties[0].unmasked_digests and sep.parties[0].unmasked_digests  # the server received openings
+    assert x not in set(sep.parties[0].unmasked_digests)
+
+
 @pytest.mark.parametrize("mode", ["public", "private"])
 def test_dealer_holds_no_input_output_or_weight(mode):
-    from deepshare_convert.mpc.fixed_point import ACTIVATION_BITS
     from deepshare_convert.mpc.launcher import tensor_digest
 
     r = run(mode, "separate")
     x = inputs("digits_cnn", DIGITS_BATCH)
-    encoded = (x.double() * 2**ACTIVATION_BITS).round().long()  # the input as the client encodes it in the ring
     secret = {tensor_digest(x.numpy()), tensor_digest(r.logits)}
     held = set(r.dealer_report["plaintext_digests"])
     assert secret <= set(r.parties[1].plaintext_digests)
-    assert not (secret | {tensor_digest(encoded)}) & held
-    assert not (secret | {tensor_digest(encoded)}) & set(r.parties[0].plaintext_digests)
+    assert not (secret | {_encoded_input()}) & held
+    assert not (secret | {_encoded_input()}) & set(r.parties[0].plaintext_digests)
     weights = _weight_digests("digits_cnn", "10%")
     assert weights <= set(r.parties[0].plaintext_digests) and not weights & held
     if mode == "private":

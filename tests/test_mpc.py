@@ -324,6 +324,17 @@ def test_cli_private_infer_on_digits(digits_out, capsys):
     assert out["weights_mode"] == "private" and out["batch"] == 4
     assert out["top1_agreement"] == 1.0 and out["max_logit_error"] <= 1e-2
     assert out["comparisons"] == out["comparisons_expected"] == 4 * model("digits_cnn", "10%")[1].achieved
+    assert out["dealer"] == "separate" and "warning" not in out  # three processes by default
+    assert out["offline"]["bytes"] == out["offline"]["bytes_expected"] > 0 and out["offline"]["messages"] == 1
+
+
+def test_cli_simulated_dealer_says_it_is_not_private(digits_out, capsys):
+    from deepshare_convert.cli.app import run as cli
+
+    assert cli(["private-infer", digits_out, "--data", "digits", "--batch-size", "2", "--dealer", "simulated"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "NOT private against the server" in text
+    assert cli(["private-infer", digits_out, "--data", "digits", "--batch-size", "2", "--dealer", "ttp"]) != 0
 
 
 def test_cli_errors_are_one_line(digits_out, capsys):

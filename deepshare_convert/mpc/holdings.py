@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 import torch
 
-__all__ = ["tensor_digest", "plaintext_inventory"]
+__all__ = ["tensor_digest", "plaintext_inventory", "unmasked_openings"]
 
 
 def tensor_digest(t: torch.Tensor | np.ndarray) -> str:
@@ -47,3 +47,13 @@ def plaintext_inventory() -> list[str]:
         except Exception:  # noqa: BLE001,S112 - meta tensors, half-built objects: not plaintext data
             continue
     return sorted(seen)
+
+
+def unmasked_openings(openings) -> list[str]:
+    """What this process could recover from the openings it received: digests of ``ε + a`` per opening.
+
+    ``a`` is the mask in the clear where this process holds it (a simulated dealer's party 0), else its
+    own share of it -- the adversary's best guess.  ``ε + a`` is then the opened activation itself,
+    or a value still masked by the other party's share.
+    """
+    return sorted({tensor_digest(o.eps + (o.a.plain if o.a.plain is not None else o.a.share)) for o in openings})

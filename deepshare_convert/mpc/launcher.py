@@ -41,7 +41,7 @@ from .dealer.channel import accept_parties, connect_dealer
 from .dealer.randomness import DEALER_MODES
 from .dealer.service import deal_session
 from .handshake import authenticate, new_key, plan_digest, require_key
-from .holdings import plaintext_inventory as _plaintext_inventory, tensor_digest
+from .holdings import plaintext_inventory as _plaintext_inventory, tensor_digest, unmasked_openings
 from .lowering import lower
 from .prepare import prepare, reference, strip_weights
 from .transport import pack, unpack
@@ -64,6 +64,7 @@ class PartyReport:
     output: np.ndarray | None
     plaintext_digests: list[str] = field(default_factory=list)
     dealt_digests: list[str] = field(default_factory=list)  # values this party dealt in the clear (simulated: party 0)
+    unmasked_digests: list[str] = field(default_factory=list)  # ε + (its mask, or its share of it) of every opening
     setup: dict[str, float] = field(default_factory=dict)  # bytes, rounds, wall_s, elements of the one setup
     inferences: list[dict[str, float]] = field(default_factory=list)  # online bytes, rounds, wall_s of each run
     dealer: str = "separate"
@@ -164,7 +165,10 @@ def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, inp
     program = lower(unpack(gm) if isinstance(gm, dict) else gm, input_shape, weights_mode)
     held: set[str] = set()
     if inventory and hasattr(backend, "probe"):  # what the process holds after every node, not only at the end
+        from . import protocols
+
         backend.probe, backend.record_dealt = lambda: held.update(_plaintext_inventory()), True
+        protocols.OPENINGS = []
     setup = backend.setup(program)
     xs = [torch.from_numpy(c) for c in np.split(inputs, count)] if inputs is not None else [None] * count
     outs, runs, result = [], [], None
@@ -195,6 +199,10 @@ def _inference_party(backend: Backend, rank: int, gm: fx.GraphModule | dict, inp
     if inventory:  # everything this process holds in the clear, its own inputs and output included
         report["plaintext_digests"] = sorted(held.union(_plaintext_inventory()))
         report["dealt_digests"] = sorted(getattr(backend, "dealt_digests", ()))
+        from . import protocols
+
+        report["unmasked_digests"] = unmasked_openings(protocols.OPENINGS or [])
+        protocols.OPENINGS = None
     return report
 
 

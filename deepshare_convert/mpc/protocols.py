@@ -141,7 +141,10 @@ def drelu_and_open(x, y, dealer: Randomness) -> tuple[MaskedBit, Opening]:
     n = bits.numel()
     z = (s0[:n] ^ s1[:n]).view(masked.share.shape)
     eps = (s0[n:] + s1[n:]).view(y.share.shape)
-    return MaskedBit(z & 1, r_a), Opening(a, eps)
+    opening = Opening(a, eps)
+    if OPENINGS is not None:
+        OPENINGS.append(opening)
+    return MaskedBit(z & 1, r_a), opening
 
 
 def _mul(u, v):
@@ -277,7 +280,13 @@ def open_masked(x, dealer: Randomness) -> Opening:
     ``fn(a, b)`` for each fixed ``b``), so ``x`` is opened once however many such products read it.
     """
     a = dealer.ring(x.size())
-    return Opening(a, _open(x.share - a.share))
+    opening = Opening(a, _open(x.share - a.share))
+    if OPENINGS is not None:
+        OPENINGS.append(opening)
+    return opening
+
+
+OPENINGS: list[Opening] | None = None  # threat-model tests: every opening this process received, when a list
 
 
 def fixed_product(x, fm: FixedMask, fn, dealer: Randomness, opening: Opening | None = None):
