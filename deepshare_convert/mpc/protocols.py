@@ -70,7 +70,7 @@ def _ast():
     return ArithmeticSharedTensor, BinarySharedTensor
 
 
-def _arith(d: Dealt, encoder=None):
+def _arith(d: Dealt):
     """The ArithmeticSharedTensor (precision 0) of a dealt value's share."""
     A, _ = _ast()
     return A.from_shares(d.share, precision=0)
@@ -86,10 +86,6 @@ class MaskedBit:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.z.shape)
-
-    @property
-    def r_shared(self):
-        return _arith(self.r)
 
     def replicate(self, mapping: torch.Tensor | None, dim: int = 1) -> MaskedBit:
         """Channel c takes the bit of prototype mapping[c]: local indexing of shares."""
