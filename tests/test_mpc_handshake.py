@@ -292,7 +292,7 @@ def test_cli_two_hosts_private_weights(tmp_path):
 
     def dealer(*args):
         return subprocess.Popen([*cli, "dealer", out, "--weights-mode", "private", "--listen", dealer_at, "--json",
-                                 "--timeout", "120", *args],
+                                 "--sessions", "1", "--timeout", "120", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
     p0 = party("--rank", "0", "--batch-size", "2")

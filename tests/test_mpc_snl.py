@@ -174,13 +174,14 @@ def test_cli_estimate_latency_on_an_snl_dir(snl_out, capsys):
 
 def test_party_one_rebuilds_the_same_program_from_plan_and_masks(snl_out):
     """--rank 1 in private mode reads plan.json and the masks (public), no weight: same plan hash as party 0."""
-    from deepshare_convert.cli.mpc_commands import _architecture_only
     from deepshare_convert.model_or_out import load_any
     from deepshare_convert.mpc.handshake import plan_digest
     from deepshare_convert.mpc.lowering import lower
     from deepshare_convert.mpc.prepare import prepare, strip_weights
+    from deepshare_convert.serving.artifacts import architecture_only
 
-    arch, size = _architecture_only(str(snl_out))
+    cm = architecture_only(str(snl_out))
+    arch, size = cm.model, cm.input_size
     server = load_any(str(snl_out)).model
     for name, m in masked_relus(arch).items():
         assert torch.equal(m.keep, masked_relus(snl()[1])[name].keep)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..conversion.budget import allocator_names  # light: budget.py imports no torch
-from . import analyze_command, errors as cli_errors, mpc_commands, snl_commands
+from . import analyze_command, errors as cli_errors, mpc_commands, serve_commands, snl_commands
 from .console import console, err_console
 from .loading import NOTES, load_model_or_out, note_no_normalisation, note_random_weights
 
@@ -354,6 +354,7 @@ def demo(
 
 # commands that live in their own modules (private inference, SNL); they import nothing from here
 mpc_commands.register(app)
+serve_commands.register(app)
 snl_commands.register(app)
 analyze_command.register(app)
 

@@ -74,42 +74,6 @@ def _original_of(path: str):
     return load_model(spec.display, num_classes=spec.num_classes, input_size=tuple(plan.input_size)).model
 
 
-def _architecture_only(path: str):
-    """A converted model rebuilt from plan.json alone (no weights read): what party 1 may hold.
-
-    An SNL model's masks (which neurons are ReLUs) are architecture, not weights: they are read
-    from model.safetensors, and nothing else in it is.
-    """
-    from pathlib import Path
-
-    from ..conversion.plan import WEIGHTS_FILE, Plan
-    from ..conversion.rewrite import apply_plan
-    from ..models import ModelSpec, load_model
-
-    plan = Plan.read(path)
-    spec = ModelSpec.from_dict(plan.model)
-    loaded = load_model(spec.display, num_classes=spec.num_classes, input_size=tuple(plan.input_size))
-    gm = apply_plan(loaded.model, plan)
-    if plan.kind == "snl":
-        from ..snl.plan import load_masks
-
-        load_masks(gm, plan, Path(path) / WEIGHTS_FILE)
-    return gm, tuple(plan.input_size)
-
-
-def _normalisation(path: str):
-    """The input normalisation of a converted directory's built-in model (None if unknown)."""
-    from ..conversion.plan import Plan
-    from ..errors import DeepShareError
-    from ..models import get_entry
-
-    try:
-        entry = get_entry(Plan.read(path).model.get("name", ""))
-    except DeepShareError:
-        return None, None
-    return entry.mean, entry.std
-
-
 def _first_batch(data: str, num: int, mean, std, input_size):
     from ..data import check_input_fits, load_dataset, make_loader
 
@@ -227,7 +191,7 @@ def register(app: typer.Typer) -> None:
     @app.command("dealer")
     def dealer_command(
         model: ModelOrOutArg,
-        listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to wait on for the two parties.")] = "127.0.0.1:29600",
+        listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to wait on for the parties.")] = "127.0.0.1:29600",
         key_file: Annotated[Optional[str], typer.Option("--key-file", help="Key shared with the parties (mode 600; "
                                                         "default: $DEEPSHARE_MPC_KEY); the parties' --dealer-key-file, "
                                                         "or their --key-file.")] = None,
@@ -237,7 +201,10 @@ def register(app: typer.Typer) -> None:
                                                                "(default: --key-file): unknown to the server, it stops "
                                                                "a server posing as the dealer.")] = None,
         weights_mode: WeightsModeOpt = "public",
-        timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for both parties.")] = 600.0,
+        sessions: Annotated[int, typer.Option("--sessions", help="Sessions to deal before exiting (0: serve until "
+                                              "Ctrl-C or SIGTERM).")] = 0,
+        timeout: Annotated[float, typer.Option("--timeout", help="Seconds a party waits for its peer at the dealer "
+                                               "(with --sessions 1: for both parties).")] = 600.0,
         weights: WeightsOpt = None,
         input_size: InputSizeOpt = None,
         num_classes: NumClassesOpt = None,
@@ -248,33 +215,54 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The dealer of a deployment: correlated randomness for both parties, on a host of its own.
 
-        Waits on --listen for the server and the client (`private-infer --rank 0/1 --dealer-addr`),
-        authenticates both under the key, checks that all three run one plan, then deals the
-        session's masks and triples: seeds to each party, corrections to the client.  A converted
-        OUT/ is rebuilt from plan.json alone; no weights are read.
+        Waits on --listen for servers and clients (`deepshare serve` / `query`, or `private-infer
+        --rank 0/1 --dealer-addr`), authenticates each under the key, pairs the two parties of each
+        session, checks that all three run one plan, then deals the session's masks and triples:
+        seeds to each party, corrections to the client.  One line (--json: one JSON object) per
+        session.  A converted OUT/ is rebuilt from plan.json alone; no weights are read.
         """
+        import signal
+        import threading
         from pathlib import Path
 
+        from ..errors import DeepShareError
         from ..mpc.handshake import require_key
-        from ..mpc.launcher import serve_dealer
+        from ..mpc.launcher import serve_dealer_sessions
+        from ..serving.artifacts import architecture_only
+        from .console import err_console
 
+        if sessions < 0:
+            raise typer.BadParameter(f"--sessions must be 0 (until stopped) or more, got {sessions}")
         host, port = _host_port(listen, "--listen")
         default = require_key(key_file) if key_file or not (server_key_file and client_key_file) else None
         key = {0: require_key(server_key_file) if server_key_file else default,
                1: require_key(client_key_file) if client_key_file else default}  # fmt: skip
         if Path(model).is_dir():
-            net, _ = _architecture_only(model)  # the dealer never reads the weights file
+            net = architecture_only(model).model  # the dealer never reads the weights file
         else:
             net = load_model_or_out(model, weights, input_size, num_classes, trust_pickle, pretrained, leaf).model
-        with console.status(f"dealer: waiting for both parties on {host}:{port}", spinner="dots"):
-            report = serve_dealer(net, weights_mode=weights_mode, addr=host, port=port, key=key,
-                                  leaf_modules=leaf or (), timeout=timeout)  # fmt: skip
-        if as_json:
-            print(json.dumps({"role": "dealer", "weights_mode": weights_mode, **report}, indent=2))
-            return
-        console.print(f"dealer ({weights_mode} weights): {len(report['inferences'])} inference(s) dealt; offline "
-                      f"{report['bytes'][1] / 1e6:,.2f} MB to the client in {report['messages'][1]} message(s), "
-                      f"{report['bytes'][0]:,} bytes to the server; {report['wall_s']:.2f} s")  # fmt: skip
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+        def on_report(report):
+            if as_json:
+                print(json.dumps({"role": "dealer", "weights_mode": weights_mode, **report}), flush=True)
+            elif "error" not in report:
+                console.print(f"dealer ({weights_mode} weights): session {report['session'][:8] or '-'}: "
+                              f"{len(report['inferences'])} inference(s) dealt; offline "
+                              f"{report['bytes'][1] / 1e6:,.2f} MB to the client in {report['messages'][1]} "
+                              f"message(s), {report['bytes'][0]:,} bytes to the server; {report['wall_s']:.2f} s")  # fmt: skip
+
+        err_console.print(f"dealer: listening on {host}:{port}" + (f" for {sessions} session(s)" if sessions else
+                                                                   " (Ctrl-C to stop)"))  # fmt: skip
+        reports = serve_dealer_sessions(net, weights_mode=weights_mode, addr=host, port=port, key=key,
+                                        leaf_modules=leaf or (), timeout=timeout, sessions=sessions,
+                                        pair_timeout=timeout if sessions == 1 else min(timeout, 60.0),
+                                        log=lambda line: err_console.print(line), on_report=on_report, stop=stop)  # fmt: skip
+        failed = [r["error"] for r in reports if "error" in r]
+        if sessions == 1 and (failed or not reports):
+            raise DeepShareError(failed[0] if failed else f"no session reached the dealer within {timeout:.0f}s")
 
     @app.command("estimate-latency")
     def estimate_latency(
@@ -477,8 +465,10 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, h
 
     x = None
     if rank == 1 and weights_mode == "private" and Path(model).is_dir():
-        net, input_size = _architecture_only(model)  # the client never reads the weights file
-        mean, std = _normalisation(model)
+        from ..serving.artifacts import architecture_only
+
+        cm = architecture_only(model)  # the client never reads the weights file
+        net, input_size, mean, std = cm.model, cm.input_size, cm.mean, cm.std
     else:
         loaded = load_model_or_out(model, *how)
         net, input_size, mean, std = loaded.model, tuple(loaded.input_size), loaded.mean, loaded.std

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torch.utils.data
 
 from ..errors import DataError
+from .preprocess import normalise, to_float
 from .specs import DatasetInfo, TensorSplit
 
 _LIMIT_SEED = 0  # `limit` subsets do not depend on `seed`: quick evals stay comparable across runs
@@ -124,8 +125,7 @@ class TensorLoader:
         return [(b, chunks[b]) for b in numbers]
 
     def _batch(self, number: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.split.images[idx].permute(0, 3, 1, 2)
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        x = to_float(self.split.images[idx])
         y = self.split.labels[idx]
         if self.task == "segmentation":
             y = y.long()  # masks are stored as uint8
@@ -135,7 +135,7 @@ class TensorLoader:
                 x, y = _augment_joint(x, y, self.scale, self.flip, self.ignore_index, g)
             else:
                 x = _augment(x, self.crop_padding, self.flip, g)
-        x = ((x - self._mean) / self._std).contiguous()
+        x = normalise(x, self._mean, self._std)
         return x, y
 
 

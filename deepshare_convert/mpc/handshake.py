@@ -54,6 +54,8 @@ __all__ = [
     "Session",
     "authenticate",
     "load_key",
+    "serve_client",
+    "session_id",
     "new_key",
     "plan_digest",
     "require_key",
@@ -212,14 +214,31 @@ class Session:
 
     store_port: int
     refused: list[str] = field(default_factory=list)  # "ADDR: reason", party 0 only
+    id: str = ""  # from both nonces: names this session to the dealer (both parties know it, no one chose it)
+    hello: dict[str, Any] = field(default_factory=dict)  # party 1's hello (what a server reads its request from)
+    conn: socket.socket | None = field(default=None, repr=False)  # kept open with ``keep``: the session's control line
 
 
-def _serve_one(conn: socket.socket, key: bytes, plan: str, store_port: int, deadline: float) -> int:
-    """Party 0's side with one connection; raises _Refused for a stranger, HandshakeError on a plan mismatch."""
+def session_id(nonce_1: str, nonce_0: str) -> str:
+    """The session's name: a hash of both fresh nonces, so neither party alone picks it."""
+    return hashlib.sha256(f"session\x1f{nonce_1}\x1f{nonce_0}".encode()).hexdigest()[:32]
+
+
+def _serve_one(conn: socket.socket, key: bytes, plan, store_port: int, deadline: float) -> Session:
+    """Party 0's side with one connection; raises _Refused for a stranger, HandshakeError on a plan mismatch.
+
+    ``plan``: our plan hash, or a function of party 1's hello that gives it (a server whose plan
+    depends on what the client asks for, e.g. the number of images)."""
     hello = _recv(conn, deadline)
     if hello.get("protocol") != PROTOCOL or hello.get("rank") != 1 or not isinstance(hello.get("nonce"), str):
         _send(conn, {"refused": f"not a {PROTOCOL} party 1"})
         raise _Refused("not a deepshare party 1 hello")
+    if callable(plan):
+        try:
+            plan = plan(hello)
+        except DeepShareError as e:
+            _send(conn, {"refused": str(e)[:200]})
+            raise _Refused(str(e)) from None
     nc, ns = hello["nonce"][:64], secrets.token_hex(32)
     _send(conn, {"protocol": PROTOCOL, "rank": 0, "nonce": ns, "proof": _mac(key, "rank0", nc, ns)})
     reply = _recv(conn, deadline)
@@ -235,7 +254,22 @@ def _serve_one(conn: socket.socket, key: bytes, plan: str, store_port: int, dead
     if verdict != "ok":
         raise HandshakeError(f"party 1 runs a different plan (sha256 {_short(their_plan)}… vs ours {_short(plan)}…): "
                              f"refused before any share was sent")  # fmt: skip
-    return store_port
+    return Session(store_port, id=session_id(nc, ns), hello=hello)
+
+
+def serve_client(conn: socket.socket, key: bytes, plan, store_port: int, *, step_timeout: float = 10.0) -> Session:
+    """Party 0's handshake on an accepted connection (a server's session); ``conn`` stays open.
+
+    Raises :class:`HandshakeError` for a stranger or another plan (after telling the peer)."""
+    conn.settimeout(step_timeout)
+    try:
+        session = _serve_one(conn, key, plan, store_port, time.monotonic() + step_timeout)
+    except _Refused as e:
+        raise HandshakeError(str(e)) from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise HandshakeError(f"broken handshake ({type(e).__name__})") from None
+    session.conn = conn
+    return session
 
 
 def _free_port(addr: str) -> int:
@@ -264,7 +298,9 @@ def _serve(key: bytes, plan: str, addr: str, port: int, store_port: int | None, 
                 conn.settimeout(step_timeout)  # the sends; reads share one deadline for the whole exchange
                 try:
                     port1 = store_port or _free_port(addr)
-                    return Session(_serve_one(conn, key, plan, port1, time.monotonic() + step_timeout), refused)
+                    session = _serve_one(conn, key, plan, port1, time.monotonic() + step_timeout)
+                    session.refused = refused
+                    return session
                 except _Refused as e:
                     reason = str(e)
                 except (OSError, ValueError, UnicodeDecodeError) as e:  # a silent or garbled peer
@@ -285,25 +321,43 @@ def _connect(addr: str, port: int, deadline: float, step_timeout: float) -> sock
             time.sleep(0.1)
 
 
-def _join(key: bytes, plan: str, addr: str, port: int, timeout: float, step_timeout: float) -> Session:
-    """Party 1: connect, check party 0's proof, send ours with our plan hash, read the verdict."""
+def _join(key: bytes, plan: str, addr: str, port: int, timeout: float, step_timeout: float,
+          request: dict[str, Any] | None = None, keep: bool = False) -> Session:  # fmt: skip
+    """Party 1: connect, check party 0's proof, send ours with our plan hash, read the verdict.
+
+    ``request``: more fields of our hello (what a server needs to know to compute its plan; they
+    are bound by the plan hash both check).  ``keep``: leave the connection open (``Session.conn``)."""
     deadline = time.monotonic() + timeout
-    with _connect(addr, port, deadline, step_timeout) as conn:
-        try:
-            nc = secrets.token_hex(32)
-            _send(conn, {"protocol": PROTOCOL, "rank": 1, "nonce": nc})
-            hello = _recv(conn, deadline)  # party 0 may be busy with a stranger first: wait up to the deadline
-            if "refused" in hello:
-                raise HandshakeError(f"party 0 at {addr}:{port} refused us: {str(hello['refused'])[:100]}")
-            ns = hello.get("nonce")
-            if not isinstance(ns, str) or not _same(hello.get("proof"), _mac(key, "rank0", nc, ns)):
-                _send(conn, {"refused": "party 0 failed authentication"})
-                raise HandshakeError(f"the peer at {addr}:{port} failed authentication (wrong key, or not party 0): "
-                                     f"refused before any share was sent")  # fmt: skip
-            _send(conn, {"plan": plan, "proof": _mac(key, "rank1", nc, ns, plan)})
-            end = _recv(conn, deadline)
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise HandshakeError(f"handshake with {addr}:{port} broke off ({type(e).__name__}: {e})") from None
+    conn = _connect(addr, port, deadline, step_timeout)
+    try:
+        session = _join_on(conn, key, plan, addr, port, deadline, request or {})
+    except BaseException:
+        conn.close()
+        raise
+    if keep:
+        session.conn = conn
+    else:
+        conn.close()
+    return session
+
+
+def _join_on(conn: socket.socket, key: bytes, plan: str, addr: str, port: int, deadline: float,
+             request: dict[str, Any]) -> Session:  # fmt: skip
+    try:
+        nc = secrets.token_hex(32)
+        _send(conn, {**request, "protocol": PROTOCOL, "rank": 1, "nonce": nc})
+        hello = _recv(conn, deadline)  # party 0 may be busy with a stranger first: wait up to the deadline
+        if "refused" in hello:
+            raise HandshakeError(f"party 0 at {addr}:{port} refused us: {str(hello['refused'])[:100]}")
+        ns = hello.get("nonce")
+        if not isinstance(ns, str) or not _same(hello.get("proof"), _mac(key, "rank0", nc, ns)):
+            _send(conn, {"refused": "party 0 failed authentication"})
+            raise HandshakeError(f"the peer at {addr}:{port} failed authentication (wrong key, or not party 0): "
+                                 f"refused before any share was sent")  # fmt: skip
+        _send(conn, {"plan": plan, "proof": _mac(key, "rank1", nc, ns, plan)})
+        end = _recv(conn, deadline)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise HandshakeError(f"handshake with {addr}:{port} broke off ({type(e).__name__}: {e})") from None
     if "refused" in end:
         raise HandshakeError(f"party 0 at {addr}:{port} refused us: {str(end['refused'])[:100]} "
                              f"(are both parties using the same key?)")  # fmt: skip
@@ -315,11 +369,12 @@ def _join(key: bytes, plan: str, addr: str, port: int, timeout: float, step_time
                              f"refused before any share was sent")  # fmt: skip
     if not isinstance(store_port, int) or not 0 < store_port < 65536:
         raise HandshakeError(f"party 0 sent an invalid rendezvous port {store_port!r}")
-    return Session(store_port)
+    return Session(store_port, id=session_id(nc, ns))
 
 
 def authenticate(rank: int, key: bytes, plan: str, addr: str, port: int, *, store_port: int | None = None,
-                 timeout: float = 600.0, step_timeout: float = 10.0) -> Session:  # fmt: skip
+                 timeout: float = 600.0, step_timeout: float = 10.0, request: dict[str, Any] | None = None,
+                 keep: bool = False) -> Session:  # fmt: skip
     """Run the handshake as party ``rank`` on ``addr:port``; the port where the backend then meets.
 
     Party 0 listens (``store_port``: the backend's rendezvous port it announces, a free one
@@ -329,4 +384,4 @@ def authenticate(rank: int, key: bytes, plan: str, addr: str, port: int, *, stor
     """
     if rank == 0:
         return _serve(key, plan, addr, port, store_port, timeout, step_timeout)
-    return _join(key, plan, addr, port, timeout, step_timeout)
+    return _join(key, plan, addr, port, timeout, step_timeout, request, keep)

@@ -44,9 +44,10 @@ from .handshake import authenticate, new_key, plan_digest, require_key
 from .holdings import plaintext_inventory as _plaintext_inventory, tensor_digest, unmasked_openings
 from .lowering import lower
 from .prepare import prepare, reference, strip_weights
-from .transport import pack, unpack
+from .transport import canonical, pack, unpack
 
-__all__ = ["PartyReport", "PrivateRun", "run_two_party", "run_party", "serve_dealer", "spawn_two", "tensor_digest",
+__all__ = ["PartyReport", "PrivateRun", "run_two_party", "run_party", "serve_dealer", "serve_dealer_sessions", "spawn_two",
+           "tensor_digest",
            "free_port"]
 
 
@@ -458,6 +459,7 @@ def run_party(
     gm = prepare(model, leaf_modules=leaf_modules)
     if rank == 1 and weights_mode == "private":
         gm = strip_weights(gm)
+    gm = canonical(gm)  # the form every participant hashes (a spawned one, a server's worker, the dealer)
     key = key if key is not None else require_key()
     arr = inputs.detach().float().numpy() if (rank == 1 and inputs is not None) else None
     program = lower(gm, tuple(input_shape), weights_mode)  # refuses unsupported nodes before listening
@@ -485,28 +487,57 @@ def serve_dealer(model: nn.Module, *, weights_mode: str = "public", addr: str = 
     needs shapes, not values.  The input shape comes from the parties' hellos and the plan hash
     of all three must agree.  ``key``: one for both links, or ``{0: server's, 1: client's}``.
     """
+    reports = serve_dealer_sessions(model, weights_mode=weights_mode, addr=addr, port=port, key=key,
+                                    leaf_modules=leaf_modules, timeout=timeout, sessions=1, pair_timeout=timeout)  # fmt: skip
+    if not reports:
+        raise DeepShareError(f"no session was dealt within {timeout:.0f}s")
+    if "error" in reports[0]:
+        raise DeepShareError(reports[0]["error"])
+    return reports[0]
+
+
+def serve_dealer_sessions(model: nn.Module, *, weights_mode: str = "public", addr: str = "127.0.0.1",
+                          port: int = 29600, key: bytes | dict[int, bytes] | None = None,
+                          leaf_modules: Sequence[str] = (), timeout: float = 600.0, sessions: int = 0,
+                          pair_timeout: float = 60.0, log=None, on_report=None, stop=None) -> list[dict[str, Any]]:  # fmt: skip
+    """A dealer serving sessions (``sessions`` of them; 0: until ``stop`` is set, or SIGINT/SIGTERM in the CLI).
+
+    Each pair of parties announcing one session name (a ``serve`` worker and its client, or the two
+    parties of ``private-infer --rank``) is checked and dealt on its own thread (:mod:`.dealer.sessions`).
+    ``on_report(report)`` is called as each session ends (a failed one has ``"error"``).
+    """
+    from .dealer.sessions import DealerServer
+
     _check_mode(weights_mode)
     if not 0 < port < 65536:
         raise DeepShareError(f"--listen port must be 1..65535, got {port}")
     key = key if key is not None else require_key()
-    graph = strip_weights(prepare(model, leaf_modules=leaf_modules))
+    keys = key if isinstance(key, dict) else {0: key, 1: key}
+    graph = canonical(strip_weights(prepare(model, leaf_modules=leaf_modules)))
 
     def plan_for(shape, count):
         program = lower(graph, tuple(shape), weights_mode)
-        return dealer_digest(program, count), (program, count)
+        return dealer_digest(program, count), program
 
     try:
-        listener = socket.create_server((addr, port))
+        listener = socket.create_server((addr, port), backlog=128)
     except OSError as e:
         raise DeepShareError(f"the dealer cannot listen on {addr}:{port}: {e.strerror or e}") from None
     threads = torch.get_num_threads()
+    dealer = DealerServer(keys, plan_for, listener, timeout=timeout, pair_timeout=pair_timeout, log=log,
+                          on_report=on_report)  # fmt: skip
+    watcher = None
+    if stop is not None:
+        import threading
+
+        def watch():
+            stop.wait()
+            dealer.stop()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
     try:
-        link0, link1, (program, count) = accept_parties(key, plan_for, addr, port, timeout=timeout, listener=listener)
-        try:
-            return deal_session(program, link0, link1, count).to_dict()
-        finally:
-            link0.close()
-            link1.close()
+        return dealer.serve(sessions, deadline=timeout if sessions == 1 else None)
     finally:
         listener.close()
         torch.set_num_threads(threads)

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.node import map_aggregate
 
-__all__ = ["pack", "unpack"]
+__all__ = ["canonical", "pack", "unpack"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,9 @@ def unpack(packed: dict[str, Any]) -> fx.GraphModule:
         else:
             env[name] = graph.create_node(op, _decode_target(target), tuple(args), dict(kwargs), name=name)
     return fx.GraphModule(packed["root"], graph, packed["class_name"]).eval()
+
+
+def canonical(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` as a spawned party holds it (packed and rebuilt): the form plan hashes are compared in, so a
+    party that never crossed a process boundary (a ``query`` client) hashes what a server worker does."""
+    return unpack(pack(gm))

@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..handshake import HandshakeError, _mac, _recv, _same, _send, _short
 
-__all__ = ["DEALER_PROTOCOL", "DealerLink", "PartyLink", "connect_dealer", "accept_parties"]
+__all__ = ["DEALER_PROTOCOL", "DealerLink", "PartyLink", "connect_dealer", "accept_parties", "check_pair", "greet",
+           "links_of"]
 
 DEALER_PROTOCOL = "deepshare-mpc-dealer/1"
 CHUNK = 1 << 24  # bytes of plaintext per AES-GCM frame
@@ -57,8 +58,11 @@ def _derive(priv: X25519PrivateKey, peer_pub: str, transcript: str) -> tuple[byt
     return okm[:32], okm[32:]
 
 
-def _transcript(rank: int, nonce_p: str, nonce_d: str, pub_p: str, pub_d: str) -> str:
-    return "\x1f".join((DEALER_PROTOCOL, str(rank), nonce_p, nonce_d, pub_p, pub_d))
+def _transcript(rank: int, nonce_p: str, nonce_d: str, pub_p: str, pub_d: str, session: str = "") -> str:
+    """What both MACs cover; ``session`` (a served session's name, from the parties' handshake) binds
+    the link to one session, so a dealer serving many pairs each party with its own peer."""
+    parts = (DEALER_PROTOCOL, str(rank), nonce_p, nonce_d, pub_p, pub_d)
+    return "\x1f".join((*parts, session) if session else parts)
 
 
 class _Frames:
@@ -154,27 +158,36 @@ def _connect(addr: str, port: int, deadline: float, step_timeout: float) -> sock
 
 
 def connect_dealer(rank: int, key: bytes, plan: str, addr: str, port: int, *, input_shape, count: int = 1,
-                   timeout: float = 600.0, step_timeout: float = 10.0) -> DealerLink:  # fmt: skip
-    """Party ``rank``'s side: authenticate the dealer at ``addr:port``, agree on the plan, derive the link."""
+                   timeout: float = 600.0, step_timeout: float = 10.0, session: str = "",
+                   connect_timeout: float | None = None, on_greeted=None) -> DealerLink:  # fmt: skip
+    """Party ``rank``'s side: authenticate the dealer at ``addr:port``, agree on the plan, derive the link.
+
+    ``session``: the session's name (:attr:`~..handshake.Session.id`) when the dealer serves many.
+    ``connect_timeout``: how long to retry a dealer not listening (default ``timeout``);
+    ``on_greeted()``: called once the dealer has proved itself, before its verdict -- which waits
+    for the other party (a server tells its client to come only then)."""
     deadline = time.monotonic() + timeout
-    sock = _connect(addr, port, deadline, step_timeout)
+    sock = _connect(addr, port, time.monotonic() + (timeout if connect_timeout is None else connect_timeout),
+                    step_timeout)  # fmt: skip
     try:
         priv, nonce = X25519PrivateKey.generate(), secrets.token_hex(32)
         pub = _public(priv)
         _send(sock, {"protocol": DEALER_PROTOCOL, "rank": rank, "nonce": nonce, "pub": pub,
-                     "input_shape": list(input_shape), "count": int(count)})  # fmt: skip
+                     "input_shape": list(input_shape), "count": int(count), "session": session})  # fmt: skip
         hello = _recv(sock, deadline)
         if "refused" in hello:
             raise HandshakeError(f"the dealer at {addr}:{port} refused us: {str(hello['refused'])[:100]}")
         nd, pd = hello.get("nonce"), hello.get("pub")
         if not (isinstance(nd, str) and isinstance(pd, str)):
             raise HandshakeError(f"the peer at {addr}:{port} is not a deepshare dealer")
-        transcript = _transcript(rank, nonce, nd, pub, pd)
+        transcript = _transcript(rank, nonce, nd, pub, pd, session)
         if not _same(hello.get("proof"), _mac(key, "dealer", transcript)):
             _send(sock, {"refused": "the dealer failed authentication"})
             raise HandshakeError(f"the peer at {addr}:{port} failed authentication as the dealer (wrong key, or not "
                                  "the dealer): refused before any share was sent")  # fmt: skip
         _send(sock, {"plan": plan, "proof": _mac(key, "party", transcript, plan)})
+        if on_greeted is not None:
+            on_greeted()
         end = _recv(sock, deadline)
         if "refused" in end:
             raise HandshakeError(f"the dealer at {addr}:{port} refused us: {str(end['refused'])[:100]}")
@@ -204,22 +217,23 @@ class _Pending:
     plan: str
     input_shape: tuple[int, ...]
     count: int
+    session: str = ""
     key: bytes = field(repr=False, default=b"")
     seed: bytes = field(repr=False, default=b"")
     aead: bytes = field(repr=False, default=b"")
 
 
-def _greet(conn: socket.socket, peer: str, keys: dict[int, bytes], deadline: float) -> _Pending:
+def greet(conn: socket.socket, peer: str, keys: dict[int, bytes], deadline: float) -> _Pending:
     hello = _recv(conn, deadline)
     rank, nonce, pub = hello.get("rank"), hello.get("nonce"), hello.get("pub")
     if hello.get("protocol") != DEALER_PROTOCOL or rank not in (0, 1) or not isinstance(nonce, str) \
             or not isinstance(pub, str):
         _send(conn, {"refused": f"not a {DEALER_PROTOCOL} party"})
         raise ValueError("not a deepshare party hello")
-    key = keys[rank]
+    key, session = keys[rank], str(hello.get("session") or "")[:64]
     priv, nd = X25519PrivateKey.generate(), secrets.token_hex(32)
     pd = _public(priv)
-    transcript = _transcript(rank, nonce[:64], nd, pub, pd)
+    transcript = _transcript(rank, nonce[:64], nd, pub, pd, session)
     _send(conn, {"protocol": DEALER_PROTOCOL, "nonce": nd, "pub": pd, "proof": _mac(key, "dealer", transcript)})
     reply = _recv(conn, deadline)
     if "refused" in reply:
@@ -230,7 +244,7 @@ def _greet(conn: socket.socket, peer: str, keys: dict[int, bytes], deadline: flo
         raise ValueError("authentication failed (wrong or missing key)")
     seed, aead = _derive(priv, pub, transcript)
     shape = tuple(int(d) for d in hello.get("input_shape") or ())
-    return _Pending(rank, conn, peer, transcript, plan, shape, int(hello.get("count", 1)), key, seed, aead)
+    return _Pending(rank, conn, peer, transcript, plan, shape, int(hello.get("count", 1)), session, key, seed, aead)
 
 
 def accept_parties(key: bytes | dict[int, bytes], plan_for, addr: str, port: int, *, timeout: float = 600.0,
@@ -262,7 +276,7 @@ def accept_parties(key: bytes | dict[int, bytes], plan_for, addr: str, port: int
                 continue
             conn.settimeout(step_timeout)
             try:
-                p = _greet(conn, peer[0], keys, time.monotonic() + step_timeout)
+                p = greet(conn, peer[0], keys, time.monotonic() + step_timeout)
             except (OSError, ValueError, UnicodeDecodeError) as e:
                 _log.warning("the dealer refused a connection from %s: %s", peer[0], e)
                 conn.close()
@@ -270,19 +284,7 @@ def accept_parties(key: bytes | dict[int, bytes], plan_for, addr: str, port: int
             if p.rank in pending:
                 pending.pop(p.rank).sock.close()  # a party reconnected: keep the newest
             pending[p.rank] = p
-        p0, p1 = pending[0], pending[1]
-        if (p0.input_shape, p0.count) != (p1.input_shape, p1.count):
-            _refuse(pending.values())
-            raise HandshakeError(f"the parties announce different inputs ({p0.input_shape} x{p0.count} vs "
-                                 f"{p1.input_shape} x{p1.count})")  # fmt: skip
-        plan, program = plan_for(p0.input_shape, p0.count)
-        for p in (p0, p1):
-            verdict = "ok" if _same(p.plan, plan) else "plan-mismatch"
-            _send(p.sock, {"verdict": verdict, "plan": plan, "mac": _mac(p.key, "verdict", p.transcript, verdict, plan)})
-        bad = [p.rank for p in (p0, p1) if not _same(p.plan, plan)]
-        if bad:
-            raise HandshakeError(f"party {bad[0]} runs a different plan (sha256 {_short(pending[bad[0]].plan)}… vs "
-                                 f"the dealer's {_short(plan)}…): refused before any share was dealt")  # fmt: skip
+        program = check_pair(pending[0], pending[1], plan_for)
     except BaseException:
         for p in pending.values():
             p.sock.close()
@@ -290,10 +292,36 @@ def accept_parties(key: bytes | dict[int, bytes], plan_for, addr: str, port: int
     finally:
         if listener is None:
             server.close()
+    link0, link1 = links_of(pending[0], pending[1], timeout)
+    return link0, link1, program
+
+
+def links_of(p0: _Pending, p1: _Pending, timeout: float) -> tuple[PartyLink, PartyLink]:
+    """The two checked parties' links (their sockets now carry encrypted frames)."""
     links = tuple(PartyLink(p.rank, p.seed, _Frames(p.sock, p.aead), p.peer) for p in (p0, p1))
     for link in links:
         link.frames.sock.settimeout(timeout)
-    return links[0], links[1], program
+    return links[0], links[1]
+
+
+def check_pair(p0: _Pending, p1: _Pending, plan_for) -> Any:
+    """Both parties announce the same inputs and the dealer's own plan hash: send each the verdict.
+
+    Returns what ``plan_for`` gave besides the hash (the program); raises after refusing both."""
+    pending = {0: p0, 1: p1}
+    if (p0.input_shape, p0.count) != (p1.input_shape, p1.count):
+        _refuse(pending.values())
+        raise HandshakeError(f"the parties announce different inputs ({p0.input_shape} x{p0.count} vs "
+                             f"{p1.input_shape} x{p1.count})")  # fmt: skip
+    plan, program = plan_for(p0.input_shape, p0.count)
+    for p in (p0, p1):
+        verdict = "ok" if _same(p.plan, plan) else "plan-mismatch"
+        _send(p.sock, {"verdict": verdict, "plan": plan, "mac": _mac(p.key, "verdict", p.transcript, verdict, plan)})
+    bad = [p.rank for p in (p0, p1) if not _same(p.plan, plan)]
+    if bad:
+        raise HandshakeError(f"party {bad[0]} runs a different plan (sha256 {_short(pending[bad[0]].plan)}… vs "
+                             f"the dealer's {_short(plan)}…): refused before any share was dealt")  # fmt: skip
+    return program
 
 
 def _refuse(parties) -> None:

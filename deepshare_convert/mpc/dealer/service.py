@@ -9,6 +9,8 @@ own channel and never holds an opening, an input or a weight.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -38,10 +40,13 @@ class DealerReport:
                 "setup_bytes": self.setup_bytes, "wall_s": round(self.wall_s, 4)}  # fmt: skip
 
 
-def deal_session(program, link0, link1, count: int, *, record: bool = False, probe=None) -> DealerReport:
+def deal_session(program, link0, link1, count: int, *, record: bool = False, probe=None,
+                 lock: threading.Lock | None = None) -> DealerReport:  # fmt: skip
     """Deal one setup and ``count`` inferences of ``program`` to the parties behind ``link0`` / ``link1``.
 
     ``record`` / ``probe``: for the threat-model tests (digests of what was dealt; a call after every node).
+    ``lock``: held around each dry pass (CrypTen's state is one per process: a dealer serving many
+    sessions deals one pass at a time, and sends outside the lock, so a slow client stalls only itself).
     """
     from ..executor import run_program
     from ..weights import setup_weights
@@ -51,16 +56,19 @@ def deal_session(program, link0, link1, count: int, *, record: bool = False, pro
     if record:
         view.dealt_digests = set()
     report = DealerReport()
-    with dry_crypten(), use(view), torch.no_grad():
+    held = lock or contextlib.nullcontext()
+    with held, dry_crypten(), use(view), torch.no_grad():
         masks = setup_weights(program, 0, view)
         if view.take_corrections().numel():
             raise DeepShareError("the setup asked for dealt products: the dealer has no setup message")
-        for _ in range(count):
-            t = time.perf_counter()
+    for _ in range(count):
+        t = time.perf_counter()
+        with held, dry_crypten(), use(view), torch.no_grad():
             run_program(program, 0, None, view, masks, probe)
             flat = view.take_corrections()
-            link1.send(flat)
-            report.inferences.append({"bytes": int(flat.numel() * 8), "deal_s": time.perf_counter() - t})
+        deal_s = time.perf_counter() - t
+        link1.send(flat)
+        report.inferences.append({"bytes": int(flat.numel() * 8), "deal_s": deal_s})
     report.bytes = {0: link0.bytes, 1: link1.bytes}
     report.messages = {0: link0.messages, 1: link1.messages}
     report.wall_s = time.perf_counter() - tic
