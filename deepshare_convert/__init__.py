@@ -35,6 +35,10 @@ _LAZY = {
     "load_any": ".model_or_out",
     "Census": ".conversion.census",
     "census": ".conversion.census",
+    "query": ".serving",
+    "Server": ".serving",
+    "ServeConfig": ".serving",
+    "read_inputs": ".serving",
 }
 
 __all__ = sorted([*_LAZY, "inspect", "estimate_latency"])

@@ -264,3 +264,47 @@ def test_a_dealer_gone_is_one_line_and_the_server_recovers(tmp_path, out, key):
     finally:
         s.close()
         dealer.kill()
+
+
+def test_stop_lets_the_running_session_finish(tmp_path, out, key):
+    rng = np.random.default_rng(6)
+    s = Running(out, key.read_bytes(), local=True, max_sessions=1)
+    files = [_png(tmp_path / f"s{i}.png", rng) for i in range(64)]
+    p = _query(s, out, key, *files)
+    s.when_busy(0.5)
+    s.server.stop()  # what SIGINT / SIGTERM do
+    o, e = p.communicate(timeout=180)
+    s.thread.join(120)
+    assert p.returncode == 0, e
+    assert len(json.loads(o)["answers"]) == 64 and not s.thread.is_alive()
+    assert s.lines[-1].startswith("server stopped after 1 session(s)")
+
+
+def test_cli_local_try_out_in_three_commands(tmp_path, out):
+    """`serve --local` writes a key and says how to query; SIGTERM stops it with exit 0."""
+    import shutil
+    import signal
+
+    from deepshare_convert.mpc.launcher import free_port
+
+    mine = shutil.copytree(out, tmp_path / "digits")
+    img = _png(tmp_path / "x.png", np.random.default_rng(7))
+    at = f"127.0.0.1:{free_port()}"
+    srv = subprocess.Popen([*CLI, "serve", str(mine), "--local", "--listen", at], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    try:
+        keyfile = mine / "local.key"
+        end = time.monotonic() + 120
+        while not keyfile.exists() and time.monotonic() < end:
+            time.sleep(0.2)
+        q = subprocess.run([*CLI, "query", at, img, "--model", str(mine), "--key-file", str(keyfile), "--timeout",
+                            "120"], capture_output=True, text=True, env=ENV, timeout=180)  # fmt: skip
+        assert q.returncode == 0, q.stderr
+        assert "x.png" in q.stdout and "probability" in q.stdout
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        o, e = srv.communicate(timeout=60)
+    assert srv.returncode == 0, e
+    assert f"try it: deepshare query {at}" in " ".join(e.split())
+    assert "session from 127.0.0.1: 1 image(s)" in o and "server stopped after 1 session(s)" in o
+    assert oct(keyfile.stat().st_mode & 0o777) == "0o600"

@@ -23,6 +23,7 @@ running sessions finish and exits.
 
 from __future__ import annotations
 
+import collections
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -40,6 +41,8 @@ import torch.nn as nn
 from ..errors import DeepShareError, first_line
 
 __all__ = ["ServeConfig", "Server", "SessionRecord"]
+
+KEEP = 10_000  # session records kept in memory (the log has them all): a server must not grow with its clients
 
 
 @dataclass
@@ -116,7 +119,8 @@ class Server:
         lower(gm, self.shape, config.weights_mode)  # refuses an unsupported model before listening
         self.packed = pack(gm)
         self.weightless = canonical(strip_weights(gm))  # the dealer's graph, hashed as the parties hash theirs
-        self.records: list[SessionRecord] = []
+        self.records: collections.deque[SessionRecord] = collections.deque(maxlen=KEEP)  # the latest only
+        self.counts = {"ok": 0, "refused": 0, "failed": 0}  # every session
         self.stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._dealer = None
@@ -156,7 +160,7 @@ class Server:
         finally:
             self._shutdown(workers)
             torch.set_num_threads(threads)
-        return self.records
+        return list(self.records)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -218,18 +222,27 @@ class Server:
 
     def _record(self, rec: SessionRecord) -> None:
         self.records.append(rec)
+        self.counts[rec.status] += 1
         self.log(rec.line())
 
     def _shutdown(self, workers: dict[int, _Worker]) -> None:
-        """Stop accepting; idle workers go at once, running sessions finish (up to the session timeout)."""
+        """Stop accepting; idle workers go at once, running sessions finish (up to the session timeout, or
+        until a second SIGINT/SIGTERM)."""
         if hasattr(self, "_stop_workers"):
             self._stop_workers.set()
+        self.stopping.clear()  # from here, a second signal means: now
+        running = [w for w in workers.values() if w.busy_since is not None]
+        if running:
+            self.log(f"stopping: waiting for {len(running)} running session(s) (again to stop them now)")
         for w in workers.values():
             if w.busy_since is None and w.process.is_alive():
                 w.process.terminate()
         deadline = time.monotonic() + self.config.session_timeout
         for w in workers.values():
-            while w.process.is_alive() and time.monotonic() < deadline:
+            idle_until = time.monotonic() + 5.0  # an idle worker exits on SIGTERM at once
+            while w.process.is_alive() and time.monotonic() < deadline and not self.stopping.is_set():
+                if w.busy_since is None and time.monotonic() > idle_until:
+                    break
                 self._drain(workers, 0.2)
             if w.process.is_alive():
                 w.process.kill()
@@ -241,7 +254,8 @@ class Server:
         if self._dealer is not None:
             self._dealer.stop()
         if workers:
-            self.log(f"server stopped after {sum(r.status == 'ok' for r in self.records)} session(s)")
+            self.log(f"server stopped after {self.counts['ok']} session(s) ({self.counts['refused']} refused, "
+                     f"{self.counts['failed']} failed)")
 
     def _start_local_dealer(self) -> None:
         """A dealer thread in this process (``--local``): a try-out needs no third terminal."""

@@ -15,6 +15,7 @@ logged; neither stops the dealer.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import threading
@@ -30,6 +31,7 @@ from .service import deal_session
 __all__ = ["DealerServer"]
 
 _log = logging.getLogger(__name__)
+KEEP = 1000  # reports kept in memory: a dealer that runs for months must not grow with its sessions
 
 
 @dataclass
@@ -57,7 +59,8 @@ class DealerServer:
         self.lock = threading.Lock()  # one dry pass at a time
         self.cv = threading.Condition()
         self.waiting: dict[str, _Waiting] = {}
-        self.reports: list[dict[str, Any]] = []
+        self.reports: collections.deque[dict[str, Any]] = collections.deque(maxlen=KEEP)  # the latest only
+        self.ended = 0  # sessions dealt or failed, all of them
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
 
@@ -69,7 +72,7 @@ class DealerServer:
         end = None if deadline is None else time.monotonic() + deadline
         try:
             while not self.stopping.is_set():
-                if sessions and len(self.reports) >= sessions:
+                if sessions and self.ended >= sessions:
                     break
                 if end is not None and time.monotonic() > end:
                     break
@@ -87,7 +90,7 @@ class DealerServer:
         finally:
             for t in self.threads:  # sessions already paired finish; lone waiters give up at pair_timeout
                 t.join(self.timeout)
-        return self.reports
+        return list(self.reports)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -97,6 +100,7 @@ class DealerServer:
     def _report(self, report: dict[str, Any]) -> None:
         with self.cv:
             self.reports.append(report)
+            self.ended += 1
         if self.on_report is not None:
             self.on_report(report)
 
