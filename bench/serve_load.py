@@ -8,11 +8,12 @@ serving, and every private answer is held to the same model's plaintext answer),
 with an in-process dealer (``--local``).  ``--clients`` client processes each send ``--queries``
 queries of one CIFAR-10 test image (a PNG file written from the shared archive), all clients at
 once, so ``--max-sessions`` run and the rest queue.  Reported: every answer against plaintext
-top-1 and against its own image, throughput (images/s), p50/p95 latency per query (as the client
-sees it: from the call to the answer; "warm" leaves out each client's first query, which also pays
-for importing CrypTen while ten processes start at once), the server's memory (RSS of the supervisor -- this process, which also
-holds the test images -- and of its session workers) after one warm-up session per worker and after
-the run, and the plaintext forward of one image on the same machine for the ratio.
+top-1 and against its own image, throughput (images/s), p50/p95 latency per query as the client
+sees it (from the call to the answer; "alone": one client with the server otherwise idle; "warm"
+leaves out each client's first query, which also pays for importing CrypTen while ten processes
+start at once), the server's memory (RSS of the supervisor -- this process, which also holds the
+test images -- and of its session workers) after one warm-up session per worker, through the run
+and after it, and the plaintext forward of one image on the same machine for the ratio.
 
 Writes bench/results/serve_load.json.  Needs ../shared (weights and CIFAR-10 JPEGs).
 """
@@ -120,6 +121,7 @@ def main() -> None:
     warm = [(server.address, [files[0]], out, key)] * args.max_sessions  # one session per worker first
     with mp.get_context("spawn").Pool(args.max_sessions) as pool:
         pool.map(_client, warm)
+        alone = pool.apply(_client, ((server.address, files[:5], out, key),))  # one client, nothing else running
     workers = [p.pid for p in mp.active_children() if p.name.startswith("deepshare-session")]
     rss_before, workers_before = _rss_mb([os.getpid(), *workers]), _rss_mb(workers)
     jobs = [(server.address, files[c * args.queries:(c + 1) * args.queries], out, key) for c in range(args.clients)]
@@ -153,11 +155,12 @@ def main() -> None:
         "model": f"resnet20 (shared CIFAR-10 weights) at {args.budget}, private weights, dealer in-process",
         "clients": args.clients, "queries_per_client": args.queries, "max_sessions": args.max_sessions,
         "answers": len(flat), "agree_with_plaintext": agree, "each_client_its_own": own,
-        "sessions_ok": sum("image(s)" in line and line.startswith("session from") for line in lines) - args.max_sessions,
+        "sessions_ok": sum("image(s)" in line and line.startswith("session from") for line in lines) - args.max_sessions - 5,
         "sessions_failed": sum(": failed:" in line for line in lines),
         "wall_s": round(wall, 2), "throughput_images_per_s": round(len(flat) / wall, 3),
         "latency_p50_s": round(p50, 3), "latency_p95_s": round(p95, 3),
         "latency_warm_p50_s": round(warm50, 3), "latency_warm_p95_s": round(warm95, 3),
+        "latency_alone_p50_s": round(statistics.median(a["latency_s"] for a in alone[1:]), 3),
         "plaintext_forward_s": round(plain_s, 5), "p50_over_plaintext": round(p50 / plain_s, 1),
         "online_bytes_per_query": flat[0]["bytes"], "rounds_per_query": flat[0]["rounds"],
         "server_rss_mb_before": round(rss_before, 1), "server_rss_mb_after": round(rss_after, 1),

@@ -281,7 +281,7 @@ def test_stop_lets_the_running_session_finish(tmp_path, out, key):
 
 
 def test_cli_local_try_out_in_three_commands(tmp_path, out):
-    """`serve --local` writes a key and says how to query; SIGTERM stops it with exit 0."""
+    """`serve --local --json` writes a key and says how to query; one JSON line per session; SIGTERM: exit 0."""
     import shutil
     import signal
 
@@ -290,7 +290,7 @@ def test_cli_local_try_out_in_three_commands(tmp_path, out):
     mine = shutil.copytree(out, tmp_path / "digits")
     img = _png(tmp_path / "x.png", np.random.default_rng(7))
     at = f"127.0.0.1:{free_port()}"
-    srv = subprocess.Popen([*CLI, "serve", str(mine), "--local", "--listen", at], stdout=subprocess.PIPE,
+    srv = subprocess.Popen([*CLI, "serve", str(mine), "--local", "--listen", at, "--json"], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
     try:
         keyfile = mine / "local.key"
@@ -306,5 +306,8 @@ def test_cli_local_try_out_in_three_commands(tmp_path, out):
         o, e = srv.communicate(timeout=60)
     assert srv.returncode == 0, e
     assert f"try it: deepshare query {at}" in " ".join(e.split())
-    assert "session from 127.0.0.1: 1 image(s)" in o and "server stopped after 1 session(s)" in o
+    records = [json.loads(line) for line in o.splitlines()]
+    assert [(r["role"], r["status"], r["images"], r["client"]) for r in records] == [("server", "ok", 1, "127.0.0.1")]
+    assert records[0]["bytes"] > 0 and records[0]["rounds"] > 0
+    assert "server stopped after 1 session(s)" in e
     assert oct(keyfile.stat().st_mode & 0o777) == "0o600"

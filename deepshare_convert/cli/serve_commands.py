@@ -6,6 +6,7 @@ client and the rules both rely on (what the client may read, how files become th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -65,12 +66,14 @@ def register(app: typer.Typer) -> None:
         session_timeout: Annotated[float, typer.Option("--session-timeout", help="Seconds a session may run "
                                                        "before it is stopped.")] = 600.0,
         leaf: LeafOpt = None,
+        as_json: JsonOpt = False,
     ) -> None:
         """Serve private inference of OUT/ to many clients (party 0): load once, then one session per client.
 
         Every session is handshaken (key and plan hash), gets fresh masks from the dealer
         (--dealer-addr, or --local), and runs on a rendezvous of its own; one line is printed per
-        session (client, images, bytes, rounds, wall time).  Ctrl-C or SIGTERM stops accepting and
+        session (client, images, bytes, rounds, wall time; with --json one JSON object per line on
+        stdout, the other events on stderr).  Ctrl-C or SIGTERM stops accepting and
         lets the running sessions finish.
         """
         from ..mpc.handshake import require_key
@@ -87,8 +90,14 @@ def register(app: typer.Typer) -> None:
         config = ServeConfig(listen=(host, port), dealer=dealer, weights_mode=weights_mode, max_sessions=max_sessions,
                              max_images=max_images, session_timeout=session_timeout, local=local and dealer is None,
                              leaf_modules=tuple(leaf or ()))  # fmt: skip
+        say = err_console if as_json else console
+
+        def on_record(rec):
+            print(json.dumps({"role": "server", **dataclasses.asdict(rec)}), flush=True)
+
         server = Server(loaded.model, tuple(loaded.input_size), key, config, dealer_key=dealer_key,
-                        log=lambda line: console.print(line, soft_wrap=True))  # fmt: skip
+                        log=lambda line: say.print(line, soft_wrap=True),
+                        on_record=on_record if as_json else None)  # fmt: skip
 
         def ready(s):
             if where is not None:

@@ -93,11 +93,13 @@ class Server:
     """Serve ``model`` (the full converted model, weights included) to many clients; :meth:`run` blocks.
 
     ``key``: the key clients authenticate with; ``dealer_key``: the server's key with the dealer
-    (default ``key``).  ``log(line)`` gets one line per event (default: print).
+    (default ``key``).  ``log(line)`` gets one line per event (default: print); ``on_record(record)``,
+    when given, gets each finished session instead of its log line (``serve --json``).
     """
 
     def __init__(self, model: nn.Module, input_size: tuple[int, ...], key: bytes, config: ServeConfig, *,
-                 dealer_key: bytes | None = None, log: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                 dealer_key: bytes | None = None, log: Callable[[str], None] | None = None,
+                 on_record: Callable[[SessionRecord], None] | None = None) -> None:  # fmt: skip
         from ..mpc.launcher import _check_mode
         from ..mpc.lowering import lower
         from ..mpc.prepare import prepare, strip_weights
@@ -114,6 +116,7 @@ class Server:
         self.config, self.key, self.dealer_key = config, key, dealer_key or key
         self._print_lock = threading.Lock()
         self.log = log or self._print
+        self.on_record = on_record
         self.shape = (1, *input_size)
         gm = prepare(model, leaf_modules=config.leaf_modules)
         lower(gm, self.shape, config.weights_mode)  # refuses an unsupported model before listening
@@ -223,7 +226,10 @@ class Server:
     def _record(self, rec: SessionRecord) -> None:
         self.records.append(rec)
         self.counts[rec.status] += 1
-        self.log(rec.line())
+        if self.on_record is not None:
+            self.on_record(rec)
+        else:
+            self.log(rec.line())
 
     def _shutdown(self, workers: dict[int, _Worker]) -> None:
         """Stop accepting; idle workers go at once, running sessions finish (up to the session timeout, or
