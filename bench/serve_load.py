@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import ROOT, add_out_arg, median_time, write_results  # noqa: E402
+from common import ROOT, add_out_arg, median_time, update_docs_section, write_results  # noqa: E402
 
 WEIGHTS = ROOT.parent / "shared" / "models" / "resnet20-12fca82f.th"
 
@@ -172,7 +172,40 @@ def main() -> None:
     for k, v in data.items():
         print(f"{k}: {v}")
     print(f"wrote {path}")
+    if args.out is None:
+        update_docs_section("serve_load", markdown(data, "python " + " ".join(sys.argv)))
+        print("updated the bench:serve_load section of docs/results.md")
     assert agree == len(flat) == n and own, "a private answer differs from plaintext"
+
+
+def markdown(d: dict, command: str) -> str:
+    """The docs/results.md section of one run."""
+    columns = {
+        "answers = plaintext top-1": f"{d['agree_with_plaintext']}/{d['answers']}",
+        "own answers": "yes" if d["each_client_its_own"] else "no",
+        "sessions ok / failed": f"{d['sessions_ok']} / {d['sessions_failed']}",
+        "images/s": f"{d['throughput_images_per_s']:.2f}",
+        "p50 / p95 s": f"{d['latency_p50_s']:.2f} / {d['latency_p95_s']:.2f}",
+        "warm p50 / p95 s": f"{d['latency_warm_p50_s']:.2f} / {d['latency_warm_p95_s']:.2f}",
+        "alone p50 s": f"{d['latency_alone_p50_s']:.2f}",
+        "plaintext forward": f"{1e3 * d['plaintext_forward_s']:.2f} ms",
+        "online per query": f"{d['online_bytes_per_query'] / 1e6:.2f} MB, {d['rounds_per_query']} rounds",
+        "workers' RSS MB, before → after": f"{d['workers_rss_mb_before']:.0f} → {d['workers_rss_mb_after']:.0f}",
+    }
+    table = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns),
+                       "| " + " | ".join(columns.values()) + " |"])  # fmt: skip
+    return f"""## Serving under load (bench/serve_load.py)
+
+Command: `{command}` (JSON in `bench/results/serve_load.json`). {d["model"]}; {d["clients"]} client
+processes × {d["queries_per_client"]} queries of one CIFAR-10 test image each, all at once, at most
+{d["max_sessions"]} sessions at a time (`--max-sessions`), on this 2-core machine. Latency is per query as
+the client sees it; "warm" leaves out each client's first query (which also imports CrypTen while ten
+processes start); "alone" is one client on an otherwise idle server.
+
+{table}
+
+The workers' memory is sampled every 2 s through the run (`rss_mb_during` in the JSON): it rises
+over the first sessions, then stays flat; it does not grow with the sessions served."""
 
 
 if __name__ == "__main__":

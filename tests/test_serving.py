@@ -311,3 +311,19 @@ def test_cli_local_try_out_in_three_commands(tmp_path, out):
     assert records[0]["bytes"] > 0 and records[0]["rounds"] > 0
     assert "server stopped after 1 session(s)" in e
     assert oct(keyfile.stat().st_mode & 0o777) == "0o600"
+
+
+def test_workers_that_cannot_start_stop_the_server_with_one_reason(tmp_path, out, key):
+    """A script without a __main__ guard re-runs itself in each spawned worker: the server says so and exits,
+    rather than respawning workers that die the same way forever."""
+    script = tmp_path / "serve_it.py"
+    script.write_text(
+        "import deepshare_convert as ds\n"
+        "from deepshare_convert.mpc.handshake import load_key\n"
+        f"loaded = ds.load({out!r})\n"
+        "cfg = ds.ServeConfig(listen=('127.0.0.1', 0), local=True, max_sessions=1)\n"
+        f"ds.Server(loaded.model, tuple(loaded.plan.input_size), load_key({str(key)!r}), cfg).run()\n"
+    )  # fmt: skip
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode != 0
+    assert "a session worker could not start" in r.stderr and "__main__" in r.stderr, r.stderr[-2000:]

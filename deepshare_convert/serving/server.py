@@ -87,6 +87,7 @@ class _Worker:
     process: Any
     busy_since: float | None = None
     client: str = ""
+    up: bool = False  # it started (unpacked and lowered the model) and waits for clients
 
 
 class Server:
@@ -200,6 +201,11 @@ class Server:
                     workers[wid] = self._spawn(ctx, wid)
                 elif not w.process.is_alive():
                     self._drain(workers, 0.0)  # its last words first
+                    if not w.up:  # it never started: a fresh one would die the same way, over and over
+                        raise DeepShareError(
+                            f"a session worker could not start (exit code {w.process.exitcode}); from a script, "
+                            "start the server under `if __name__ == '__main__':` (its workers are spawned "
+                            "processes that import the script)")  # fmt: skip
                     if w.busy_since is not None:
                         self._record(SessionRecord(wid, w.client, "failed",
                                                    message=f"its worker died (exit code {w.process.exitcode})"))
@@ -214,7 +220,9 @@ class Server:
                 return
             timeout = 0.0
             w = workers.get(wid)
-            if kind == "busy" and w is not None:
+            if kind == "up" and w is not None:
+                w.up = True
+            elif kind == "busy" and w is not None:
                 w.busy_since, w.client = time.monotonic(), payload
             elif kind == "record":
                 if w is not None:
@@ -307,6 +315,7 @@ def _worker_main(wid: int, listener: socket.socket, packed: dict, shape: tuple[i
     torch.set_num_threads(1)
     gm = unpack(packed)
     program = lower(gm, shape, weights_mode)
+    events.put(("up", wid, None))
     listener.settimeout(0.5)
     while not (stop.is_set() or leaving.is_set()):
         try:
