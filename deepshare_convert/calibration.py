@@ -13,7 +13,8 @@ blending at t = 0, which computes the original ReLUs exactly) and, per group:
   gets alpha < 0, beta > 0: the complement of the prototype's gate).
 
 Prototypes keep pi(c) = c, alpha = 1, beta = 0 on the leader site, so the
-converted model stays exact where it was exact.  :func:`channel_distortion`
+converted model stays exact where it was exact.  A linear group (no prototype) fits beta
+alone: ``DReLU(x_c) ~ beta``, so its sites become ``beta_c * x_c``.  :func:`channel_distortion`
 measures, per channel, how much switching that channel to the shared gate
 would change its activation; the progressive phase can share the least
 distorted channels first.
@@ -91,6 +92,12 @@ def fit_sharing(model: nn.Module, plan: Plan, images: torch.Tensor) -> dict[str,
     sites = getattr(model, SITES_ATTR)
     naive_agree, fitted_agree, count = 0.0, 0.0, 0
     for g in plan.groups:
+        if g.prototypes == 0:  # a linear group: only beta, the |x|-weighted share of each channel's positives
+            for name in g.sites:
+                x = _flat(inputs[name])
+                _, beta = _weighted_fit(torch.zeros_like(x), step_gate(x), x.abs())
+                sites.get_submodule(name).beta.copy_(beta.to(sites.get_submodule(name).beta.dtype))
+            continue
         lead = _flat(inputs[g.leader])
         proto = step_gate(lead[: g.prototypes])  # (P, M)
         score = torch.zeros(g.channels, g.prototypes, dtype=torch.float64)

@@ -8,7 +8,8 @@ Other private-inference frameworks read ONNX, so the gate must not be a custom o
 the dynamo exporter needs onnxscript and handles the leaf modules less predictably.
 
 Every export is checked: ``onnx.checker.check_model`` and onnxruntime against PyTorch on a
-random batch (max abs error must be at most ``tol``, 1e-5 by default).
+random batch (max abs error must be at most ``tol`` (1e-5 by default) times the largest output, or ``tol``
+for outputs below 1).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def export_onnx(
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     err = float(abs(got - expected).max())
-    if not err <= tol:
-        raise DeepShareError(f"{path}: onnxruntime differs from PyTorch by {err:.2e} (> {tol:g})")
+    scale = max(1.0, float(abs(expected).max()))  # float32 rounding grows with the outputs (logits of 100s)
+    if not err <= tol * scale:
+        raise DeepShareError(f"{path}: onnxruntime differs from PyTorch by {err:.2e} (> {tol:g} x {scale:.3g}, the "
+                             "largest output)")  # fmt: skip
     counts = Counter(n.op_type for n in proto.graph.node)
     return ExportReport(str(path), opset, len(proto.graph.node), dict(counts), err)

@@ -148,6 +148,9 @@ class _Accumulator:
     def __call__(self, kind: str, what: object, x: torch.Tensor) -> None:
         if kind == "gate":
             gate = self.found.graph.get_submodule(f"{GATES_ATTR}.g{what}")
+            if gate.prototypes == 0:  # a linear group: every channel receives the gate 0
+                self.shared[int(what)] = torch.zeros_like(_flat(x >= 0))
+                return
             proto = _flat(x[:, : gate.prototypes] >= 0)
             self.shared[int(what)] = proto.index_select(1, gate.mapping)  # pi: the gate each channel receives
             return

@@ -3,7 +3,9 @@
 A group with P prototypes of spatial size S costs P*S DReLUs per example.
 Every allocator returns P_g with 1 <= P_g <= C_g and sum(P_g*S_g) <= budget,
 then fills the remainder greedily, so the total is as close to the budget as
-channel granularity allows.
+channel granularity allows.  Below one prototype per group (sum S_g), a group may get
+P_g = 0 and become *linear* (each site ``beta * x``, no comparison), as SNL linearises
+whole layers: the allocator's weights then decide which groups keep a gate.
 
 * ``uniform``      -- the same fraction of channels everywhere;
 * ``proportional`` -- DReLUs proportional to the group's original ReLU count;
@@ -103,15 +105,19 @@ def allocate(
     """Prototype channels per group under ``budget`` DReLUs (already net of kept ReLUs)."""
     if not groups:
         return []
-    minimum = sum(g.spatial for g in groups)
-    if budget < minimum:
-        raise BudgetError(
-            f"budget {budget:,} is below the minimum {minimum:,} DReLUs (one prototype channel per "
-            "group); raise the budget or the --group-size"
-        )
+    least = 1 if budget >= one_per_group(groups) else 0  # below one prototype per group: linear groups
     weights = _target_weights(groups, allocator, snl_counts)
-    protos = _scaled(groups, weights, budget)
-    return _greedy_fill(groups, protos, weights, budget)
+    protos = _greedy_fill(groups, _scaled(groups, weights, budget, least), weights, budget)
+    if not any(protos):
+        smallest = min(g.spatial for g in groups)
+        raise BudgetError(f"budget {budget:,} buys no prototype channel (the smallest group needs {smallest:,} "
+                          "DReLUs): every activation would be linear; raise the budget")  # fmt: skip
+    return protos
+
+
+def one_per_group(groups: Sequence[Group]) -> int:
+    """DReLUs of one prototype channel in every group: below it, some groups must go linear."""
+    return sum(g.spatial for g in groups)
 
 
 def _target_weights(groups, allocator, snl_counts) -> list[float]:
@@ -144,28 +150,28 @@ def _snl(groups, snl_counts) -> list[float]:
     return [float(sum(snl_counts[s] for s in g.sites)) for g in groups]
 
 
-def _protos_at(groups, weights, scale) -> list[int]:
-    return [min(g.channels, max(1, math.floor(scale * w / g.spatial))) for g, w in zip(groups, weights)]
+def _protos_at(groups, weights, scale, least=1) -> list[int]:
+    return [min(g.channels, max(least, math.floor(scale * w / g.spatial))) for g, w in zip(groups, weights)]
 
 
 def _cost(groups, protos) -> int:
     return sum(p * g.spatial for g, p in zip(groups, protos))
 
 
-def _scaled(groups, weights, budget) -> list[int]:
+def _scaled(groups, weights, budget, least=1) -> list[int]:
     """Largest common scale s with sum(clip(floor(s*w_g/S_g))*S_g) <= budget (bisection)."""
     lo, hi = 0.0, 1.0
-    while _cost(groups, _protos_at(groups, weights, hi)) <= budget and hi < 1e18:
-        if all(p == g.channels for g, p in zip(groups, _protos_at(groups, weights, hi))):
-            return _protos_at(groups, weights, hi)
+    while _cost(groups, _protos_at(groups, weights, hi, least)) <= budget and hi < 1e18:
+        if all(p == g.channels for g, p in zip(groups, _protos_at(groups, weights, hi, least))):
+            return _protos_at(groups, weights, hi, least)
         lo, hi = hi, hi * 2
     for _ in range(100):
         mid = (lo + hi) / 2
-        if _cost(groups, _protos_at(groups, weights, mid)) <= budget:
+        if _cost(groups, _protos_at(groups, weights, mid, least)) <= budget:
             lo = mid
         else:
             hi = mid
-    return _protos_at(groups, weights, lo)
+    return _protos_at(groups, weights, lo, least)
 
 
 def _greedy_fill(groups, protos, weights, budget) -> list[int]:

@@ -47,10 +47,13 @@ GATE_MODES = ("step", "gelu", "mixed", "ste")
 def balanced_mapping(channels: int, prototypes: int) -> torch.Tensor:
     """pi: prototypes map to themselves; replicate c maps to (c - P) mod P.
 
-    Each prototype then serves floor((C-P)/P) or ceil((C-P)/P) replicates.
+    Each prototype then serves floor((C-P)/P) or ceil((C-P)/P) replicates.  A *linear* group
+    (P = 0) has no prototype to map to: its map is empty.
     """
-    if not 1 <= prototypes <= channels:
-        raise ValueError(f"need 1 <= prototypes <= channels, got P={prototypes}, C={channels}")
+    if not 0 <= prototypes <= channels:
+        raise ValueError(f"need 0 <= prototypes <= channels, got P={prototypes}, C={channels}")
+    if prototypes == 0:
+        return torch.zeros(0, dtype=torch.long)
     c = torch.arange(channels)
     return torch.where(c < prototypes, c, (c - prototypes) % prototypes)
 
@@ -99,21 +102,25 @@ class PrototypeGate(nn.Module):
     """Gate of one group: computed on the leader's first P channels, replicated by ``pi``.
 
     Output shape is the leader's shape (N, C, ...) in ``step``/``gelu`` mode and
-    (N, 2C, ...) in ``mixed`` mode (step-replicated channels first, then GELU).
+    (N, 2C, ...) in ``mixed`` mode (step-replicated channels first, then GELU).  A linear group
+    (P = 0: no comparison at all) gates with zeros, so each of its sites is ``beta * x``.
     """
 
     def __init__(self, channels: int, prototypes: int, mapping: torch.Tensor | None = None,
                  mode: str = "step", gamma: float = 1.0):  # fmt: skip
         super().__init__()
         mapping = balanced_mapping(channels, prototypes) if mapping is None else mapping.long()
-        if mapping.shape != (channels,) or int(mapping.max()) >= prototypes or int(mapping.min()) < 0:
+        if prototypes == 0:
+            if mapping.numel():
+                raise ValueError("a linear group (P = 0) has an empty mapping")
+        elif mapping.shape != (channels,) or int(mapping.max()) >= prototypes or int(mapping.min()) < 0:
             raise ValueError("mapping must send each of the C channels to a prototype in [0, P)")
         self.channels = channels
         self.prototypes = prototypes
         self.gamma = float(gamma)
         self.mode = mode
         self.register_buffer("mapping", mapping, persistent=True)
-        self._identity = bool(torch.equal(mapping, torch.arange(channels)))
+        self._identity = prototypes > 0 and bool(torch.equal(mapping, torch.arange(channels)))
 
     @property
     def mode(self) -> str:
@@ -128,7 +135,14 @@ class PrototypeGate(nn.Module):
     def _replicate(self, g: torch.Tensor) -> torch.Tensor:
         return g if self._identity else g.index_select(1, self.mapping)
 
+    @property
+    def linear(self) -> bool:
+        """No prototype: every site of the group is ``beta * x``."""
+        return self.prototypes == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prototypes == 0:
+            return x.new_zeros((x.shape[0], 2 * x.shape[1], *x.shape[2:]) if self._mode == "mixed" else x.shape)
         proto = x[:, : self.prototypes]
         if self._mode == "step":
             return self._replicate(step_gate(proto))
@@ -148,7 +162,7 @@ class PrototypeGate(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._identity = bool(torch.equal(self.mapping, torch.arange(self.channels)))
+        self._identity = self.prototypes > 0 and bool(torch.equal(self.mapping, torch.arange(self.channels)))
 
 
 class _SharedGateFn(torch.autograd.Function):

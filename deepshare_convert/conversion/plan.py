@@ -175,9 +175,16 @@ def _check_plan(plan: Plan, recorded_drelus: list[Any], recorded_achieved: Any) 
             if list(sites[name]["shape"]) != list(g.shape):
                 raise _bad(f"{where}.shape", f"is {list(g.shape)}, but site {name!r} has shape {sites[name]['shape']}")
         channels, p = g.channels, g.prototypes
-        if not _is_int(p) or not 1 <= p <= channels:
-            raise _bad(f"{where}.prototypes", f"is {p!r}; it must be 1..{channels} (the channels)")
+        if not _is_int(p) or not 0 <= p <= channels:
+            raise _bad(f"{where}.prototypes", f"is {p!r}; it must be 0..{channels} (0: a linear group)")
+        if i < len(recorded_drelus) and recorded_drelus[i] is not None and recorded_drelus[i] != g.drelus:
+            raise _bad(f"{where}.drelus", f"is {recorded_drelus[i]}, but prototypes={p} at {g.spatial} "
+                       f"positions make {g.drelus}")  # fmt: skip
         m = g.mapping
+        if p == 0:
+            if m:
+                raise _bad(f"{where}.mapping", f"has {len(m)} entries; a linear group (prototypes=0) maps nothing")
+            continue
         if len(m) != channels:
             raise _bad(f"{where}.mapping", f"has {len(m)} entries for {channels} channels")
         wrong = next((c for c, v in enumerate(m) if not _is_int(v) or not 0 <= v < p), None)
@@ -187,9 +194,6 @@ def _check_plan(plan: Plan, recorded_drelus: list[Any], recorded_achieved: Any) 
         if wrong is not None:
             raise _bad(f"{where}.mapping", f"sends prototype {wrong} to {m[wrong]} (with prototypes={p}, "
                        f"channels 0..{p - 1} must map to themselves)")  # fmt: skip
-        if i < len(recorded_drelus) and recorded_drelus[i] is not None and recorded_drelus[i] != g.drelus:
-            raise _bad(f"{where}.drelus", f"is {recorded_drelus[i]}, but prototypes={p} at {g.spatial} "
-                       f"positions make {g.drelus}")  # fmt: skip
     for name, n in plan.snl_kept.items():
         if name not in sites:
             raise _bad("snl_kept", f"names {name!r}, which is not one of the plan's sites")

@@ -171,13 +171,16 @@ class SharedGatePass(SiteRewrite):
             gate_name = f"g{g.index}"
             getattr(gm, GATES_ATTR).add_module(
                 gate_name,
-                PrototypeGate(g.channels, g.prototypes, torch.tensor(g.mapping), mode=plan.gate, gamma=plan.gamma),
+                PrototypeGate(g.channels, g.prototypes, torch.tensor(g.mapping, dtype=torch.long), mode=plan.gate,
+                              gamma=plan.gamma),
             )
             with graph.inserting_before(leader):
                 gate = graph.call_module(f"{GATES_ATTR}.{gate_name}", (activation_input(leader),))
             upper = {site for site in g.sites[1:] if _upper_gate_of(nodes[site], leader)}
             for site in g.sites:
                 shared = _replace_site(gm, nodes[site], gate, g.channels, plan.gate, modules)
+                if g.prototypes == 0:  # a linear group: y = beta * x, from the identity (SNL's linearised unit)
+                    shared.beta.data.fill_(1.0)
                 if site in upper:
                     _drop_clip(shared)
         gm.recompile()

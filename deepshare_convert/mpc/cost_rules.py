@@ -96,13 +96,21 @@ def _cost_gate(op: MPCOp, c: CostInput) -> None:
     if gate.mode != "step":
         raise DeepShareError(f"gate {c.node.target!r} is in {gate.mode!r} mode; private inference needs 'step'")
     in_shape = node_shape(c.x)
-    op.comparisons, op.compare_steps = numel((in_shape[0], gate.prototypes, *in_shape[2:])), 1
     op.elements = numel(in_shape)
+    if gate.prototypes == 0:  # a linear group: no comparison, its sites are public-scale multiplies
+        return
+    op.comparisons, op.compare_steps = numel((in_shape[0], gate.prototypes, *in_shape[2:])), 1
     op.dealt = DEALT_PER_COMPARISON * op.comparisons
     if any(_is_site_of(u, c.node, c.x, c.modules) for u in c.x.users):
         # a site reads this gate's own input: its x - a opening rides in the comparison's last message
         op.opened = numel(in_shape)
         c.masked.add(c.x)
+
+
+def _linear_site(node: fx.Node, modules) -> bool:
+    """A site whose group has no prototype (P = 0): its gate is 0, so it is β·x."""
+    gate = node.args[1] if len(node.args) > 1 else None
+    return isinstance(gate, fx.Node) and getattr(modules.get(gate.target), "prototypes", None) == 0
 
 
 def _is_site_of(user: fx.Node, gate: fx.Node, x: fx.Node, modules) -> bool:
@@ -113,6 +121,11 @@ def _is_site_of(user: fx.Node, gate: fx.Node, x: fx.Node, modules) -> bool:
 def _cost_site(op: MPCOp, c: CostInput) -> None:
     # public: y = α·(x·g) + β·x, one masked product.  private: α, β masked at setup, and the
     # dealer's (a, a·r, a·b_α, ...) make x·(α·g + β) one opening of x - a as well
+    if _linear_site(c.node, c.modules):  # y = β·x: local with a public β, one truncation
+        if c.weights_mode == "private":
+            raise DeepShareError(f"site {c.node.target!r} is in a linear group (no prototype), which private "
+                                 "inference supports with --weights-mode public only, for now")  # fmt: skip
+        return
     c.open_once(op, remember=c.weights_mode == "private")  # nothing to open when x went with its gate's comparison
     x = numel(node_shape(c.x))
     op.dealt = x  # public: a·r

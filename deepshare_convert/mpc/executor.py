@@ -68,6 +68,9 @@ class GateValue:
         return self._replicated
 
 
+LINEAR = object()  # the gate of a linear group (P = 0): nothing to compare, every site is β·x
+
+
 def _comm():
     import crypten.communicator as comm
 
@@ -199,6 +202,8 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
     def _h_gate(self, n, args, kwargs):
         gate = self.mods[n.target]
         x = args[0]
+        if gate.prototypes == 0:
+            return LINEAR
         proto = x[:, : gate.prototypes]
         if self.program.op(n.name).opened:  # a site reads this same x: its x - a rides with the comparison
             bit, self._openings[n.args[0].name] = P.drelu_and_open(proto, x, self.dealer)
@@ -210,6 +215,8 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
     def _h_site(self, n, args, kwargs):
         site = self.mods[n.target]
         x, gate = args[0], args[1]
+        if gate is LINEAR:  # no prototype: the gate is 0 and the site is β·x
+            return P.public_scale(x, site.beta.detach())
         if not isinstance(gate, GateValue):
             raise DeepShareError(f"node {n.name!r}: a SharedGate must be fed by a PrototypeGate node")
         bit = gate.replicated()

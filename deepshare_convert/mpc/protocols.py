@@ -55,7 +55,7 @@ from .fixed_point import (
 from .ring import RingWeight, ring_conv2d, ring_linear
 
 __all__ = [
-    "FixedMask", "MaskedBit", "Opening", "drelu", "drelu_and_open", "gate_product", "relu", "public_affine",
+    "FixedMask", "MaskedBit", "Opening", "drelu", "drelu_and_open", "gate_product", "relu", "public_affine", "public_scale",
     "fixed_site", "fixed_product", "mask_weights", "open_masked", "public_conv2d", "public_linear", "ring_conv2d",
     "maxpool2d", "public_separable",
 ]  # fmt: skip
@@ -197,6 +197,13 @@ def public_affine(xg, x, alpha: torch.Tensor, beta: torch.Tensor):
     b = _channel_view(encode_weight(beta), x.dim())
     out = x.shallow_copy()
     out.share = xg.share * a + x.share * b
+    return out.div_(WEIGHT_SCALE)
+
+
+def public_scale(x, beta: torch.Tensor):
+    """β·x per channel with a public β on the coefficient grid (a linear group's site): local, one truncation."""
+    out = x.shallow_copy()
+    out.share = x.share * _channel_view(encode_weight(beta), x.dim())
     return out.div_(WEIGHT_SCALE)
 
 
