@@ -1,0 +1,298 @@
+"""onnx2torch converters for the ONNX operator versions onnx2torch 1.5 lacks, so opsets 7-21 load.
+
+Why: onnx2torch 1.5 stops at opset 17 for many operators, while torch 2.13's ``torch.onnx.export``
+writes opset 20 by default (both exporters) and model hubs ship opsets 18-21.  A missing version
+makes the whole file unreadable ("Converter is not implemented (... 'Constant', version=19)"),
+and ``onnx.version_converter`` cannot step back over Pad-18 or ConstantOfShape-20.  onnx2torch
+keeps a registry of converters per (operator, since-version); we add the missing entries.
+
+Most new versions only widened the type lists (bfloat16, float8, int4) and keep the semantics of
+the version before; those delegate to onnx2torch's converter for that version (``_SAME``, checked
+against the ONNX operator changelog: equal attributes, inputs and defaults).  Where a version
+changed semantics the converter here handles the change, or refuses the non-default case with a
+message (turned into one line naming the node by :func:`first_unconvertible`):
+
+* Pad-18/19/21: an ``axes`` input (pads for those axes only); Pad-19's ``wrap`` mode is refused.
+* ReduceX-18 (ReduceMax/Min-20): ``axes`` moved from an attribute to an input (must be constant);
+  ``noop_with_empty_axes``.
+* Split-18: ``num_outputs`` without a ``split`` input: chunks of ceil(n / num_outputs), the last smaller.
+* Reshape-19/21 (and the exporters' ``allowzero=1``): a 0 in the shape is a literal 0 there.
+* AveragePool-19 ``dilations``, BatchNormalization-7 ``spatial``, Resize-18/19 ``antialias`` /
+  ``axes`` / ``keep_aspect_ratio_policy`` / ``half_pixel_symmetric``: refused unless the default.
+
+:func:`register` adds them once (the ONNX loader calls it before its first conversion).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+from torch import nn
+
+__all__ = ["register", "first_unconvertible", "NEWEST_OPSET"]
+
+NEWEST_OPSET = 21  # the newest opset every converter here and in onnx2torch covers
+
+# (operator, since-version): the onnx2torch version with the same semantics (types widened only)
+_SAME = {
+    ("ArgMax", 1): 11, ("ArgMin", 1): 11,  # 11 also accepts negative axes
+    ("Cast", 6): 9, ("Cast", 19): 13, ("Cast", 21): 13,  # 19's `saturate` only concerns float8 targets
+    ("Constant", 1): 9, ("Constant", 19): 13, ("Constant", 21): 13,
+    ("ConstantOfShape", 20): 9, ("ConstantOfShape", 21): 9,
+    ("DepthToSpace", 1): 11,  # 1 has no `mode`: DCR, 11's default
+    ("Dropout", 7): 10,
+    ("Equal", 19): 13, ("GreaterOrEqual", 16): 12, ("LessOrEqual", 16): 12,
+    ("Flatten", 1): 9, ("Flatten", 21): 13,
+    ("Gemm", 7): 9,
+    ("Identity", 19): 16, ("Identity", 21): 16,
+    ("IsInf", 20): 10, ("IsNaN", 9): 13, ("IsNaN", 20): 13,
+    ("Max", 6): 8, ("Mean", 6): 8, ("Min", 6): 8, ("Sum", 6): 8,  # 8 adds broadcasting: a superset
+    ("MaxPool", 1): 8,  # 8 adds `storage_order` and the Indices output
+    ("NonZero", 9): 13,
+    ("ScatterND", 18): 16,  # 18 adds max/min reductions, which onnx2torch's converter refuses itself
+    ("Shape", 19): 15, ("Shape", 21): 15,
+    ("Transpose", 21): 13, ("Unsqueeze", 21): 13,
+}  # fmt: skip
+# operators whose non-default new attribute values are refused: (operator, version): {attribute: default}
+_GUARDED = {
+    ("AveragePool", 19): (11, {"dilations": None}),
+    ("BatchNormalization", 7): (9, {"spatial": 1}),
+    ("Resize", 18): (13, {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch"}),
+    ("Resize", 19): (13, {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch",
+                          "coordinate_transformation_mode": ("!", "half_pixel_symmetric")}),
+}  # fmt: skip
+_REDUCE_18 = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+              "ReduceProd", "ReduceSumSquare")  # fmt: skip
+
+
+def _delegate(op: str, version: int):
+    from onnx2torch.node_converters.registry import get_converter
+
+    older = get_converter(op, version)
+
+    def convert(node, graph):
+        return older(node, graph)
+
+    return convert
+
+
+def _guarded(op: str, version: int, defaults: dict):
+    older = _delegate(op, version)
+
+    def convert(node, graph):
+        for name, default in defaults.items():
+            value = node.attributes.get(name, default)
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(default, tuple) and default[0] == "!":
+                bad = value == default[1]
+            elif name == "dilations":
+                bad = value is not None and any(int(d) != 1 for d in value)
+            else:
+                bad = value != default
+            if bad:
+                raise NotImplementedError(f"attribute {name}={value!r} is not supported")
+        return older(node, graph)
+
+    return convert
+
+
+def _given(node, index: int) -> str | None:
+    """The name of optional input ``index``, None where it is absent or empty."""
+    names = node.input_values
+    return names[index] if len(names) > index and names[index] else None
+
+
+def _constant_list(name: str, graph, what: str) -> list[int]:
+    from onnx2torch.utils.common import get_const_value
+
+    try:
+        value = get_const_value(name, graph)
+    except KeyError:
+        raise NotImplementedError(f"{what} computed at run time is not supported (only constant {what})") from None
+    return [int(v) for v in (value.flatten().tolist() if isinstance(value, torch.Tensor) else list(value))]
+
+
+def _mapping(node, inputs):
+    from onnx2torch.utils.common import OnnxMapping
+
+    return OnnxMapping(inputs=tuple(inputs), outputs=node.output_values)
+
+
+# ---- Pad-18/19/21: an optional `axes` input -------------------------------------------------
+@cache
+def _pad_class():
+    from onnx2torch.node_converters.pad import OnnxPadDynamic
+
+    class OnnxPadAxes(OnnxPadDynamic):
+        """ONNX Pad with ``axes``: ``pads`` holds begins then ends for those axes only."""
+
+        def __init__(self, mode: str, axes: list[int]):
+            super().__init__(mode=mode)
+            self.axes = list(axes)
+
+        def forward(self, input_tensor, pads, constant_value=0.0):
+            rank = input_tensor.dim()
+            full = [0] * (2 * rank)
+            n = len(self.axes)
+            for i, axis in enumerate(self.axes):
+                full[axis % rank], full[rank + axis % rank] = int(pads[i]), int(pads[n + i])
+            return super().forward(input_tensor, torch.tensor(full), constant_value)
+
+    return OnnxPadAxes
+
+
+def _pad18(node, graph):
+    from onnx2torch.node_converters.pad import _onnx_to_torch_mode
+    from onnx2torch.utils.common import OperationConverterResult
+
+    mode = node.attributes.get("mode", "constant")
+    mode = _onnx_to_torch_mode(mode.decode() if isinstance(mode, bytes) else mode)  # `wrap`: NotImplementedError
+    axes = _given(node, 3)
+    if axes is None:  # the opset-13 form
+        return _delegate("Pad", 13)(node, graph)
+    inputs = [node.input_values[0], node.input_values[1]] + ([node.input_values[2]] if _given(node, 2) else [])
+    module = _pad_class()(mode, _constant_list(axes, graph, "Pad axes"))
+    return OperationConverterResult(torch_module=module, onnx_mapping=_mapping(node, inputs))
+
+
+# ---- ReduceX-18: `axes` is an input ---------------------------------------------------------
+@cache
+def _reduce_class():
+    from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes
+
+    class OnnxReduceStaticAxes18(OnnxReduceStaticAxes):
+        """onnx2torch's reduction with its axes made non-negative first (its Max/Min/Prod path
+        reduces one axis at a time and shifts the later ones, which is only right for axes >= 0)."""
+
+        def forward(self, input_tensor):
+            if self.axes:
+                self.axes = sorted({a % input_tensor.dim() for a in self.axes})
+            return super().forward(input_tensor)
+
+    return OnnxReduceStaticAxes18
+
+
+def _reduce18(node, graph):
+    from onnx2torch.utils.common import OperationConverterResult
+
+    keepdims = node.attributes.get("keepdims", 1)
+    name = _given(node, 1)
+    axes = _constant_list(name, graph, f"{node.operation_type} axes") if name else []
+    if not axes and node.attributes.get("noop_with_empty_axes", 0):
+        module: nn.Module = nn.Identity()
+    else:  # no axes (or an empty list): reduce over all of them
+        module = _reduce_class()(operation_type=node.operation_type, axes=axes or None, keepdims=keepdims)
+    return OperationConverterResult(torch_module=module, onnx_mapping=_mapping(node, node.input_values[:1]))
+
+
+# ---- Split-18: `num_outputs` ----------------------------------------------------------------
+@cache
+def _split_class():
+    from onnx2torch.node_converters.split import OnnxSplit13
+
+    class OnnxSplit18(OnnxSplit13):
+        """Split-18 into ``num_outputs`` chunks of ceil(n / num_outputs), the last one smaller."""
+
+        def forward(self, input_tensor, split=None):
+            if split is not None:
+                return super().forward(input_tensor, split)
+            size = math.ceil(input_tensor.shape[self.axis] / self.num_splits)
+            return torch.split(input_tensor, size, dim=self.axis)
+
+    return OnnxSplit18
+
+
+def _split18(node, graph):
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    if _given(node, 1):
+        return _delegate("Split", 13)(node, graph)
+    module = _split_class()(num_splits=len(node.output_values), axis=node.attributes.get("axis", 0))
+    return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
+# ---- Reshape-19/21: allowzero ---------------------------------------------------------------
+class OnnxReshapeAllowZero(nn.Module):
+    """Reshape with ``allowzero=1``: a 0 in the target shape is a dimension of size 0 (torch's own rule)."""
+
+    def forward(self, input_tensor: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        return torch.reshape(input_tensor, [int(v) for v in shape.tolist()])
+
+
+def _reshape19(node, graph):
+    from onnx2torch.node_converters.reshape import OnnxReshape
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    module: nn.Module = OnnxReshape()  # allowzero=0: a 0 copies the input's dimension
+    if node.attributes.get("allowzero", 0) == 1:
+        try:  # a constant shape without zeros reads the same either way (what the exporters write)
+            literal = 0 in _constant_list(node.input_values[1], graph, "shape")
+        except NotImplementedError:
+            literal = True
+        if literal:
+            module = OnnxReshapeAllowZero()
+    return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
+# ---- Slice-1 ----------------------------------------------------------------------------------
+def _slice1(node, graph):
+    """Slice-1 (starts/ends/axes as attributes; opsets 7-9): onnx2torch has it under the key 9,
+    which its registry never looks up (opset 9 resolves to since-version 1)."""
+    from onnx2torch.node_converters.slice import OnnxSliceV9
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    a = node.attributes
+    module = OnnxSliceV9(starts=a["starts"], ends=a["ends"], axes=a.get("axes", None))
+    return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
+@cache
+def register() -> int:
+    """Add the converters to onnx2torch's registry (once); returns how many were added."""
+    from onnx2torch.node_converters.registry import add_converter
+
+    table: dict[tuple[str, int], object] = {key: _delegate(key[0], old) for key, old in _SAME.items()}
+    table.update({key: _guarded(key[0], old, defaults) for key, (old, defaults) in _GUARDED.items()})
+    table.update({("Pad", v): _pad18 for v in (18, 19, 21)})
+    table.update({(op, 18): _reduce18 for op in _REDUCE_18})
+    table.update({("ReduceMax", 20): _reduce18, ("ReduceMin", 20): _reduce18})
+    table.update({("Split", 18): _split18, ("Reshape", 19): _reshape19, ("Reshape", 21): _reshape19})
+    table[("Slice", 1)] = _slice1
+    for (op, version), converter in table.items():
+        add_converter(operation_type=op, version=version)(converter)
+    return len(table)
+
+
+def first_unconvertible(proto) -> tuple[str, str, int, str] | None:
+    """The first node onnx2torch cannot convert: (node name, operator, since-version, why), or None.
+
+    onnx2torch's own error names the operator but not the node, and not which of a converter's
+    conditions failed; this re-runs the lookup and the converter node by node to say so.
+    """
+    from onnx import defs
+    from onnx2torch.node_converters.registry import get_converter
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.utils.safe_shape_inference import safe_shape_inference
+
+    register()
+    opsets = {o.domain or "": o.version for o in proto.opset_import}
+    model = safe_shape_inference(proto)
+    graph = OnnxGraph(model.graph)
+    for name, node in graph.nodes.items():
+        opset = opsets.get(node.domain or "", 0)
+        try:
+            version = defs.get_schema(node.operation_type, opset, node.domain or "").since_version
+        except Exception:  # noqa: BLE001 - an operator onnx does not define (a custom domain)
+            version = opset
+        try:
+            converter = get_converter(node.operation_type, opset, node.domain or "")
+        except NotImplementedError:
+            return name, node.operation_type, version, "no converter for this operator version"
+        try:
+            converter(node, graph)
+        except Exception as e:  # noqa: BLE001 - any converter's refusal
+            return name, node.operation_type, version, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
