@@ -175,6 +175,23 @@ def _reduce_class():
     return OnnxReduceStaticAxes18
 
 
+class OnnxReduceNoAxes(nn.Module):
+    """ReduceX over no axes (``noop_with_empty_axes=1``, empty axes): nothing is summed, but the
+    element-wise part of the reduction still applies (onnxruntime and ONNX's reference agree:
+    ReduceSumSquare gives x**2, ReduceL1 |x|), so only Max/Mean/Min/Prod/Sum are the identity."""
+
+    _ELEMENTWISE = {"ReduceL1": torch.abs, "ReduceL2": torch.abs, "ReduceLogSum": torch.log,
+                    "ReduceSumSquare": torch.square}  # fmt: skip
+
+    def __init__(self, operation_type: str):
+        super().__init__()
+        self.operation_type = operation_type
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        fn = self._ELEMENTWISE.get(self.operation_type)
+        return input_tensor if fn is None else fn(input_tensor)
+
+
 def _reduce18(node, graph):
     from onnx2torch.utils.common import OperationConverterResult
 
@@ -182,7 +199,7 @@ def _reduce18(node, graph):
     name = _given(node, 1)
     axes = _constant_list(name, graph, f"{node.operation_type} axes") if name else []
     if not axes and node.attributes.get("noop_with_empty_axes", 0):
-        module: nn.Module = nn.Identity()
+        module: nn.Module = OnnxReduceNoAxes(node.operation_type)
     else:  # no axes (or an empty list): reduce over all of them
         module = _reduce_class()(operation_type=node.operation_type, axes=axes or None, keepdims=keepdims)
     return OperationConverterResult(torch_module=module, onnx_mapping=_mapping(node, node.input_values[:1]))
@@ -238,14 +255,29 @@ def _reshape19(node, graph):
 
 
 # ---- Slice-1 ----------------------------------------------------------------------------------
+class OnnxSlice1(nn.Module):
+    """Slice-1: starts/ends/axes are attributes, steps are 1; ONNX clamps out-of-range bounds and
+    counts negative ones from the end, as Python slicing does."""
+
+    def __init__(self, starts, ends, axes=None):
+        super().__init__()
+        self.starts, self.ends = [int(v) for v in starts], [int(v) for v in ends]
+        self.axes = [int(v) for v in axes] if axes is not None else list(range(len(self.starts)))
+
+    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        index = [slice(None)] * input_tensor.dim()
+        for axis, start, end in zip(self.axes, self.starts, self.ends):
+            index[axis % input_tensor.dim()] = slice(start, end)
+        return input_tensor[tuple(index)]
+
+
 def _slice1(node, graph):
-    """Slice-1 (starts/ends/axes as attributes; opsets 7-9): onnx2torch has it under the key 9,
-    which its registry never looks up (opset 9 resolves to since-version 1)."""
-    from onnx2torch.node_converters.slice import OnnxSliceV9
+    """Slice-1 (opsets 7-9). onnx2torch registers its converter under the key 9, which its registry
+    never looks up (opset 9 resolves to since-version 1), and that module fails when it runs."""
     from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
     a = node.attributes
-    module = OnnxSliceV9(starts=a["starts"], ends=a["ends"], axes=a.get("axes", None))
+    module = OnnxSlice1(a["starts"], a["ends"], a.get("axes", None))
     return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
 
 
