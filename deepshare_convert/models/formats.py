@@ -240,7 +240,44 @@ def load_onnx(path: str | os.PathLike, size: tuple[int, ...] | None) -> Exported
         gm = _onnx2torch(onnx2torch, proto, path)
         gm.eval()
         _standard_ops(gm, size)
+        _batch_generic_reshapes(gm, size)
     return Exported(gm, size, mean, std)
+
+
+def _batch_generic_reshapes(gm: fx.GraphModule, size: Sequence[int]) -> None:
+    """``torch.reshape(x, (1, ...))`` that keeps the batch dimension -> ``(-1, ...)``, if that is what it does.
+
+    The dynamo exporter writes the example's batch size into the graph's last Reshape (ResNet's
+    ``x.view(1, 64)``), so the file runs one image at a time, and evaluation and retraining run
+    batches. Rewritten only where the reshape's input has that batch dimension of 1 and the
+    shape has no other -1, and kept only if the graph then gives each image of a batch of two
+    the output it gives alone (else every rewrite is undone: the graph stays as the file says).
+    """
+    values = _node_values(gm, size)
+    changed = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.reshape or not isinstance(node.args[1], tuple):
+            continue
+        shape, source = node.args[1], values.get(node.args[0])
+        if shape[:1] == (1,) and -1 not in shape and isinstance(source, torch.Tensor) and source.dim() and \
+                source.shape[0] == 1:  # fmt: skip
+            changed.append((node, shape))
+            node.args = (node.args[0], (-1, *shape[1:]))
+    if not changed:
+        return
+    gm.recompile()
+    x = torch.randn((2, *size), generator=torch.Generator().manual_seed(0), dtype=_dtype(gm))
+    try:
+        with torch.no_grad():
+            both, alone = gm(x), torch.cat([gm(x[:1]), gm(x[1:])])
+        same = isinstance(both, torch.Tensor) and both.shape == alone.shape and torch.allclose(
+            both, alone, rtol=1e-4, atol=1e-4 * float(alone.abs().max()))  # float noise of batching passes, mixing not
+    except Exception:  # noqa: BLE001 - the rewritten graph does not run at batch 2
+        same = False
+    if not same:
+        for node, shape in changed:
+            node.args = (node.args[0], shape)
+        gm.recompile()
 
 
 @contextlib.contextmanager

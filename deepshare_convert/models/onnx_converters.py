@@ -31,6 +31,8 @@ from functools import cache
 import torch
 from torch import nn
 
+from ..errors import first_line
+
 __all__ = ["register", "first_unconvertible", "NEWEST_OPSET"]
 
 NEWEST_OPSET = 21  # the newest opset every converter here and in onnx2torch covers
@@ -283,8 +285,8 @@ def _slice1(node, graph):
 
 @cache
 def register() -> int:
-    """Add the converters to onnx2torch's registry (once); returns how many were added."""
-    from onnx2torch.node_converters.registry import add_converter
+    """Add the converters to onnx2torch's registry (once, and none it already has); returns how many were added."""
+    from onnx2torch.node_converters.registry import add_converter, get_converter
 
     table: dict[tuple[str, int], object] = {key: _delegate(key[0], old) for key, old in _SAME.items()}
     table.update({key: _guarded(key[0], old, defaults) for key, (old, defaults) in _GUARDED.items()})
@@ -293,9 +295,16 @@ def register() -> int:
     table.update({("ReduceMax", 20): _reduce18, ("ReduceMin", 20): _reduce18})
     table.update({("Split", 18): _split18, ("Reshape", 19): _reshape19, ("Reshape", 21): _reshape19})
     table[("Slice", 1)] = _slice1
+    added = 0
     for (op, version), converter in table.items():
+        try:  # a later onnx2torch release may bring its own: keep that one
+            get_converter(op, version)
+            continue
+        except NotImplementedError:
+            pass
         add_converter(operation_type=op, version=version)(converter)
-    return len(table)
+        added += 1
+    return added
 
 
 def first_unconvertible(proto) -> tuple[str, str, int, str] | None:
@@ -326,5 +335,5 @@ def first_unconvertible(proto) -> tuple[str, str, int, str] | None:
         try:
             converter(node, graph)
         except Exception as e:  # noqa: BLE001 - any converter's refusal
-            return name, node.operation_type, version, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return name, node.operation_type, version, first_line(e, 160)
     return None
