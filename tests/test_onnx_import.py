@@ -142,6 +142,13 @@ CASES = {
     "ReduceMean-18 axes keepdims=0": lambda: _model(
         [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)], 18, [_vi("x", [2, 3, 4, 5])],
         [_vi("y", [2, 3])], [_ints("axes", [2, -1])]),
+    "Resize-19 nearest": lambda: _model(
+        [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest", nearest_mode="floor",
+                          coordinate_transformation_mode="asymmetric")], 19, [_vi("x", [1, 2, 3, 4])],
+        [_vi("y", [1, 2, 6, 8])], [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])]),
+    "AveragePool-19": lambda: _model(
+        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2])], 19, [_vi("x", [1, 2, 3, 4])],
+        [_vi("y", [1, 2, 2, 3])]),
     "Split-18 num_outputs uneven": lambda: _model(
         [helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], 18, [_vi("x", [2, 7])],
         [_vi("a", [2, 3]), _vi("b", [2, 3]), _vi("c", [2, 1])]),

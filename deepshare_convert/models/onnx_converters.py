@@ -57,14 +57,16 @@ _SAME = {
     ("Shape", 19): 15, ("Shape", 21): 15,
     ("Transpose", 21): 13, ("Unsqueeze", 21): 13,
 }  # fmt: skip
-# operators whose non-default new attribute values are refused: (operator, version): {attribute: default}
+# versions that added an attribute onnx2torch's older converter would ignore: (operator, version):
+# (that older version, {attribute: which values it may have}); absent attributes read as None
+_RESIZE_18 = {"antialias": lambda v: v in (None, 0), "axes": lambda v: v is None,
+              "keep_aspect_ratio_policy": lambda v: v in (None, "stretch")}  # fmt: skip
 _GUARDED = {
-    ("AveragePool", 19): (11, {"dilations": None}),
-    ("BatchNormalization", 7): (9, {"spatial": 1}),
-    ("Resize", 18): (13, {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch"}),
-    ("Resize", 19): (13, {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch",
-                          "coordinate_transformation_mode": ("!", "half_pixel_symmetric")}),
-}  # fmt: skip
+    ("AveragePool", 19): (11, {"dilations": lambda v: v is None or all(int(d) == 1 for d in v)}),
+    ("BatchNormalization", 7): (9, {"spatial": lambda v: v in (None, 1)}),
+    ("Resize", 18): (13, _RESIZE_18),
+    ("Resize", 19): (13, {**_RESIZE_18, "coordinate_transformation_mode": lambda v: v != "half_pixel_symmetric"}),
+}
 _REDUCE_18 = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
               "ReduceProd", "ReduceSumSquare")  # fmt: skip
 
@@ -80,21 +82,14 @@ def _delegate(op: str, version: int):
     return convert
 
 
-def _guarded(op: str, version: int, defaults: dict):
+def _guarded(op: str, version: int, allowed: dict):
     older = _delegate(op, version)
 
     def convert(node, graph):
-        for name, default in defaults.items():
-            value = node.attributes.get(name, default)
-            if isinstance(value, bytes):
-                value = value.decode()
-            if isinstance(default, tuple) and default[0] == "!":
-                bad = value == default[1]
-            elif name == "dilations":
-                bad = value is not None and any(int(d) != 1 for d in value)
-            else:
-                bad = value != default
-            if bad:
+        for name, ok in allowed.items():
+            value = node.attributes.get(name)
+            value = value.decode() if isinstance(value, bytes) else value
+            if not ok(value):
                 raise NotImplementedError(f"attribute {name}={value!r} is not supported")
         return older(node, graph)
 
@@ -289,7 +284,7 @@ def register() -> int:
     from onnx2torch.node_converters.registry import add_converter, get_converter
 
     table: dict[tuple[str, int], object] = {key: _delegate(key[0], old) for key, old in _SAME.items()}
-    table.update({key: _guarded(key[0], old, defaults) for key, (old, defaults) in _GUARDED.items()})
+    table.update({key: _guarded(key[0], old, allowed) for key, (old, allowed) in _GUARDED.items()})
     table.update({("Pad", v): _pad18 for v in (18, 19, 21)})
     table.update({(op, 18): _reduce18 for op in _REDUCE_18})
     table.update({("ReduceMax", 20): _reduce18, ("ReduceMin", 20): _reduce18})
