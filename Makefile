@@ -7,10 +7,11 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: install demo demo-cifar test clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): Makefile pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c requirements/constraints.txt -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) install --no-deps crypten==0.4.1 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m deepshare_convert.torchvision_hook --install
 	$(BIN)/python -m deepshare_convert.compat
 	@touch $(STAMP)
 

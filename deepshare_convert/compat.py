@@ -15,6 +15,8 @@ Two mismatches are known on the project's CPU machine (torch 2.13.0+cpu):
 
 Both are applied lazily, at most once, through :func:`import_timm` /
 :func:`import_crypten` / :func:`import_onnx2torch`; nothing here runs at package import time.
+The torchvision remedy also runs on any ``import torchvision`` in the venv ``make install``
+builds (a user's own script included), through :mod:`.torchvision_hook`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import os
 import sys
 from functools import cache
 
-__all__ = ["patch_torchvision", "patch_crypten", "import_timm", "import_crypten", "import_onnx2torch", "check_install"]
+__all__ = ["patch_torchvision", "torchvision_remedy", "patch_crypten", "import_timm", "import_crypten", "import_onnx2torch",
+           "check_install"]
 
 _TORCHVISION_SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -46,18 +49,22 @@ def patch_torchvision() -> str:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         return "absent"
+    return torchvision_remedy(os.path.dirname(spec.origin))
+
+
+def torchvision_remedy(package_dir: str) -> str:
+    """The remedy itself, for the torchvision installed in ``package_dir`` (before its code runs):
+    ``"native"`` or ``"schemas"``.  Also called by :mod:`.torchvision_hook` on every import of it."""
     import torch
 
-    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so")) + glob.glob(
-        os.path.join(os.path.dirname(spec.origin), "_C*.pyd")
-    )
+    libs = glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd"))
     for lib in libs:
         try:
             torch.ops.load_library(lib)
             return "native"
         except (OSError, RuntimeError):
             pass
-    try:  # a schema may already exist (another package defined it): leave it be
+    try:  # a schema may already exist (another package, or an earlier call, defined it): leave it be
         torch.ops.torchvision.nms  # noqa: B018
         return "native"
     except (AttributeError, RuntimeError):
@@ -66,8 +73,11 @@ def patch_torchvision() -> str:
     for schema in _TORCHVISION_SCHEMAS:
         lib.define(schema)
     # keep the Library object alive: dropping it unregisters the schemas
-    patch_torchvision._library = lib  # type: ignore[attr-defined]
+    _LIBRARIES.append(lib)
     return "schemas"
+
+
+_LIBRARIES: list = []
 
 
 def import_timm():

@@ -19,7 +19,7 @@ from deepshare_convert.models.formats import METADATA_NAME, normalisation_json
 from .conftest import CIFAR10_JPG, RESNET20_WEIGHTS, needs
 
 R20_RELUS = 188_416
-ONNX_OPSET = 17  # onnx2torch 1.5 converts opsets up to 17 (newer ones are down-converted when onnx can)
+ONNX_OPSET = 17  # one opset here; tests/test_onnx_import.py covers the files torch writes at opsets 13-20
 
 
 def _digits():

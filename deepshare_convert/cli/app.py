@@ -364,6 +364,7 @@ def run(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     polish_help(command)
     NOTES.clear()
+    cli_errors.show_debug_log()
     try:
         result = command.main(args=argv, prog_name="deepshare", standalone_mode=False)
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes

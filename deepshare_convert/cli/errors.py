@@ -6,6 +6,7 @@ Set ``DEEPSHARE_DEBUG=1`` to see the full traceback instead.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 
@@ -22,6 +23,21 @@ _USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.
 
 def debug_enabled() -> bool:
     return os.environ.get("DEEPSHARE_DEBUG", "") not in ("", "0", "false")
+
+
+def show_debug_log() -> None:
+    """With ``DEEPSHARE_DEBUG=1``, deepshare's own debug log goes to stderr (e.g. the third-party
+    warnings an ONNX import captured); otherwise it stays silent. Only the package's logger: the
+    libraries' own debug chatter stays out."""
+    if not debug_enabled():
+        return
+    logger = logging.getLogger("deepshare_convert")
+    if not any(getattr(h, "deepshare_debug", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("deepshare: debug: %(name)s: %(message)s"))
+        handler.deepshare_debug = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 def _one_line(text: str) -> str:

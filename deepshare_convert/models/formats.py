@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = ["sniff_model_file", "load_pt2", "load_onnx", "torchscript_error", "no
 EXPORTED_SOURCES = ("pt2", "onnx")  # sources whose architecture is the file itself
 METADATA_NAME = "deepshare.json"  # the .pt2 extra file / ONNX metadata_props key with mean and std
 _GUARD_MODULES = ("_guards_fn",)  # torch.export's input-guard submodule, called from the graph
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -233,19 +235,74 @@ def load_onnx(path: str | os.PathLike, size: tuple[int, ...] | None) -> Exported
     size = _input_size(size, _onnx_size(proto, path), path)
     meta = next((p.value for p in proto.metadata_props if p.key == METADATA_NAME), None)
     mean, std = _normalisation(meta, path)
-    _inline_identity_initializers(proto)
-    gm = _onnx2torch(onnx2torch, proto, path)
-    gm.eval()
-    _standard_ops(gm, size)
+    with _warnings_to_log(f"importing {path}"):
+        _inline_identity_initializers(proto)
+        gm = _onnx2torch(onnx2torch, proto, path)
+        gm.eval()
+        _standard_ops(gm, size)
+        _batch_generic_reshapes(gm, size)
     return Exported(gm, size, mean, std)
+
+
+def _batch_generic_reshapes(gm: fx.GraphModule, size: Sequence[int]) -> None:
+    """``torch.reshape(x, (1, ...))`` that keeps the batch dimension -> ``(-1, ...)``, if that is what it does.
+
+    The dynamo exporter writes the example's batch size into the graph's last Reshape (ResNet's
+    ``x.view(1, 64)``), so the file runs one image at a time, and evaluation and retraining run
+    batches. Rewritten only where the reshape's input has that batch dimension of 1 and the
+    shape has no other -1, and kept only if the graph then gives each image of a batch of two
+    the output it gives alone (else every rewrite is undone: the graph stays as the file says).
+    """
+    values = _node_values(gm, size)
+    changed = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.reshape or not isinstance(node.args[1], tuple):
+            continue
+        shape, source = node.args[1], values.get(node.args[0])
+        if shape[:1] == (1,) and -1 not in shape and isinstance(source, torch.Tensor) and source.dim() and \
+                source.shape[0] == 1:  # fmt: skip
+            changed.append((node, shape))
+            node.args = (node.args[0], (-1, *shape[1:]))
+    if not changed:
+        return
+    gm.recompile()
+    x = torch.randn((2, *size), generator=torch.Generator().manual_seed(0), dtype=_dtype(gm))
+    try:
+        with torch.no_grad():
+            both, alone = gm(x), torch.cat([gm(x[:1]), gm(x[1:])])
+        same = isinstance(both, torch.Tensor) and both.shape == alone.shape and torch.allclose(
+            both, alone, rtol=1e-4, atol=1e-4 * float(alone.abs().max()))  # float noise of batching passes, mixing not
+    except Exception:  # noqa: BLE001 - the rewritten graph does not run at batch 2
+        same = False
+    if not same:
+        for node, shape in changed:
+            node.args = (node.args[0], shape)
+        gm.recompile()
+
+
+@contextlib.contextmanager
+def _warnings_to_log(what: str):
+    """Warnings raised by third-party code in the block go to the debug log, not the user's terminal.
+
+    onnx2torch's modules warn about deprecated torch idioms (e.g. slice.py's "non-tuple sequence
+    for multidimensional indexing") when the graph first runs here; they say nothing the user can
+    act on, so each distinct one is logged (``DEEPSHARE_DEBUG=1`` shows it) instead of printed.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for line in dict.fromkeys(f"{w.category.__name__}: {first_line(str(w.message), 200)} ({w.filename}:{w.lineno})"
+                              for w in caught):  # fmt: skip
+        _log.debug("%s: %s", what, line)
 
 
 def _standard_ops(gm: fx.GraphModule, size: Sequence[int]) -> None:
     """onnx2torch's modules -> the torch calls they stand for, where their parameters are constants.
 
-    The MPC lowering knows ``torch.add``, ``x[slices]``, ``F.pad`` and ``adaptive_avg_pool2d`` but
-    not onnx2torch's ``OnnxBinaryMathOperation``, ``OnnxSlice``, ``OnnxPadDynamic`` or
-    ``OnnxGlobalAveragePool*``; a Slice's starts/ends or a Pad's pads are small subgraphs of
+    The MPC lowering knows ``torch.add``, ``x[slices]``, ``F.pad``, ``adaptive_avg_pool2d``, ``torch.mean``
+    and ``torch.reshape`` but not onnx2torch's ``OnnxBinaryMathOperation``, ``OnnxSlice``, ``OnnxPadDynamic``,
+    ``OnnxGlobalAveragePool*``, ``OnnxReduceStaticAxes`` (ReduceMean) or ``OnnxReshape``; a Slice's
+    starts/ends, a Pad's pads or a Reshape's shape are small subgraphs of
     constants, folded here by running the graph once. In place; anything else is left alone
     (the lowering then names it in one line).
     """
@@ -263,6 +320,14 @@ def _standard_ops(gm: fx.GraphModule, size: Sequence[int]) -> None:
                 replacement = (fn, tuple(node.args))
         elif kind.startswith("OnnxGlobalAveragePool") and len(node.args) == 1:
             replacement = (torch.nn.functional.adaptive_avg_pool2d, (node.args[0], 1))
+        elif kind.startswith("OnnxReduceStaticAxes") and modules[node.target].operation_type == "ReduceMean":
+            m = modules[node.target]  # the dynamo exporter's global average pool
+            if m.axes:
+                replacement = (torch.mean, (node.args[0], tuple(m.axes), m.keepdims))
+        elif kind == "OnnxReshape" and node.args[1] in constant:
+            shape = [int(v) for v in values[node.args[1]].flatten()]  # allowzero=0: a 0 copies that dimension
+            if 0 not in shape:
+                replacement = (torch.reshape, (node.args[0], tuple(shape)))
         elif kind == "OnnxSlice" and all(a in constant for a in node.args[1:]):
             index = _onnx_slices(*(values[a] for a in node.args[1:]), ndim=values[node.args[0]].dim())
             if index is not None:
@@ -357,26 +422,39 @@ def _inline_identity_initializers(proto) -> None:
         proto.graph.node.extend(keep)
 
 
-_ONNX2TORCH_OPSET = 17  # the newest opset whose operators onnx2torch 1.5 converts throughout
-
-
 def _onnx2torch(onnx2torch, proto, path) -> fx.GraphModule:
-    """onnx2torch's GraphModule; a newer opset than it knows is first down-converted by onnx itself."""
-    try:
-        return onnx2torch.convert(proto)
-    except Exception as e:  # noqa: BLE001 - an operator onnx2torch does not know, or a bad attribute
-        error = e
+    """onnx2torch's GraphModule, with :mod:`.onnx_converters` for the operator versions it lacks.
+
+    Opsets up to ``NEWEST_OPSET`` convert as written; a newer file is first stepped down by
+    ``onnx.version_converter`` (which has adapters for the type-only changes of later opsets).
+    A node that still has no converter is named in one line, with ``.pt2`` as the way around it.
+    """
+    from .onnx_converters import NEWEST_OPSET, first_unconvertible, register
+
+    register()
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    if opset > _ONNX2TORCH_OPSET:
+    if opset > NEWEST_OPSET:
         from onnx import version_converter
 
         try:
-            return onnx2torch.convert(version_converter.convert_version(proto, _ONNX2TORCH_OPSET))
-        except Exception:  # noqa: BLE001 - no adapter for some operator, or still unconvertible
-            raise DeepShareError(f"onnx2torch cannot convert {path} (opset {opset}): {first_line(error, 120)}; "
-                                 f"export it with opset_version={_ONNX2TORCH_OPSET} "
-                                 f"(torch.onnx.export(..., opset_version={_ONNX2TORCH_OPSET}))") from None  # fmt: skip
-    raise DeepShareError(f"onnx2torch cannot convert {path}: {first_line(error, 160)}") from None
+            proto = version_converter.convert_version(proto, NEWEST_OPSET)
+        except Exception as e:  # noqa: BLE001 - no adapter for some operator
+            raise DeepShareError(f"{path} is ONNX opset {opset}, newer than the {NEWEST_OPSET} deepshare reads, and onnx "
+                                 f"cannot step it down ({first_line(e, 100)}); {_PT2_INSTEAD}") from None  # fmt: skip
+    try:
+        return onnx2torch.convert(proto)
+    except Exception as e:  # noqa: BLE001 - an operator version without a converter, or a refused attribute
+        error = e
+    found = first_unconvertible(proto)
+    if found is not None:
+        node, op, version, why = found
+        raise DeepShareError(f"cannot convert {path}: ONNX node {node!r} ({op} version {version}, opset {opset}): "
+                             f"{first_line(why, 100)}; {_PT2_INSTEAD}") from None  # fmt: skip
+    raise DeepShareError(f"onnx2torch cannot convert {path}: {first_line(error, 160)}; {_PT2_INSTEAD}") from None
+
+
+_PT2_INSTEAD = ("export the model with torch.export instead: torch.export.save(torch.export.export(model, (x,)), "
+                "'model.pt2'), then convert model.pt2")  # fmt: skip
 
 
 def _onnx_size(proto, path) -> tuple[int, ...] | None:
