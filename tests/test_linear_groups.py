@@ -16,7 +16,7 @@ from deepshare_convert.conversion.budget import allocate, one_per_group
 from deepshare_convert.conversion.gates import PrototypeGate, SharedGate
 from deepshare_convert.conversion.plan import Plan
 from deepshare_convert.conversion.rewrite import GATES_ATTR, SITES_ATTR, convert, load, save
-from deepshare_convert.errors import BudgetError, DeepShareError, PlanError
+from deepshare_convert.errors import BudgetError, PlanError
 from deepshare_convert.models import load_model
 
 
@@ -137,24 +137,18 @@ def _digits_with_a_linear_group():
     return loaded, conv
 
 
-def test_a_linear_group_costs_no_comparison_in_a_two_party_run():
+@pytest.mark.parametrize("weights_mode", ["public", "private"])
+def test_a_linear_group_costs_no_comparison_in_a_two_party_run(weights_mode):
     from deepshare_convert.mpc.costs import estimate
     from deepshare_convert.mpc.launcher import run_two_party
 
     loaded, conv = _digits_with_a_linear_group()
-    est = estimate(conv.model, loaded.input_size, batch=2)
+    est = estimate(conv.model, loaded.input_size, batch=2, weights_mode=weights_mode)
     linear = {f"{GATES_ATTR}.g{g.index}" for g in conv.plan.groups if g.prototypes == 0}
     assert linear and not any(n.comparisons for n in est.nodes if n.layer in linear)
     assert sum(n.comparisons for n in est.nodes) == conv.plan.achieved * 2
-    run = run_two_party(conv.model, torch.randn(2, *loaded.input_size))
+    run = run_two_party(conv.model, torch.randn(2, *loaded.input_size), weights_mode=weights_mode)
     party = run.parties[0]
     assert (party.bytes, party.rounds, party.comparisons) == (est.bytes, est.rounds, conv.plan.achieved * 2)
+    assert run.offline_bytes == run.offline_expected
     assert run.top1_agreement == 1.0 and float(np.abs(run.logits - run.plaintext).max()) < 1e-3
-
-
-def test_private_weights_refuse_linear_groups_in_one_line():
-    from deepshare_convert.mpc.lowering import lower, prepare
-
-    loaded, conv = _digits_with_a_linear_group()
-    with pytest.raises(DeepShareError, match="linear group .*--weights-mode public"):
-        lower(prepare(conv.model), (1, *loaded.input_size), "private")

@@ -121,10 +121,11 @@ def _is_site_of(user: fx.Node, gate: fx.Node, x: fx.Node, modules) -> bool:
 def _cost_site(op: MPCOp, c: CostInput) -> None:
     # public: y = α·(x·g) + β·x, one masked product.  private: α, β masked at setup, and the
     # dealer's (a, a·r, a·b_α, ...) make x·(α·g + β) one opening of x - a as well
-    if _linear_site(c.node, c.modules):  # y = β·x: local with a public β, one truncation
+    if _linear_site(c.node, c.modules):  # y = β·x: public β local (one truncation); secret β masked at setup
         if c.weights_mode == "private":
-            raise DeepShareError(f"site {c.node.target!r} is in a linear group (no prototype), which private "
-                                 "inference supports with --weights-mode public only, for now")  # fmt: skip
+            c.open_once(op)
+            op.fixed = {f"{c.node.target}.beta": c.modules[c.node.target].channels}
+            op.dealt = numel(node_shape(c.x))  # fn(a, b_β)
         return
     c.open_once(op, remember=c.weights_mode == "private")  # nothing to open when x went with its gate's comparison
     x = numel(node_shape(c.x))

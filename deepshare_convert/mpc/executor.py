@@ -216,6 +216,10 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
         site = self.mods[n.target]
         x, gate = args[0], args[1]
         if gate is LINEAR:  # no prototype: the gate is 0 and the site is β·x
+            if self.private:  # β was masked at setup, as an unfolded BatchNorm's scale
+                view = (1, -1) + (1,) * (x.dim() - 2)
+                return P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer,
+                                       self.opening(n, x))  # fmt: skip
             return P.public_scale(x, site.beta.detach())
         if not isinstance(gate, GateValue):
             raise DeepShareError(f"node {n.name!r}: a SharedGate must be fed by a PrototypeGate node")
