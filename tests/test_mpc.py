@@ -140,6 +140,20 @@ def test_two_party_inference_agrees_with_plaintext(name, budget, mode, batch):
     assert r.weights_mode == mode and r.parties[0].bytes == r.parties[1].bytes > 0
 
 
+def test_two_threads_per_party_give_the_answer_of_one():
+    """Each party on 2 threads (its ring kernels then timed and chosen per layer, as on a multi-core host)."""
+    from deepshare_convert.mpc.launcher import run_two_party
+
+    one = run("resnet20", "15k", "public", 2)
+    net, _, _ = model("resnet20", "15k")
+    two = run_two_party(net, inputs("resnet20", 2), weights_mode="public", threads=2, timeout=300)
+    np.testing.assert_array_equal(two.plaintext, one.plaintext)
+    assert (two.logits.argmax(1) == two.plaintext.argmax(1)).all()
+    err1, err2 = (float(np.abs(r.logits - r.plaintext).max()) for r in (one, two))
+    assert err2 <= max(2 * err1, 1e-4), (err1, err2)  # the same fixed-point error, not a wrong kernel's
+    assert (two.parties[0].bytes, two.parties[0].rounds) == (one.parties[0].bytes, one.parties[0].rounds)
+
+
 # ---- comparisons = the plan's DReLUs -----------------------------------------------------------
 @pytest.mark.parametrize("name,budget,mode,batch", CASES)
 def test_comparisons_counted_equal_plan_drelus(name, budget, mode, batch):

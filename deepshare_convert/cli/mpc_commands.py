@@ -41,6 +41,12 @@ DealerKeyOpt = Annotated[
     typer.Option("--dealer-key-file", help="Key shared with the dealer (mode 600; default: --key-file)."),
 ]  # fmt: skip
 
+ThreadsOpt = Annotated[
+    int,
+    typer.Option("--threads", help="Torch threads per party (1 suits parties sharing one host; give a server its "
+                 "cores). The answer does not depend on it."),
+]  # fmt: skip
+
 SIMULATED_WARNING = ("dealer simulated: party 0 sampled every mask and triple, so this run is NOT private against "
                      "the server (a measurement of the online phase only)")  # fmt: skip
 
@@ -121,6 +127,7 @@ def register(app: typer.Typer) -> None:
         dealer: DealerOpt = "separate",
         dealer_addr: DealerAddrOpt = None,
         dealer_key_file: DealerKeyOpt = None,
+        threads: ThreadsOpt = 1,
         weights: WeightsOpt = None,
         input_size: InputSizeOpt = None,
         num_classes: NumClassesOpt = None,
@@ -159,7 +166,7 @@ def register(app: typer.Typer) -> None:
                 host, port = _host_port(dealer_addr, "--dealer-addr")
                 link = (host, port, require_key(dealer_key_file) if dealer_key_file else key)
             _one_party(model, data, batch_size, weights_mode, rank, master_addr, master_port, how, as_json, key,
-                       dealer, link)  # fmt: skip
+                       dealer, link, threads)  # fmt: skip
             return
         if key_file is not None:
             load_key(key_file)  # a local run makes its own key; a given file is still checked (mode, length)
@@ -172,7 +179,7 @@ def register(app: typer.Typer) -> None:
         who = "server, client and dealer" if dealer == "separate" else "two parties, simulated dealer"
         with console.status(f"private inference ({who}; {weights_mode} weights) on {len(x)} images", spinner="dots"):
             run = run_two_party(loaded.model, x, weights_mode=weights_mode, leaf_modules=leaf or (), sequential=sequential,
-                                dealer=dealer)  # fmt: skip
+                                dealer=dealer, threads=threads)  # fmt: skip
         key, acc, what = _label_score(run.logits, y.numpy(), data)
         name = str(Path(model)) if Path(model).is_dir() else loaded.spec.display
         if as_json:
@@ -456,7 +463,7 @@ def _print_dealer_line(run) -> None:
 
 
 def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, how, as_json, key, dealer="separate",
-               link=None):  # fmt: skip
+               link=None, threads=1):  # fmt: skip
     """One party of a two-host deployment (``--rank``)."""
     from pathlib import Path
 
@@ -480,7 +487,8 @@ def _one_party(model, data, num, weights_mode, rank, master_addr, master_port, h
     with console.status(f"party {rank}: waiting for / running with {master_addr}:{master_port}", spinner="dots"):
         dealer_kw = dict(dealer_addr=link[0], dealer_port=link[1], dealer_key=link[2]) if link else {}
         rep = run_party(rank, net, x, shape, weights_mode=weights_mode, master_addr=master_addr,
-                        master_port=master_port, leaf_modules=how[-1] or (), key=key, dealer=dealer, **dealer_kw)  # fmt: skip
+                        master_port=master_port, leaf_modules=how[-1] or (), key=key, dealer=dealer, threads=threads,
+                        **dealer_kw)  # fmt: skip
     result = {"rank": rank, "weights_mode": weights_mode, "bytes": rep.bytes, "rounds": rep.rounds,
               "wall_s": rep.wall_s, "comparisons": rep.comparisons, "setup_bytes": rep.setup_bytes,
               "setup_rounds": rep.setup_rounds, "dealer": dealer, "offline_bytes": rep.offline_bytes,

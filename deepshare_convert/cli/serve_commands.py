@@ -15,7 +15,7 @@ import typer
 
 from .console import console, err_console
 from .loading import load_model_or_out
-from .mpc_commands import DealerAddrOpt, DealerKeyOpt, _host_port
+from .mpc_commands import DealerAddrOpt, DealerKeyOpt, ThreadsOpt, _host_port
 from .options import JsonOpt, LeafOpt
 
 WeightsModeOpt = Annotated[
@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
         max_images: Annotated[int, typer.Option("--max-images", help="Most images one session may send.")] = 64,
         session_timeout: Annotated[float, typer.Option("--session-timeout", help="Seconds a session may run "
                                                        "before it is stopped.")] = 600.0,
+        threads: ThreadsOpt = 1,
         leaf: LeafOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
@@ -89,7 +90,7 @@ def register(app: typer.Typer) -> None:
         loaded = load_model_or_out(out, leaf=leaf)
         config = ServeConfig(listen=(host, port), dealer=dealer, weights_mode=weights_mode, max_sessions=max_sessions,
                              max_images=max_images, session_timeout=session_timeout, local=local and dealer is None,
-                             leaf_modules=tuple(leaf or ()))  # fmt: skip
+                             leaf_modules=tuple(leaf or ()), threads=threads)  # fmt: skip
         say = err_console if as_json else console
 
         def on_record(rec):
@@ -123,6 +124,7 @@ def register(app: typer.Typer) -> None:
         masks: Annotated[Optional[str], typer.Option("--masks", help="Segmentation: write one PNG of labels per "
                                                      "image into this folder.")] = None,
         timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the server.")] = 600.0,
+        threads: ThreadsOpt = 1,
         as_json: JsonOpt = False,
     ) -> None:
         """Ask a `deepshare serve` for the labels of your own images, privately (party 1).
@@ -140,7 +142,7 @@ def register(app: typer.Typer) -> None:
         dealer_key = require_key(dealer_key_file) if dealer_key_file else None
         with console.status(f"query: {len(files)} path(s) -> {host}:{port}", spinner="dots"):
             result = query((host, port), files, model, key=key, dealer_key=dealer_key, dealer_address=dealer,
-                           weights_mode=weights_mode, timeout=timeout)  # fmt: skip
+                           weights_mode=weights_mode, timeout=timeout, threads=threads)  # fmt: skip
         written = _write_masks(result, masks) if masks else []
         if as_json:
             print(json.dumps({**result.to_dict(), "masks": written}, indent=2))

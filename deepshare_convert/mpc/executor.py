@@ -339,15 +339,20 @@ class CrypTenBackend(Backend):
 
     ``dealer="separate"`` (the default): correlated randomness comes from a third process through
     the :class:`~.dealer.channel.DealerLink` given to :meth:`attach_dealer`; ``"simulated"``: party 0
-    samples it (for measurement only -- party 0 can then unmask the client's input).
+    samples it (for measurement only -- party 0 can then unmask the client's input).  ``threads``:
+    torch's intra-op threads in the party once CrypTen has started (1 on a shared loopback host; a
+    server's cores otherwise).  The answer cannot depend on it: every kernel a party may pick
+    (:mod:`.ring`) computes the same integers mod 2^64.
     """
 
     name = "crypten"
 
-    def __init__(self, dealer: str = "separate"):
+    def __init__(self, dealer: str = "separate", threads: int = 1):
         if dealer not in DEALER_MODES:
             raise DeepShareError(f"--dealer must be one of {', '.join(DEALER_MODES)}, got {dealer!r}")
-        self.dealer_mode = dealer
+        if threads < 1:
+            raise DeepShareError(f"--threads must be at least 1, got {threads}")
+        self.dealer_mode, self.threads = dealer, int(threads)
         self.rank: int | None = None
         self.link = None
         self.probe = None  # threat-model tests: called after every node of every run
@@ -398,9 +403,10 @@ class CrypTenBackend(Backend):
             RENDEZVOUS=f"tcp://{master_addr}:{master_port}", WORLD_SIZE="2", RANK=str(rank),
             DISTRIBUTED_BACKEND="gloo", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
         )  # fmt: skip
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # CrypTen starts on one thread (a multi-threaded start can hang it)
         crypten = import_crypten()
         crypten.init()
+        torch.set_num_threads(self.threads)
         crypten.cfg.communicator.verbose = True
         crypten.cfg.encoder.precision_bits = ACTIVATION_BITS  # what CrypTen encodes new public values at
         self.rank, self._crypten = rank, crypten

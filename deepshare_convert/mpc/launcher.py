@@ -333,11 +333,11 @@ def spawn_two(fn, args: tuple[tuple, tuple], *, timeout: float = 600.0, backend:
     return [reports[r] for r in range(len(procs))]
 
 
-def default_backend(dealer: str = "separate") -> Backend:
+def default_backend(dealer: str = "separate", threads: int = 1) -> Backend:
     """CrypTen, the one backend (imported on use: launching needs no crypten until a party runs)."""
     from .executor import CrypTenBackend
 
-    return CrypTenBackend(dealer)
+    return CrypTenBackend(dealer, threads)
 
 
 def _check_mode(weights_mode: str) -> None:
@@ -357,6 +357,7 @@ def run_two_party(
     backend: Backend | None = None,
     sequential: bool = False,
     dealer: str = "separate",
+    threads: int = 1,
 ) -> PrivateRun:
     """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen).
 
@@ -364,7 +365,7 @@ def run_two_party(
     or with ``sequential`` N inferences of one image each, one after another, reusing the setup.
     ``dealer="separate"``: a third process deals the correlated randomness (private against
     either party); ``"simulated"``: party 0 samples it -- a measurement of the online phase only,
-    not private against party 0.
+    not private against party 0.  ``threads``: torch threads per party (both share this host).
     """
     _check_mode(weights_mode)
     _check_dealer(dealer)
@@ -382,7 +383,7 @@ def run_two_party(
     client = (client_gm, shape, inputs.detach().float().numpy(), weights_mode, inventory, count)
     setup = time.perf_counter() - tic
     dealer_args = (pack(strip_weights(gm)), weights_mode, inventory) if dealer == "separate" else None
-    reports = spawn_two(_inference_party, (server, client), timeout=timeout, backend=backend or default_backend(dealer),
+    reports = spawn_two(_inference_party, (server, client), timeout=timeout, backend=backend or default_backend(dealer, threads),
                         plan=_inference_plan, dealer=dealer_args)  # fmt: skip
     parties = [PartyReport(**r) for r in reports[:2]]
     dealt = reports[2] if len(reports) > 2 else None
@@ -434,6 +435,7 @@ def run_party(
     dealer_addr: str | None = None,
     dealer_port: int | None = None,
     dealer_key: bytes | None = None,
+    threads: int = 1,
 ) -> PartyReport:
     """Run one party in this process; the other runs the same call elsewhere with the other rank.
 
@@ -465,7 +467,7 @@ def run_party(
     program = lower(gm, tuple(input_shape), weights_mode)  # refuses unsupported nodes before listening
     session = authenticate(rank, key, plan_digest(program), master_addr, master_port, store_port=master_port + 1,
                            timeout=timeout)  # fmt: skip
-    backend = backend or default_backend(dealer)
+    backend = backend or default_backend(dealer, threads)
     if dealer == "separate":
         backend.attach_dealer(connect_dealer(rank, dealer_key or key, dealer_digest(program, 1), dealer_addr,
                                              dealer_port, input_shape=tuple(input_shape), timeout=timeout))  # fmt: skip

@@ -87,13 +87,14 @@ def query(
     dealer_address: tuple[str, int] | None = None,
     weights_mode: str = "private",
     timeout: float = 600.0,
+    threads: int = 1,
 ) -> QueryResult:
     """Ask the server at ``address`` for the answers to ``files`` (paths, folders, or read :class:`Inputs`).
 
     ``model_dir``: the converted directory the server serves (only ``plan.json`` is read in
     ``private`` mode; ``public`` mode reads the weights too, as both parties hold them).
     ``dealer_address`` overrides the dealer the server announces; ``dealer_key`` is this client's
-    key with the dealer (default ``key``).
+    key with the dealer (default ``key``).  ``threads``: torch threads of this party.
     """
     from ..mpc.dealer.channel import connect_dealer
     from ..mpc.executor import CrypTenBackend
@@ -118,7 +119,7 @@ def query(
     session = authenticate(1, key, _count_plan(plan_digest(program), count), host, port, request={"count": count},
                            keep=True, timeout=timeout)  # fmt: skip
     control = Control(session.conn, key, session.id)
-    threads = torch.get_num_threads()
+    caller_threads = torch.get_num_threads()  # CrypTen's start sets this process's; given back after
     try:
         try:
             msg = control.recv(timeout)
@@ -133,7 +134,7 @@ def query(
             dhost = host  # a dealer beside the server, named by its loopback address
         link = connect_dealer(1, dealer_key or key, dealer_digest(program, count), dhost, int(dport),
                               input_shape=shape, count=count, timeout=min(timeout, 60.0), session=session.id)  # fmt: skip
-        backend = CrypTenBackend("separate")
+        backend = CrypTenBackend("separate", threads)
         backend.attach_dealer(link)
         backend.start(1, host, session.store_port)
         try:
@@ -146,7 +147,7 @@ def query(
             backend.stop()
     finally:
         control.close()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(caller_threads)
     logits = report["output"]
     return QueryResult(_answers(logits, inputs.names), weights_mode, report["bytes"], report["rounds"],
                        int(report["setup"]["bytes"]), report["offline_bytes"], time.perf_counter() - tic,

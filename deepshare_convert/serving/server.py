@@ -58,6 +58,7 @@ class ServeConfig:
     dealer_timeout: float = 10.0
     local: bool = False  # start a dealer in this process (a try-out on one host)
     leaf_modules: tuple[str, ...] = ()
+    threads: int = 1  # torch threads per session worker
 
 
 @dataclass
@@ -109,6 +110,8 @@ class Server:
         _check_mode(config.weights_mode)
         if config.max_sessions < 1:
             raise DeepShareError(f"--max-sessions must be at least 1, got {config.max_sessions}")
+        if config.threads < 1:
+            raise DeepShareError(f"--threads must be at least 1, got {config.threads}")
         if config.max_images < 1:
             raise DeepShareError(f"--max-images must be at least 1, got {config.max_images}")
         if config.dealer is None and not config.local:
@@ -183,7 +186,7 @@ class Server:
         p = ctx.Process(target=_worker_main, daemon=True, name=f"deepshare-session-{wid}",
                         args=(wid, self._listener, self.packed, self.shape, c.weights_mode, self.key, self.dealer_key,
                               self.dealer_address, c.max_images, c.dealer_timeout, c.session_timeout, self._events,
-                              self._stop_workers))  # fmt: skip
+                              self._stop_workers, c.threads))  # fmt: skip
         p.start()
         return _Worker(p)
 
@@ -297,7 +300,7 @@ class _Refusal(Exception):
 
 def _worker_main(wid: int, listener: socket.socket, packed: dict, shape: tuple[int, ...], weights_mode: str,
                  key: bytes, dealer_key: bytes, dealer: tuple[str, int], max_images: int, dealer_timeout: float,
-                 session_timeout: float, events, stop) -> None:  # fmt: skip
+                 session_timeout: float, events, stop, threads: int = 1) -> None:  # fmt: skip
     """Serve sessions one after another until ``stop``; exit after a session that failed mid-way."""
     from ..mpc.launcher import dealer_digest
     from ..mpc.lowering import lower
@@ -328,7 +331,7 @@ def _worker_main(wid: int, listener: socket.socket, packed: dict, shape: tuple[i
         events.put(("busy", wid, peer[0]))
         try:
             rec = _session(wid, conn, peer[0], gm, program, shape, weights_mode, key, dealer_key, dealer, max_images,
-                           dealer_timeout, session_timeout, dealer_digest)  # fmt: skip
+                           dealer_timeout, session_timeout, dealer_digest, threads)  # fmt: skip
         except _Refusal as e:
             events.put(("record", wid, SessionRecord(wid, peer[0], "refused", message=str(e)).__dict__))
             continue
@@ -345,7 +348,7 @@ def _worker_main(wid: int, listener: socket.socket, packed: dict, shape: tuple[i
 
 
 def _session(wid, conn, client, gm, program, shape, weights_mode, key, dealer_key, dealer, max_images,
-             dealer_timeout, session_timeout, dealer_digest) -> SessionRecord:  # fmt: skip
+             dealer_timeout, session_timeout, dealer_digest, threads=1) -> SessionRecord:  # fmt: skip
     from ..mpc.dealer.channel import connect_dealer
     from ..mpc.executor import CrypTenBackend
     from ..mpc.handshake import HandshakeError, plan_digest, serve_client
@@ -369,7 +372,7 @@ def _session(wid, conn, client, gm, program, shape, weights_mode, key, dealer_ke
     control = Control(conn, key, session.id)
     link = _dealer_link(control, connect_dealer, dealer_key, dealer_digest(program, count), dealer, shape, count,
                         session.id, dealer_timeout, session_timeout)  # fmt: skip
-    backend = CrypTenBackend("separate")
+    backend = CrypTenBackend("separate", threads)
     backend.attach_dealer(link)
     backend.start(0, conn.getsockname()[0], session.store_port)
     try:
