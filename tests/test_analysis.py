@@ -135,6 +135,37 @@ def test_converted_report_flags_prototypes_and_replicates(digits):
         assert s.summary()["replicate_spread_deg"] == 0.0  # untrained: every replicate at (beta, alpha) = (0, 1)
 
 
+def test_flip_exposure_counts_prototype_inputs_near_zero_exactly(digits):
+    """The margins equal a direct count: prototype inputs within k ulps, times the gates each one serves."""
+    from deepshare_convert.analysis import analyze
+    from deepshare_convert.analysis.margins import THRESHOLDS, ULP
+    from deepshare_convert.conversion.gates import PrototypeGate
+
+    model, plan = _converted(digits, "30%", group_size=2)
+    images = torch.randn(24, *digits.input_size, generator=torch.Generator().manual_seed(0)) * 1e-5  # near 0
+    seen = {}
+    gates = {name: m for name, m in model.model.named_modules() if isinstance(m, PrototypeGate)}
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach().double()))
+             for name, m in gates.items()]  # fmt: skip
+    with torch.no_grad():
+        model.model.eval()(images)
+    for h in hooks:
+        h.remove()
+    r = analyze(model.model, digits.input_size, [images[:16], images[16:]])
+    m = r.to_dict()["margins"]
+    for g, got in zip(plan.groups, m["groups"]):
+        gate = gates[f"deepshare_gates.g{g.index}"]
+        ulps = seen[f"deepshare_gates.g{g.index}"][:, : g.prototypes].abs() / ULP
+        served = torch.bincount(gate.mapping, minlength=g.prototypes).double() * len(g.sites)
+        for k in THRESHOLDS:
+            hit = (ulps <= k).flatten(2).sum((0, 2)).double()
+            assert got["within_per_inference"][k] == pytest.approx(float(hit.sum()) / 24)
+            assert got["gates_served_per_inference"][k] == pytest.approx(float((hit * served).sum()) / 24)
+    totals = [m["gates_served_within_per_inference"][k] for k in THRESHOLDS]
+    assert totals == sorted(totals) and totals[-1] > 0  # inputs this small do come near 0
+    assert 0 < m["images_with_any_within"][64] <= 1
+
+
 def test_affine_summary_reads_fig10():
     alpha = [1.0, -1.0, -2.0, 0.05, 1.0, 0.0]
     beta = [0.0, 1.0, 1.0, 0.3, 0.0, 1.0]

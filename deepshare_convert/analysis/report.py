@@ -17,6 +17,7 @@ The converted-model numbers read the paper's Supp. E (Fig. 10) as statistics:
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,7 @@ import torch.nn as nn
 from ..conversion.rewrite import GATES_ATTR, SITES_ATTR
 from ..errors import DataError, DeepShareError
 from .effective_dim import GateCovariance, shuffle_positions
+from .margins import MarginCounter
 from .recording import GraphSites, SiteInfo, graph_sites, record
 
 __all__ = ["SiteReport", "AnalysisReport", "analyze", "analyze_dataset", "dataset_batches", "affine_summary", "NEAR_LINEAR"]
@@ -92,11 +94,15 @@ class AnalysisReport:
     converted: bool
     sites: list[SiteReport] = field(default_factory=list)
     seconds: float = 0.0
+    margins: dict[str, Any] | None = None  # converted models: prototype inputs near 0 (:mod:`.margins`)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "data": self.data, "num_images": self.num_images, "seed": self.seed,
-                "converted": self.converted, "seconds": round(self.seconds, 2),
-                "sites": [s.to_dict() for s in self.sites]}  # fmt: skip
+        d = {"model": self.model, "data": self.data, "num_images": self.num_images, "seed": self.seed,
+             "converted": self.converted, "seconds": round(self.seconds, 2),
+             "sites": [s.to_dict() for s in self.sites]}  # fmt: skip
+        if self.margins is not None:
+            d["margins"] = self.margins
+        return d
 
 
 def _finite(values: Sequence[float]) -> list[float | None]:
@@ -144,10 +150,13 @@ class _Accumulator:
         self.agree: dict[str, torch.Tensor] = {}
         self.affine_agree: dict[str, torch.Tensor] = {}
         self.seen: dict[str, int] = {}
+        self.margins = MarginCounter(seed)
+        self.group_sites = collections.Counter(s.group for s in found.sites if s.group is not None)
 
     def __call__(self, kind: str, what: object, x: torch.Tensor) -> None:
         if kind == "gate":
             gate = self.found.graph.get_submodule(f"{GATES_ATTR}.g{what}")
+            self.margins.add(int(what), gate, x, self.group_sites[int(what)])
             if gate.prototypes == 0:  # a linear group: every channel receives the gate 0
                 self.shared[int(what)] = torch.zeros_like(_flat(x >= 0))
                 return
@@ -211,6 +220,7 @@ def analyze(model: nn.Module, input_size: Sequence[int], batches: Iterable[torch
     acc = _Accumulator(found, seed)
     n = 0
     for images in batches:
+        acc.margins.start_batch(images.shape[0])
         record(found, images, acc)
         n += images.shape[0]
         if progress is not None:
@@ -218,7 +228,8 @@ def analyze(model: nn.Module, input_size: Sequence[int], batches: Iterable[torch
     if n == 0:
         raise DataError("no images to analyse")
     report = AnalysisReport(name or type(model).__name__, data, n, seed, found.converted,
-                            [acc.site_report(s) for s in found.sites])  # fmt: skip
+                            [acc.site_report(s) for s in found.sites],
+                            margins=acc.margins.report() if found.converted else None)  # fmt: skip
     report.seconds = time.perf_counter() - start
     return report
 

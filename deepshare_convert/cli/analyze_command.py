@@ -6,6 +6,7 @@ Kept in its own file and added to the app by :func:`register`, like the SNL and 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -83,6 +84,13 @@ def analyze(
     console.print(analysis_table(result))
     if suggest:
         console.print(suggestion_table(result["suggestion"]["groups"], suggest))
+    if report.margins is not None:
+        m = report.margins
+        near = ", ".join(f"{m['gates_served_within_per_inference'][k]:,.1f} within {k}" for k in (1, 4, 16))
+        bits = round(-math.log2(m["ulp"]))
+        console.print(f"flip exposure (gates whose prototype input is within k ulps of 0, 1 ulp = 2^-{bits}), per "
+                      f"inference: {near}; images with any within 4 ulps: "
+                      f"{100 * m['images_with_any_within'][4]:.1f}%")  # fmt: skip
     console.print(f"{report.num_images} images in {report.seconds:.1f} s" + (f"; wrote {', '.join(files)}" if files else ""))
 
 
