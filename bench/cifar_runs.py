@@ -211,7 +211,7 @@ def final_accuracy(run_dir: str | Path, sched: Schedule) -> float:
     """Top-1 of a saved converted/SNL model on the bench's test images (same loader for every method)."""
     from deepshare_convert.conversion.rewrite import load
     from deepshare_convert.data import load_dataset, make_loader
-    from deepshare_convert.evaluate import evaluate
+    from deepshare_convert.evaluation import evaluate
 
     conv = load(run_dir)
     info, _, test = load_dataset(DATA)
@@ -224,7 +224,7 @@ def original_accuracy(model: str, sched: Schedule) -> tuple[float, int]:
     """Top-1 and ReLU count of the pretrained model."""
     from deepshare_convert.conversion.census import census
     from deepshare_convert.data import load_dataset, make_loader
-    from deepshare_convert.evaluate import evaluate
+    from deepshare_convert.evaluation import evaluate
     from deepshare_convert.models import load_model
 
     loaded = load_model(model, weights=str(WEIGHTS[model]))

@@ -161,7 +161,7 @@ def _test_loader(sched: Schedule, mean, std):
 
 def score(model, sched: Schedule, mean, std) -> dict[str, Any]:
     """mIoU, pixel accuracy and per-class IoU on the bench's test images (one loader for every model)."""
-    from deepshare_convert.evaluate import evaluate
+    from deepshare_convert.evaluation import evaluate
 
     r = evaluate(model, _test_loader(sched, mean, std), device=sched.device)
     model.cpu()

@@ -28,7 +28,7 @@ CIFAR = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
 
 
 def _scores(model, loader, grids: list[int | None], metric: str) -> dict[str, float]:
-    from deepshare_convert.evaluate import evaluate
+    from deepshare_convert.evaluation import evaluate
     from deepshare_convert.mpc.prepare import prepare
 
     out = {}

@@ -8,7 +8,7 @@ trained with the GELU phase, the switch and a finetune) can draw the two lines t
 checkerboard needs.  The four methods are a one-ReLU MLP, an SNL-style layer (1 ReLU
 + 3 linear neurons), DeepShare with step gates from the start (no gradient reaches
 the prototype) and DeepShare with its three phases.  Each trains for every seed with
-the library's `deepshare_convert.xor.run_xor` (the engine; SGD lr 0.1, batch 32, 800
+the library's `deepshare_convert.experiments.xor.run_xor` (the engine; SGD lr 0.1, batch 32, 800
 points) and is scored on 10,000 fresh points; the settings are read from
 recipes/xor.yaml exactly as `deepshare xor --config recipes/xor.yaml` reads them.
 
@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from deepshare_convert.experiments.xor import decision_map, load_xor_config, run_xor  # noqa: E402
 from deepshare_convert.plots import xor_maps  # noqa: E402
 from deepshare_convert.recipes import RecipeError  # noqa: E402
-from deepshare_convert.xor import decision_map, load_xor_config, run_xor  # noqa: E402
 
 from common import ROOT, add_out_arg, update_docs_section, write_results  # noqa: E402
 

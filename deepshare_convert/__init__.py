@@ -59,13 +59,13 @@ def estimate_latency(model, input_size, **kwargs):
 
 
 def _register_plan_kinds() -> None:
-    """Plan kinds beyond the shared gates, for ``rewrite.apply_plan``/``load`` (see :mod:`.plan_kinds`).
+    """Plan kinds beyond the shared gates, for ``rewrite.apply_plan``/``load`` (see :mod:`.conversion.plan_kinds`).
 
     Registered here, the package every submodule's import runs first, so any ``load``
     finds them; their code is imported only when such a plan is replayed (no torch at
     ``import deepshare_convert``, and no import cycle: ``snl`` imports ``rewrite``, not the reverse).
     """
-    from .plan_kinds import register_plan_kind
+    from .conversion.plan_kinds import register_plan_kind
 
     def apply_snl_plan(model, plan):
         from .snl.plan import apply_snl_plan

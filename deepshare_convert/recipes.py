@@ -67,7 +67,7 @@ class Conversion(ConversionSettings):
         "shared", description="ablation: none switches replicate channels off (prototypes only; group_size 1)")
     init: Literal["naive", "data"] = Field(
         "naive", description="naive: pi(c) = (c - P) mod P, alpha = 1, beta = 0; data: pi and (alpha, beta) "
-        "fitted to the original network's gates on calibration images (deepshare_convert.calibration)")
+        "fitted to the original network's gates on calibration images (deepshare_convert.conversion.fitting)")
     calibration_images: int = Field(256, gt=0, description="train images used by init: data and order: distortion")
 
     @model_validator(mode="after")

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from deepshare_convert.ablation import apply_ablation, drop_replicates, freeze_affine
 from deepshare_convert.conversion.gates import SharedGate
 from deepshare_convert.conversion.rewrite import convert
 from deepshare_convert.errors import PlanError
 from deepshare_convert.recipes import RecipeError, recipe_from_dict
+from deepshare_convert.training.ablation import apply_ablation, drop_replicates, freeze_affine
 from deepshare_convert.training.retrain import retrain
 
 from .test_retrain import SMALL

@@ -1,4 +1,4 @@
-"""Gate analysis (issue 14): ED on constructed data, the shuffle, converted-model statistics, the CLI."""
+"""Gate analysis: ED on constructed data, the shuffle, converted-model statistics, the CLI."""
 
 from __future__ import annotations
 

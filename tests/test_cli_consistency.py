@@ -1,4 +1,4 @@
-"""Issue 16 item 6: every command speaks the same CLI (options, batch name, --json, errors, help)."""
+"""Every command speaks the same CLI (options, batch name, --json, errors, help)."""
 
 from __future__ import annotations
 

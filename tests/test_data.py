@@ -18,7 +18,7 @@ from PIL import Image
 from deepshare_convert import data
 from deepshare_convert.data import DatasetInfo, TensorSplit, load_dataset, make_loader
 from deepshare_convert.errors import DataError, DeepShareError
-from deepshare_convert.evaluate import EvalResult, evaluate
+from deepshare_convert.evaluation import EvalResult, evaluate
 
 from .conftest import CIFAR10_JPG, needs
 

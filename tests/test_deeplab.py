@@ -257,7 +257,7 @@ def _input_with_margin(converted: nn.Module) -> torch.Tensor:
 
 @pytest.mark.skipif(not HAS_CRYPTEN, reason="crypten not installed")
 @pytest.mark.parametrize("budget", [None, "10%"])
-def test_two_party_segmentation_agrees_and_costs_exactly(budget):
+def test_two_party_segmentation_agrees_and_costs_exactly(budget, record_property):
     from deepshare_convert.mpc.costs import estimate
     from deepshare_convert.mpc.launcher import run_two_party
     from deepshare_convert.mpc.prepare import prepare, reference
@@ -271,8 +271,8 @@ def test_two_party_segmentation_agrees_and_costs_exactly(budget):
     same = r.logits.argmax(1) == clear.argmax(1)
     top2 = np.sort(clear, axis=1)
     decided = top2[:, -1] - top2[:, -2] > 2 * error  # pixels MPC's rounding cannot flip
-    print(f"budget {budget}: max logit error {error:.2e}, label agreement {same.mean():.4%} "
-          f"({(~decided).sum()} near-tie pixels), {r.parties[0].bytes} bytes, {r.parties[0].rounds} rounds")
+    record_property(f"budget_{budget}", {"max_logit_error": float(error), "agreement": float(same.mean()),
+                                         "bytes": r.parties[0].bytes, "rounds": r.parties[0].rounds})  # fmt: skip
     assert error <= 1e-2 and decided.mean() >= 0.995
     assert same[decided].all(), "a pixel with a clear plaintext winner changed label"
     # near-ties sit on class boundaries (upsampled from 2x3 here); either label is right there, and MPC's

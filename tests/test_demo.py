@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from deepshare_convert.demo import run_demo
+from deepshare_convert.experiments.demo import run_demo
 
 
 def test_reduced_demo_end_to_end(tmp_path):

@@ -1,4 +1,4 @@
-"""Model files that carry their architecture: torch.export .pt2, ONNX (onnx2torch); TorchScript refused (issue 17)."""
+"""Model files that carry their architecture: torch.export .pt2, ONNX (onnx2torch); TorchScript refused."""
 
 from __future__ import annotations
 

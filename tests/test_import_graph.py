@@ -22,10 +22,10 @@ PACKAGE = "deepshare_convert"
 ROOT = Path(__file__).resolve().parents[1]
 
 # Library cycles that exist today, each the set of modules of one strongly connected component.
-# Empty since the plan-kind registry (plan_kinds.py) broke rewrite <-> snl.
+# Empty since the plan-kind registry (conversion/plan_kinds.py) broke rewrite <-> snl.
 # The test fails on a cycle not listed here AND on a listed cycle that no longer exists, so this
 # list can only shrink: delete an entry in the change that breaks its cycle.
-KNOWN_CYCLES: set[frozenset[str]] = set()  # rewrite <-> snl went with the plan-kind registry (plan_kinds.py)
+KNOWN_CYCLES: set[frozenset[str]] = set()  # rewrite <-> snl went with the plan-kind registry (conversion/plan_kinds.py)
 
 
 def _modules(root: Path = ROOT) -> dict[str, tuple[Path, bool]]:

@@ -95,7 +95,7 @@ def test_a_budget_that_buys_no_prototype_is_one_line(resnet20):
 
 
 def test_calibration_fits_beta_of_a_linear_group(resnet20):
-    from deepshare_convert.calibration import fit_sharing
+    from deepshare_convert.conversion.fitting import fit_sharing
 
     conv = convert(resnet20.model, resnet20.input_size, budget="0.5%")
     images = torch.randn(16, *resnet20.input_size)

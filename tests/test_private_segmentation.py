@@ -50,7 +50,7 @@ def _converted():
     return recalibrate_batchnorm(conv.model, SIZE, inputs=frames), conv.plan, loaded
 
 
-def test_two_party_camvid_label_map_equals_plaintext_and_costs_exactly():
+def test_two_party_camvid_label_map_equals_plaintext_and_costs_exactly(record_property):
     from deepshare_convert.mpc.costs import estimate
     from deepshare_convert.mpc.launcher import run_two_party
     from deepshare_convert.mpc.prepare import prepare, reference
@@ -73,8 +73,8 @@ def test_two_party_camvid_label_map_equals_plaintext_and_costs_exactly():
     assert r.logits.shape == clear.shape == (1, 11, *SIZE[1:])
     same = r.logits.argmax(1) == clear.argmax(1)
     error = float(np.abs(r.logits - clear).max())
-    print(f"frame {best}: pixel agreement {same.mean():.4%} of {same.size}, max logit error {error:.2e}, "
-          f"{r.parties[0].bytes:,} bytes, {r.parties[0].rounds} rounds, {r.parties[0].comparisons:,} comparisons")
+    record_property("frame", {"frame": int(best), "agreement": float(same.mean()), "max_logit_error": error,
+                              "bytes": r.parties[0].bytes, "rounds": r.parties[0].rounds})  # fmt: skip
     assert same.mean() >= 0.999 and error <= 1e-2
     assert np.ptp(clear, axis=1).min() > 1e-4 and len(np.unique(clear.argmax(1))) > 1, "a flat map proves nothing"
     est = estimate(net, SIZE, batch=1, weights_mode="public")

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from deepshare_convert.calibration import channel_distortion, fit_sharing
 from deepshare_convert.conversion.census import census
+from deepshare_convert.conversion.fitting import channel_distortion, fit_sharing
 from deepshare_convert.conversion.gates import PrototypeGate, SharedGate, ste_gate, step_gate
 from deepshare_convert.conversion.rewrite import convert, load
 from deepshare_convert.recipes import RecipeError, recipe_from_dict

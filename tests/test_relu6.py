@@ -1,4 +1,4 @@
-"""ReLU6 / Hardtanh / LeakyReLU (issue 13): counted, converted, masked and run on shares as ReLU sites.
+"""ReLU6 / Hardtanh / LeakyReLU: counted, converted, masked and run on shares as ReLU sites.
 
 ReLU6 = 6 - relu(6 - relu(x)) is two DReLU sites (``<site>_lo``, ``<site>_hi``), LeakyReLU(a) =
 a*x + (1 - a)*relu(x) one (``<site>_relu``); the decomposition runs right after tracing
@@ -273,7 +273,7 @@ def mpc_nets():
 
 @needs_crypten
 @pytest.mark.parametrize("which", ["original", "converted"])
-def test_two_party_run_agrees_and_costs_what_the_model_says(mpc_nets, which):
+def test_two_party_run_agrees_and_costs_what_the_model_says(mpc_nets, which, record_property):
     from deepshare_convert.mpc.costs import estimate
     from deepshare_convert.mpc.launcher import run_two_party
 
@@ -283,7 +283,8 @@ def test_two_party_run_agrees_and_costs_what_the_model_says(mpc_nets, which):
     expected_cmp = (census(model, MPC_SIZE).total_relus if which == "original" else conv.plan.achieved) * MPC_BATCH
     assert r.parties[0].comparisons == r.parties[1].comparisons == expected_cmp
     assert r.top1_agreement == 1.0 and np.ptp(r.plaintext, axis=1).min() > 0.05
-    print(f"{which}: max logit error {r.max_logit_error:.2e}, bytes {r.parties[0].bytes:,}, rounds {r.parties[0].rounds}")
+    record_property(which, {"max_logit_error": float(r.max_logit_error), "bytes": r.parties[0].bytes,
+                            "rounds": r.parties[0].rounds})  # fmt: skip
     assert r.max_logit_error <= 1e-2
     est = estimate(net, MPC_SIZE, batch=MPC_BATCH, weights_mode="public")
     assert (est.bytes, est.rounds) == (r.parties[0].bytes, r.parties[0].rounds)

@@ -149,7 +149,7 @@ def test_overrides_and_quick(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
     if path.name == "xor.yaml":  # the XOR experiment's own settings (deepshare xor --config)
-        from deepshare_convert.xor import load_xor_config
+        from deepshare_convert.experiments.xor import load_xor_config
 
         assert load_xor_config(path).epochs == 5000 and load_xor_config(path, quick=True).epochs < 5000
         return

@@ -20,8 +20,8 @@ from deepshare_convert.cli.app import run
 from deepshare_convert.data import CAMVID_CLASSES, SegmentationSplit, camvid_splits, load_dataset, make_loader
 from deepshare_convert.data.loader import _augment_joint
 from deepshare_convert.errors import DataError
-from deepshare_convert.evaluate import evaluate
-from deepshare_convert.metrics import confusion_matrix, seg_scores
+from deepshare_convert.evaluation import evaluate
+from deepshare_convert.evaluation.metrics import confusion_matrix, seg_scores
 from deepshare_convert.training.losses import kd_loss, task_loss
 
 from .conftest import SHARED, needs

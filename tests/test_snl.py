@@ -14,7 +14,7 @@ from deepshare_convert.cli.app import run
 from deepshare_convert.conversion.rewrite import load
 from deepshare_convert.data import load_dataset, make_loader
 from deepshare_convert.errors import DeepShareError, PlanError
-from deepshare_convert.evaluate import evaluate
+from deepshare_convert.evaluation import evaluate
 from deepshare_convert.snl import (
     MaskedReLU,
     SNLConfig,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deepshare_convert.cli.app import run
-from deepshare_convert.xor import build, checkerboard, run_xor
+from deepshare_convert.experiments.xor import build, checkerboard, run_xor
 
 EPOCHS, SEEDS = 400, 5
 

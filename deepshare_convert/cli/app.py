@@ -180,8 +180,8 @@ def xor(
     from pathlib import Path
 
     from ..conversion.plan import write_json_atomic
+    from ..experiments.xor import decision_map, load_xor_config, run_xor
     from ..plots import xor_maps
-    from ..xor import decision_map, load_xor_config, run_xor
     from .progress import progress_bar
     from .tables import xor_table
 
@@ -250,7 +250,7 @@ def evaluate(
     """Top-1 accuracy of MODEL on the test split of a dataset (mIoU, pixel accuracy and per-class IoU for
     segmentation data)."""
     from ..data import check_input_fits, load_dataset, make_loader
-    from ..evaluate import evaluate as run_eval
+    from ..evaluation import evaluate as run_eval
 
     if batch_size < 1:
         raise typer.BadParameter("--batch-size must be at least 1")
@@ -336,7 +336,7 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """End to end: train -> convert -> retrain -> two-party inference -> latency, with a summary."""
-    from ..demo import run_demo
+    from ..experiments.demo import run_demo
     from .progress import TrainingReporter
     from .tables import demo_summary_table
 

@@ -13,7 +13,7 @@ One module per step, in the order they run (``docs/architecture.md`` draws the f
 * :mod:`.rewrite`  -- ``convert`` / ``apply_plan`` (the shared-gate pass) / ``save`` / ``load``.
 
 What an activation *is* lives outside, in :mod:`deepshare_convert.activations`, because the
-MPC lowering reads it too; other plan kinds (SNL) register in :mod:`deepshare_convert.plan_kinds`.
+MPC lowering reads it too; other plan kinds (SNL) register in :mod:`deepshare_convert.conversion.plan_kinds`.
 This ``__init__`` imports nothing, so ``import deepshare_convert.conversion.budget`` stays light
 (the CLI lists allocators without importing torch).
 """

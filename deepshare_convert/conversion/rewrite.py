@@ -23,13 +23,13 @@ import torch.nn as nn
 
 from ..activations import ORIGIN_META, activation_input, get_activation
 from ..errors import DeepShareError, PlanError
-from ..plan_kinds import registered_plan_kind
 from .budget import allocate, parse_budget
 from .census import census, find_sites
 from .gates import PrototypeGate, SharedGate, balanced_mapping
 from .grouping import group_sites, select_kept
 from .passes import PassResult, SiteRewrite, swap_site
 from .plan import PLAN_FILE, WEIGHTS_FILE, GroupPlan, Plan
+from .plan_kinds import registered_plan_kind
 from .settings import ConversionSettings, settings_from
 from .tracing import example_input, propagate_shapes, trace
 

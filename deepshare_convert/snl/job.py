@@ -20,8 +20,8 @@ from ..conversion.census import census
 from ..conversion.plan import PLAN_FILE, WEIGHTS_FILE, write_json_atomic
 from ..conversion.tracing import check_leaf_names, example_input
 from ..errors import BudgetError, DeepShareError, PlanError, first_line
+from ..evaluation.metrics import task_key
 from ..interrupts import deferred_sigint
-from ..metrics import task_key
 from ..training.device import resolve_device
 from ..training.engine import PhaseHooks, PhaseSpec, Reporter, Trainer
 from ..training.rundir import RunDir
@@ -256,7 +256,7 @@ class _Job:
                            limit=c.limit if train else c.test_limit, seed=c.seed)  # fmt: skip
 
     def accuracy(self, model: nn.Module) -> float:
-        from ..evaluate import evaluate
+        from ..evaluation import evaluate
 
         return evaluate(model, self.trainer.test_loader, device=self.device).score
 

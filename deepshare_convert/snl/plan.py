@@ -2,7 +2,7 @@
 
 ``kind="snl"`` plans hold the kept ReLUs per site; which neurons stay is data (a bool
 tensor per site, in ``model.safetensors``).  ``rewrite.apply_plan`` and ``rewrite.load``
-reach :func:`apply_snl_plan` and :func:`check_kept` through :mod:`..plan_kinds`.
+reach :func:`apply_snl_plan` and :func:`check_kept` through :mod:`..conversion.plan_kinds`.
 """
 
 from __future__ import annotations

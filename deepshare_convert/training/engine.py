@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .. import interrupts
 from ..errors import DeepShareError
-from ..evaluate import EvalResult, evaluate
+from ..evaluation import EvalResult, evaluate
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext
 from .losses import kd_loss, task_loss

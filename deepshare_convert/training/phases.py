@@ -119,7 +119,7 @@ class ProgressivePhase(PhaseHooks):
     f = step / steps (``easing: quadratic``: ``1 - (1 - u)^2``, slower near t = 1);
     every channel reaches t = 1 by ``ramp_end``.  ``together``:
     start_c = 0, width = ramp_end.  ``distortion``: channels ranked by
-    :func:`~deepshare_convert.calibration.channel_distortion` (least first) start
+    :func:`~deepshare_convert.conversion.fitting.channel_distortion` (least first) start
     evenly over [0, ramp_end - width] with width = ``window * ramp_end``.
     The starts are part of the hook state, so a resumed run keeps its order.
     """
@@ -160,7 +160,7 @@ class ProgressivePhase(PhaseHooks):
     def _schedule(self, model, sites) -> dict[str, torch.Tensor]:
         if self.order == "together" or self.ramp_end <= 0:
             return {name: torch.zeros(m.channels) for name, m in sites.items()}
-        from ..calibration import channel_distortion
+        from ..conversion.fitting import channel_distortion
 
         if self.calibration is None:
             raise ValueError("order 'distortion' needs calibration images")

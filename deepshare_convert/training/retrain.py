@@ -22,18 +22,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..ablation import apply_ablation
 from ..conversion.census import census
 from ..conversion.gates import set_gate_mode
 from ..conversion.plan import WEIGHTS_FILE, Plan
 from ..conversion.rewrite import apply_plan, convert, save
 from ..data import load_dataset, make_loader
 from ..errors import DeepShareError
-from ..evaluate import evaluate
+from ..evaluation import evaluate
+from ..evaluation.metrics import task_key
 from ..interrupts import deferred_sigint
-from ..metrics import task_key
 from ..models import ModelSpec, load_model
 from ..recipes import Phase, Recipe, dump_recipe, load_recipe
+from .ablation import apply_ablation
 from .device import resolve_device
 from .distributed import DistContext, init_from_env, wrap_ddp
 from .engine import PhaseSpec, Reporter, Trainer
@@ -176,7 +176,7 @@ class _Run:
             converted = convert(self.original, input_size, c, spec=spec)  # the recipe's settings, as `convert` takes them
             self.plan, self.student = converted.plan, converted.model
             if c.init == "data":
-                from ..calibration import fit_sharing
+                from ..conversion.fitting import fit_sharing
 
                 self.note(sharing_fit=fit_sharing(self.student, self.plan, self.calibration_images()))
             if self.dist.is_main:

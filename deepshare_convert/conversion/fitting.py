@@ -28,9 +28,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .conversion.gates import PrototypeGate, SharedGate, step_gate
-from .conversion.plan import Plan
-from .conversion.rewrite import GATES_ATTR, SITES_ATTR
+from .gates import PrototypeGate, SharedGate, step_gate
+from .plan import Plan
+from .rewrite import GATES_ATTR, SITES_ATTR
 
 __all__ = ["fit_sharing", "channel_distortion", "site_inputs"]
 

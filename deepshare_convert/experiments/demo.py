@@ -14,18 +14,18 @@ from typing import Any
 
 import torch
 
-from .conversion.plan import write_json_atomic
-from .conversion.rewrite import load as load_converted
-from .data import load_dataset, make_loader
-from .errors import DeepShareError
-from .models import load_model
-from .recipes import load_recipe
-from .training.engine import Reporter, learning_curve
-from .training.retrain import PRETRAINED, retrain
+from ..conversion.plan import write_json_atomic
+from ..conversion.rewrite import load as load_converted
+from ..data import load_dataset, make_loader
+from ..errors import DeepShareError
+from ..models import load_model
+from ..recipes import load_recipe
+from ..training.engine import Reporter, learning_curve
+from ..training.retrain import PRETRAINED, retrain
 
 __all__ = ["RECIPES_DIR", "run_demo"]
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 DEMOS = {"digits": ("digits_demo.yaml", False, 16), "cifar": ("resnet20_cifar10.yaml", True, 2)}
 
 
@@ -56,8 +56,8 @@ def _test_images(recipe, loaded_mean, loaded_std, n: int) -> torch.Tensor:
 def run_demo(which: str = "digits", out: str | Path = "out/demo", *, reporter: Reporter | None = None,
              num_private: int | None = None, quick: bool | None = None, log=print) -> dict[str, Any]:  # fmt: skip
     """Run the whole pipeline; returns (and writes) ``OUT/summary.json`` and ``OUT/summary.png``."""
-    from .mpc.costs import estimate
-    from .mpc.launcher import run_two_party
+    from ..mpc.costs import estimate
+    from ..mpc.launcher import run_two_party
 
     if which not in DEMOS:
         raise DeepShareError(f"unknown demo {which!r}; choose {', '.join(DEMOS)}")
@@ -121,7 +121,7 @@ def _curve(run_dir: Path) -> list[list[float]]:
 
 
 def _plot(s: dict[str, Any], path: Path) -> Path:
-    from .plots import _plt, save_figure
+    from ..plots import _plt, save_figure
 
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))

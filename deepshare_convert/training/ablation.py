@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .conversion.gates import SharedGate
-from .conversion.plan import Plan
-from .conversion.rewrite import SITES_ATTR
-from .errors import PlanError
+from ..conversion.gates import SharedGate
+from ..conversion.plan import Plan
+from ..conversion.rewrite import SITES_ATTR
+from ..errors import PlanError
 
 __all__ = ["AFFINE_MODES", "REPLICATE_MODES", "apply_ablation", "freeze_affine", "drop_replicates"]
 

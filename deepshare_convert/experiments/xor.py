@@ -34,11 +34,11 @@ import torch.nn as nn
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .conversion.rewrite import convert
-from .evaluate import evaluate
-from .models.small import XorMLP
-from .training.engine import PhaseSpec, Trainer
-from .training.phases import hooks_for
+from ..conversion.rewrite import convert
+from ..evaluation import evaluate
+from ..models.small import XorMLP
+from ..training.engine import PhaseSpec, Trainer
+from ..training.phases import hooks_for
 
 __all__ = ["METHODS", "XorConfig", "XorResult", "checkerboard", "run_xor", "build", "load_xor_config"]
 
@@ -64,7 +64,7 @@ class XorConfig(BaseModel):
 
 
 def load_xor_config(path: str | Path | None, quick: bool = False, overrides: list[str] | None = None) -> XorConfig:
-    from .recipes import RecipeError, _format_errors, apply_overrides
+    from ..recipes import RecipeError, _format_errors, apply_overrides
 
     data: dict[str, Any] = {}
     if path is not None:

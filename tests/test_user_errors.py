@@ -1,4 +1,4 @@
-"""Issue 16: what a new user runs into -- bad output paths, overwrites, edited plans, messages."""
+"""What a user runs into: bad output paths, overwrites, edited plans, unclear inputs -- one clear line each."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_convert_bad_output_is_one_line(capsys, tmp_path, read_only_dir, where):
 def test_long_commands_check_output_before_work(capsys, read_only_dir, monkeypatch, argv):
     """`xor --quick -o /read-only/x` used to train 71 s and then fail: now it fails at once."""
     import deepshare_convert.data as data
-    import deepshare_convert.xor as xor
+    import deepshare_convert.experiments.xor as xor
 
     def no_work(*a, **k):
         raise AssertionError("work started before the output path was checked")
@@ -458,7 +458,7 @@ def test_functional_relus_inside_leaves_are_counted():
 
 # ---- item 10: cosmetics ------------------------------------------------------------------------------
 def test_xor_quick_is_the_same_with_and_without_config():
-    from deepshare_convert.xor import load_xor_config
+    from deepshare_convert.experiments.xor import load_xor_config
 
     root = Path(__file__).resolve().parents[1]
     built_in, shipped = load_xor_config(None, quick=True), load_xor_config(root / "recipes" / "xor.yaml", quick=True)
