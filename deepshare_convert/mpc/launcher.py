@@ -21,8 +21,10 @@ the next run).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -40,6 +42,7 @@ from .backend import Backend
 from .dealer.channel import accept_parties, connect_dealer
 from .dealer.randomness import DEALER_MODES
 from .dealer.service import deal_session
+from .fixed_point import truncation_mode
 from .handshake import authenticate, new_key, plan_digest, require_key
 from .holdings import plaintext_inventory as _plaintext_inventory, tensor_digest, unmasked_openings
 from .lowering import lower
@@ -357,6 +360,7 @@ def run_two_party(
     backend: Backend | None = None,
     sequential: bool = False,
     dealer: str = "separate",
+    truncation: str | None = None,
 ) -> PrivateRun:
     """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen).
 
@@ -364,15 +368,39 @@ def run_two_party(
     or with ``sequential`` N inferences of one image each, one after another, reusing the setup.
     ``dealer="separate"``: a third process deals the correlated randomness (private against
     either party); ``"simulated"``: party 0 samples it -- a measurement of the online phase only,
-    not private against party 0.
+    not private against party 0.  ``truncation``: ``"exact"`` or ``"local"`` (default:
+    :func:`~.fixed_point.truncation_mode`), handed to the spawned processes as ``$DEEPSHARE_TRUNCATION``.
     """
     _check_mode(weights_mode)
     _check_dealer(dealer)
+    truncation = truncation_mode(truncation)
+    with _environment(DEEPSHARE_TRUNCATION=truncation):
+        return _run_two_party(model, inputs, weights_mode, timeout, inventory, plaintext, leaf_modules, backend,
+                              sequential, dealer, truncation)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Variables set for the block (and the processes it spawns), restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_two_party(model, inputs, weights_mode, timeout, inventory, plaintext, leaf_modules, backend, sequential,
+                   dealer, truncation) -> PrivateRun:  # fmt: skip
     tic = time.perf_counter()
     gm = prepare(model, leaf_modules=leaf_modules)
     count = int(inputs.shape[0]) if sequential else 1
     shape = (1, *inputs.shape[1:]) if sequential else tuple(inputs.shape)
-    program = lower(gm, shape, weights_mode)  # refuses unsupported nodes before any process starts
+    program = lower(gm, shape, weights_mode, truncation)  # refuses unsupported nodes before any process starts
     expected = program.comparisons * count
     clear = None
     if plaintext:
