@@ -95,6 +95,7 @@ class PrivateRun:
     dealer: str = "separate"  # who dealt the correlated randomness: "separate" (a third process) or "simulated"
     dealer_report: dict[str, Any] | None = None  # what the dealer process sent (and held, with inventory)
     offline_expected: int = 0  # bytes of corrections the cost model predicts for the whole run
+    truncation: str = "local"  # "exact" | "local" (mpc/truncation.py)
 
     @property
     def offline_bytes(self) -> int:
@@ -131,6 +132,7 @@ class PrivateRun:
     def to_dict(self) -> dict[str, Any]:
         return {
             "weights_mode": self.weights_mode,
+            "truncation": self.truncation,
             "batch": int(self.logits.shape[0]),
             "top1_agreement": self.top1_agreement,
             **({"pixel_agreement": self.pixel_agreement, "pixels": int(self.logits[:, 0].size)} if self.dense else {}),
@@ -415,7 +417,7 @@ def _run_two_party(model, inputs, weights_mode, timeout, inventory, plaintext, l
     parties = [PartyReport(**r) for r in reports[:2]]
     dealt = reports[2] if len(reports) > 2 else None
     return PrivateRun(weights_mode, parties, parties[1].output, clear, expected, setup, dealer, dealt,
-                      program.offline_elements * 8 * count if dealer == "separate" else 0)  # fmt: skip
+                      program.offline_elements * 8 * count if dealer == "separate" else 0, truncation)  # fmt: skip
 
 
 def _check_dealer(dealer: str) -> None:
