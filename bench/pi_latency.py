@@ -20,8 +20,13 @@ client are the offline phase, estimated (``est_offline_bytes``) and measured
 measured row with the party-0 (simulated, not private) dealer in the same invocation, so the two
 wall times sit side by side (``measured_wall_s`` / ``measured_wall_s_simulated``).
 
+``--truncation`` measures only ResNet-18-CIFAR 6K (G = 2), both weight modes, once with today's
+local truncation and once with the exact one (mpc/truncation.py) in the same invocation: bytes,
+rounds, offline bytes (estimate = measurement in every inference) and the median wall time of 5
+inferences after one setup, side by side (~3 min on 2 cores).
+
 Writes bench/results/pi_latency.json and .png (pi_latency_quick.* with --quick,
-pi_latency_only.json with --only).
+pi_latency_only.json with --only, pi_latency_truncation.json with --truncation).
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the existing JSON")
     ap.add_argument("--simulated-too", action="store_true",
                     help="also measure every measured row with the simulated (party-0) dealer, for the wall time")
+    ap.add_argument("--truncation", action="store_true",
+                    help="only ResNet-18 6K, both weight modes, local vs exact truncation side by side")
     add_out_arg(ap)
     args = ap.parse_args()
     valid = {f"{m}:{n}" for m in ("public", "private") for n in ("original", *_names())}
@@ -83,6 +90,9 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model("resnet18_cifar")
     original = _bn_from_data(loaded.model, loaded.input_size)
+    if args.truncation:
+        _truncation_rows(args, original, loaded, table, bw, rtt)
+        return
     models = {"original": original}
     drelus = {"original": None}
     groups = {"original": None}
@@ -150,6 +160,44 @@ def main() -> None:
                                         "cost_table": table.source, "rows": rows}, args.out)  # fmt: skip
     png = _plot(rows, args.out / f"{name}.png", args.bandwidth, args.rtt)
     print(f"wrote {path} and {png}")
+
+
+REPEATS = 5  # --truncation: inferences per configuration (after one setup), for a median wall time
+
+
+def _truncation_rows(args, original: nn.Module, loaded, table: CostTable, bw: float, rtt: float) -> None:
+    """ResNet-18 6K (G = 2): local and exact truncation, estimated and measured, in both weight modes."""
+    from deepshare_convert.mpc.launcher import run_two_party
+
+    conv = convert(original, loaded.input_size, budget="6k", group_size=2, spec=loaded.spec.to_dict())
+    x = torch.randn((1, *loaded.input_size), generator=torch.Generator().manual_seed(1))
+    rows = []
+    for mode in ("public", "private"):
+        for trunc in ("local", "exact"):
+            est = estimate(conv.model, loaded.input_size, weights_mode=mode, table=table, bandwidth=bw, rtt=rtt,
+                           truncation=trunc)  # fmt: skip
+            # the same image REPEATS times after one setup: every inference measured, the median wall reported
+            r = run_two_party(conv.model, x.repeat(REPEATS, 1, 1, 1), weights_mode=mode, timeout=900, sequential=True,
+                              truncation=trunc)  # fmt: skip
+            runs = r.parties[0].inferences
+            walls = sorted(i["wall_s"] for i in runs)
+            row = {"model": "6k", "weights_mode": mode, "truncation": trunc, "drelus": conv.plan.achieved,
+                   "est_bytes": est.bytes, "est_rounds": est.rounds, "est_offline_bytes": est.offline_bytes,
+                   "est_network_s": est.network_s, "est_latency_s": est.latency_s,
+                   "measured_bytes": [i["bytes"] for i in runs], "measured_rounds": [i["rounds"] for i in runs],
+                   "measured_offline_bytes": r.offline_bytes // REPEATS, "measured_wall_s": walls[len(walls) // 2],
+                   "measured_walls_s": [i["wall_s"] for i in runs], "max_logit_error": r.max_logit_error,
+                   "top1_agreement": r.top1_agreement, "dealer": r.dealer}  # fmt: skip
+            assert all((i["bytes"], i["rounds"]) == (est.bytes, est.rounds) for i in runs), f"estimate != measured: {row}"
+            assert r.offline_bytes == REPEATS * est.offline_bytes, row
+            rows.append(row)
+            print(f"{mode:7s} {trunc:5s} online {est.bytes / 1e6:7.2f} MB {est.rounds:4d} rounds (= measured), offline "
+                  f"{est.offline_bytes / 1e6:6.2f} MB (= measured), network {est.network_s * 1e3:6.1f} ms, total "
+                  f"{est.latency_s * 1e3:6.1f} ms (est.), loopback wall {row['measured_wall_s']:5.2f} s (median of "
+                  f"{REPEATS}), max logit err {r.max_logit_error:.1e}", flush=True)  # fmt: skip
+    path = write_results("pi_latency_truncation", {"bandwidth_bps": bw, "rtt_s": rtt, "batch": 1,
+                                                   "cost_table": table.source, "rows": rows}, args.out)  # fmt: skip
+    print(f"wrote {path}")
 
 
 def _name(budget: str, group_size: int) -> str:

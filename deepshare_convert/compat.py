@@ -17,10 +17,17 @@ Both are applied lazily, at most once, through :func:`import_timm` /
 :func:`import_crypten` / :func:`import_onnx2torch`; nothing here runs at package import time.
 The torchvision remedy also runs on any ``import torchvision`` in the venv ``make install``
 builds (a user's own script included), through :mod:`.torchvision_hook`.
+
+One more, of behaviour rather than of a version mismatch: crypten's two-party division of a share
+by a public integer (``ArithmeticSharedTensor.div_``, which every fixed-point truncation goes
+through -- after its own Beaver products too) is the local one, with no extension point (only
+three or more parties reach ``protocol.truncate``).  :func:`crypten_integer_division` routes it,
+inside a ``with`` block only, to a function of ours (:mod:`.mpc.truncation`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import importlib.util
@@ -29,7 +36,7 @@ import sys
 from functools import cache
 
 __all__ = ["patch_torchvision", "torchvision_remedy", "patch_crypten", "import_timm", "import_crypten", "import_onnx2torch",
-           "check_install"]
+           "check_install", "crypten_integer_division"]  # fmt: skip
 
 _TORCHVISION_SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -122,6 +129,41 @@ def import_crypten():
     patch_torchvision()
     patch_crypten()
     return importlib.import_module("crypten")
+
+
+@contextlib.contextmanager
+def crypten_integer_division(divide):
+    """Within the block, a two-party ``share.div_(d)`` by a public integer ``d`` calls ``divide(share, d)``.
+
+    ``divide`` returns the new share tensor (the encoder is left as crypten leaves it).  Division by
+    a float, or with more than two parties, stays crypten's own.  Restored on exit, nested blocks too.
+    """
+    import torch
+
+    import_crypten()
+    import crypten.communicator as comm
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor as A
+
+    original = A.div_
+
+    def div_(self, y):
+        if isinstance(y, float) and int(y) == y:
+            y = int(y)
+        if torch.is_tensor(y) and not y.is_floating_point() and comm.get().get_world_size() == 2:
+            if y.numel() and bool((y == y.flatten()[0]).all()):
+                y = int(y.flatten()[0])  # one divisor for every element
+            else:
+                raise ValueError("division of a share by a tensor of different integers has no exact truncation")
+        if isinstance(y, int) and not isinstance(y, bool) and comm.get().get_world_size() == 2:
+            self.share = divide(self, y)
+            return self
+        return original(self, y)
+
+    A.div_ = div_
+    try:
+        yield
+    finally:
+        A.div_ = original
 
 
 def check_install() -> None:

@@ -24,15 +24,16 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("crypten") is None, rea
 _RUNS: dict = {}
 
 
-def run(mode: str, dealer: str):
-    """One inventoried run of the digits CNN at 10% per (weights mode, dealer), shared by the tests."""
+def run(mode: str, dealer: str, truncation: str = "local"):
+    """One inventoried run of the digits CNN at 10% per (weights mode, dealer, truncation), shared by the tests."""
     from deepshare_convert.mpc.launcher import run_two_party
 
-    if (mode, dealer) not in _RUNS:
+    if (mode, dealer, truncation) not in _RUNS:
         net, _, _ = model("digits_cnn", "10%")
-        _RUNS[mode, dealer] = run_two_party(net, inputs("digits_cnn", DIGITS_BATCH), weights_mode=mode, inventory=True,
-                                            dealer=dealer, timeout=300)  # fmt: skip
-    return _RUNS[mode, dealer]
+        _RUNS[mode, dealer, truncation] = run_two_party(net, inputs("digits_cnn", DIGITS_BATCH), weights_mode=mode,
+                                                        inventory=True, dealer=dealer, timeout=300,
+                                                        truncation=truncation)  # fmt: skip
+    return _RUNS[mode, dealer, truncation]
 
 
 # ---- the randomness itself -----------------------------------------------------------------------
@@ -101,9 +102,12 @@ def test_separate_dealer_agrees_and_offline_equals_estimate(mode):
     assert sim.offline_bytes == sim.offline_expected == 0
 
 
+@pytest.mark.parametrize("truncation", ["local", "exact"])  # exact: the truncation masks r are dealt too
 @pytest.mark.parametrize("mode", ["public", "private"])
-def test_no_party_ever_holds_a_dealt_mask(mode):
-    r = run(mode, "separate")
+def test_no_party_ever_holds_a_dealt_mask(mode, truncation):
+    r = run(mode, "separate", truncation)
+    if truncation == "exact":
+        assert r.top1_agreement == 1.0 and r.offline_bytes == r.offline_expected > run(mode, "separate").offline_bytes
     dealt = set(r.dealer_report["dealt_digests"])
     assert len(dealt) > 10  # the dealer saw its masks (else this test proves nothing)
     for p in r.parties:

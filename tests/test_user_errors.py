@@ -235,7 +235,8 @@ def _set(path, value):
         (_balanced_remap, "mapping"),
         (_set(["groups", 0, "mapping", 5], 99), "groups[0].mapping"),
         (_set(["groups", 0, "mapping", 5], -1), "groups[0].mapping"),
-        (_set(["groups", 0, "prototypes"], 0), "groups[0].prototypes"),
+        (_set(["groups", 0, "prototypes"], 0), "groups[0].mapping"),  # a linear group maps nothing
+        (_set(["groups", 0, "prototypes"], -1), "groups[0].prototypes"),
         (_set(["groups", 0, "prototypes"], 1000), "groups[0].prototypes"),
         (_set(["groups", 1, "shape"], [32, 8, 4]), "groups[1].shape"),
         (_set(["sites", 0, "relus"], 1), "sites[0].relus"),

@@ -147,6 +147,23 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_mapping(where: str, m: list, channels: int, p: int) -> None:
+    """C entries in [0, P), prototypes to themselves; none for a linear group (P = 0)."""
+    if p == 0:
+        if m:
+            raise _bad(f"{where}.mapping", f"has {len(m)} entries; a linear group (prototypes=0) maps nothing")
+        return
+    if len(m) != channels:
+        raise _bad(f"{where}.mapping", f"has {len(m)} entries for {channels} channels")
+    wrong = next((c for c, v in enumerate(m) if not _is_int(v) or not 0 <= v < p), None)
+    if wrong is not None:
+        raise _bad(f"{where}.mapping", f"sends channel {wrong} to {m[wrong]!r}, outside the {p} prototypes")
+    wrong = next((c for c in range(p) if m[c] != c), None)
+    if wrong is not None:
+        raise _bad(f"{where}.mapping", f"sends prototype {wrong} to {m[wrong]} (with prototypes={p}, "
+                   f"channels 0..{p - 1} must map to themselves)")  # fmt: skip
+
+
 def _check_plan(plan: Plan, recorded_drelus: list[Any], recorded_achieved: Any) -> None:
     """The consistency rules of :meth:`Plan.check`, one ``_bad`` per broken field."""
     sites = {}
@@ -177,23 +194,10 @@ def _check_plan(plan: Plan, recorded_drelus: list[Any], recorded_achieved: Any) 
         channels, p = g.channels, g.prototypes
         if not _is_int(p) or not 0 <= p <= channels:
             raise _bad(f"{where}.prototypes", f"is {p!r}; it must be 0..{channels} (0: a linear group)")
+        _check_mapping(where, g.mapping, channels, p)
         if i < len(recorded_drelus) and recorded_drelus[i] is not None and recorded_drelus[i] != g.drelus:
             raise _bad(f"{where}.drelus", f"is {recorded_drelus[i]}, but prototypes={p} at {g.spatial} "
                        f"positions make {g.drelus}")  # fmt: skip
-        m = g.mapping
-        if p == 0:
-            if m:
-                raise _bad(f"{where}.mapping", f"has {len(m)} entries; a linear group (prototypes=0) maps nothing")
-            continue
-        if len(m) != channels:
-            raise _bad(f"{where}.mapping", f"has {len(m)} entries for {channels} channels")
-        wrong = next((c for c, v in enumerate(m) if not _is_int(v) or not 0 <= v < p), None)
-        if wrong is not None:
-            raise _bad(f"{where}.mapping", f"sends channel {wrong} to {m[wrong]!r}, outside the {p} prototypes")
-        wrong = next((c for c in range(p) if m[c] != c), None)
-        if wrong is not None:
-            raise _bad(f"{where}.mapping", f"sends prototype {wrong} to {m[wrong]} (with prototypes={p}, "
-                       f"channels 0..{p - 1} must map to themselves)")  # fmt: skip
     for name, n in plan.snl_kept.items():
         if name not in sites:
             raise _bad("snl_kept", f"names {name!r}, which is not one of the plan's sites")

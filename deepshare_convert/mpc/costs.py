@@ -77,7 +77,8 @@ class CostTable:
         return path
 
     def node_bytes(self, op: MPCOp) -> int:
-        return round(op.comparisons * self.comparison_bytes + op.opened * self.open_bytes + op.revealed * self.reveal_bytes)
+        return round(op.comparisons * self.comparison_bytes + (op.opened + op.truncated) * self.open_bytes
+                     + op.revealed * self.reveal_bytes)  # fmt: skip
 
     def setup_cost(self, program: Program) -> tuple[int, int]:
         """(bytes, rounds) of the setup: every fixed tensor's ``W - b`` opened, all in one round."""
@@ -85,15 +86,15 @@ class CostTable:
         return round(n * self.open_bytes), (self.open_rounds if n else 0)
 
     def node_rounds(self, op: MPCOp) -> int:
-        return (op.compare_steps * self.comparison_rounds + op.open_rounds * self.open_rounds
-                + op.reveal_rounds * self.reveal_rounds)
+        return (op.compare_steps * self.comparison_rounds + (op.open_rounds + op.trunc_rounds) * self.open_rounds
+                + op.reveal_rounds * self.reveal_rounds)  # fmt: skip
 
     def node_compute(self, op: MPCOp, weights_mode: str) -> float:
         c = self.compute
         return (
             op.macs * c.get(f"s_per_mac_{weights_mode}", 0.0)
             + op.comparisons * c.get("s_per_comparison", 0.0)
-            + op.opened * c.get("s_per_opened", 0.0)
+            + (op.opened + op.truncated) * c.get("s_per_opened", 0.0)
         )
 
 
@@ -185,9 +186,9 @@ def estimate_program(program: Program, table: CostTable | None = None, *, bandwi
 
 def estimate(model: nn.Module, input_size: Sequence[int], *, batch: int = 1, weights_mode: str = "public",
              table: CostTable | None = None, bandwidth: float = 1e9, rtt: float = 1e-3, name: str = "model",
-             leaf_modules: Sequence[str] = ()) -> Estimate:  # fmt: skip
+             leaf_modules: Sequence[str] = (), truncation: str | None = None) -> Estimate:  # fmt: skip
     """Estimate private inference of ``model`` on a batch of ``input_size`` (C, H, W) inputs."""
-    program = lower(prepare(model, leaf_modules=leaf_modules), (batch, *input_size), weights_mode)
+    program = lower(prepare(model, leaf_modules=leaf_modules), (batch, *input_size), weights_mode, truncation)
     return estimate_program(program, table, bandwidth=bandwidth, rtt=rtt, name=name)
 
 

@@ -29,6 +29,7 @@ numbers are the online phase.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import torch.nn as nn
 
 from ..compat import import_crypten
 from ..errors import DeepShareError, first_line
-from . import protocols as P
+from . import protocols as P, truncation
 from .backend import Backend, NodeStats, PartyRun, SetupRun
 from .dealer.provider import use as use_dealer
 from .dealer.randomness import DEALER_MODES, Corrections, Randomness, SeededParty, SimulatedDealer
@@ -305,12 +306,14 @@ def run_program(program: Program, rank: int, x: torch.Tensor | None, dealer: Ran
     """Share the input, run the graph, reveal the output to party 1 (crypten must be initialised).
 
     In ``private`` mode ``masks`` come from :func:`setup_weights` with the same ``dealer``.  Every
-    triple CrypTen itself draws (its comparison's ANDs, a Beaver product) comes from ``dealer`` too.
+    triple CrypTen itself draws (its comparison's ANDs, a Beaver product) comes from ``dealer`` too,
+    and so do the exact truncation's pairs when the program says ``truncation="exact"``.
     """
     comm = _comm()
     interp = CrypTenInterpreter(program, rank, dealer, masks)
     interp.probe = probe
-    with use_dealer(interp.dealer):
+    exact = truncation.exact(interp.dealer) if program.truncation == "exact" else contextlib.nullcontext()
+    with use_dealer(interp.dealer), exact:
         return _run(interp, comm, program, rank, x)
 
 

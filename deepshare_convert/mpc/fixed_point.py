@@ -29,13 +29,22 @@ CONSTANT_BITS`` fractional bits (local, one more unit of rounding at that grid).
 already on the weight grid (``0.5``, ``2``) takes the weights' exact path instead.
 
 Bytes and rounds do not depend on the scales (the ring is 2^64 either way).
+
+**Truncation** (``TRUNCATION``, the setting :func:`truncation_mode` reads): ``"exact"`` divides every
+product by the dealer-assisted protocol of :mod:`.truncation` (no failure while the value before the
+division stays below 2^62 in the ring; one opening per truncating node), ``"local"`` keeps the local
+truncation and its failure probability above.  ``$DEEPSHARE_TRUNCATION`` overrides the default for a
+process and the parties it spawns; the plan hash carries the choice, so parties that differ refuse.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["ACTIVATION_BITS", "WEIGHT_BITS", "CONSTANT_BITS", "PRODUCT_BITS", "ACTIVATION_SCALE", "WEIGHT_SCALE",
+__all__ = ["TRUNCATION", "TRUNCATION_MODES", "truncation_mode",
+           "ACTIVATION_BITS", "WEIGHT_BITS", "CONSTANT_BITS", "PRODUCT_BITS", "ACTIVATION_SCALE", "WEIGHT_SCALE",
            "CONSTANT_SCALE", "encode_weight", "on_weight_grid"]  # fmt: skip
 
 ACTIVATION_BITS = 24
@@ -45,6 +54,18 @@ CONSTANT_BITS = 16
 ACTIVATION_SCALE = 2**ACTIVATION_BITS
 WEIGHT_SCALE = 2**WEIGHT_BITS
 CONSTANT_SCALE = 2**CONSTANT_BITS
+TRUNCATION_MODES = ("exact", "local")
+TRUNCATION = "local"
+
+
+def truncation_mode(mode: str | None = None) -> str:
+    """``mode``, else ``$DEEPSHARE_TRUNCATION``, else :data:`TRUNCATION`; refused unless one of the modes."""
+    mode = mode or os.environ.get("DEEPSHARE_TRUNCATION") or TRUNCATION
+    if mode not in TRUNCATION_MODES:
+        from ..errors import DeepShareError
+
+        raise DeepShareError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got {mode!r}")
+    return mode
 
 
 def on_weight_grid(t: torch.Tensor) -> bool:

@@ -144,6 +144,7 @@ def plan_digest(program: Program, weights: bool = True) -> str:
         "protocol": PROTOCOL,
         "fixed_point": [ACTIVATION_BITS, WEIGHT_BITS, CONSTANT_BITS],  # parties on other grids decode garbage
         "weights_mode": program.weights_mode,
+        "truncation": program.truncation,  # exact and local truncation open different values
         "input_shape": list(program.input_shape),
         "output_shape": list(program.output_shape),
         "ops": [op.to_dict() for op in program.ops],

@@ -21,8 +21,10 @@ the next run).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -40,6 +42,7 @@ from .backend import Backend
 from .dealer.channel import accept_parties, connect_dealer
 from .dealer.randomness import DEALER_MODES
 from .dealer.service import deal_session
+from .fixed_point import truncation_mode
 from .handshake import authenticate, new_key, plan_digest, require_key
 from .holdings import plaintext_inventory as _plaintext_inventory, tensor_digest, unmasked_openings
 from .lowering import lower
@@ -92,6 +95,7 @@ class PrivateRun:
     dealer: str = "separate"  # who dealt the correlated randomness: "separate" (a third process) or "simulated"
     dealer_report: dict[str, Any] | None = None  # what the dealer process sent (and held, with inventory)
     offline_expected: int = 0  # bytes of corrections the cost model predicts for the whole run
+    truncation: str = "local"  # "exact" | "local" (mpc/truncation.py)
 
     @property
     def offline_bytes(self) -> int:
@@ -128,6 +132,7 @@ class PrivateRun:
     def to_dict(self) -> dict[str, Any]:
         return {
             "weights_mode": self.weights_mode,
+            "truncation": self.truncation,
             "batch": int(self.logits.shape[0]),
             "top1_agreement": self.top1_agreement,
             **({"pixel_agreement": self.pixel_agreement, "pixels": int(self.logits[:, 0].size)} if self.dense else {}),
@@ -358,6 +363,7 @@ def run_two_party(
     sequential: bool = False,
     dealer: str = "separate",
     threads: int = 1,
+    truncation: str | None = None,
 ) -> PrivateRun:
     """Run ``model`` on ``inputs`` (N, C, H, W) under two-party MPC on this machine (``backend``: CrypTen).
 
@@ -366,14 +372,39 @@ def run_two_party(
     ``dealer="separate"``: a third process deals the correlated randomness (private against
     either party); ``"simulated"``: party 0 samples it -- a measurement of the online phase only,
     not private against party 0.  ``threads``: torch threads per party (both share this host).
+    ``truncation``: ``"exact"`` or ``"local"`` (default: :func:`~.fixed_point.truncation_mode`), handed
+    to the spawned processes as ``$DEEPSHARE_TRUNCATION``.
     """
     _check_mode(weights_mode)
     _check_dealer(dealer)
+    truncation = truncation_mode(truncation)
+    with _environment(DEEPSHARE_TRUNCATION=truncation):
+        return _run_two_party(model, inputs, weights_mode, timeout, inventory, plaintext, leaf_modules, backend,
+                              sequential, dealer, truncation, threads)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Variables set for the block (and the processes it spawns), restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_two_party(model, inputs, weights_mode, timeout, inventory, plaintext, leaf_modules, backend, sequential,
+                   dealer, truncation, threads=1) -> PrivateRun:  # fmt: skip
     tic = time.perf_counter()
     gm = prepare(model, leaf_modules=leaf_modules)
     count = int(inputs.shape[0]) if sequential else 1
     shape = (1, *inputs.shape[1:]) if sequential else tuple(inputs.shape)
-    program = lower(gm, shape, weights_mode)  # refuses unsupported nodes before any process starts
+    program = lower(gm, shape, weights_mode, truncation)  # refuses unsupported nodes before any process starts
     expected = program.comparisons * count
     clear = None
     if plaintext:
@@ -388,7 +419,7 @@ def run_two_party(
     parties = [PartyReport(**r) for r in reports[:2]]
     dealt = reports[2] if len(reports) > 2 else None
     return PrivateRun(weights_mode, parties, parties[1].output, clear, expected, setup, dealer, dealt,
-                      program.offline_elements * 8 * count if dealer == "separate" else 0)  # fmt: skip
+                      program.offline_elements * 8 * count if dealer == "separate" else 0, truncation)  # fmt: skip
 
 
 def _check_dealer(dealer: str) -> None:

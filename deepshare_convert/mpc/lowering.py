@@ -37,8 +37,10 @@ from ..errors import DeepShareError
 from ..snl.masks import MaskedReLU
 from . import WEIGHT_MODES
 from .cost_rules import COST_RULES, CostInput, interpolate_args
+from .fixed_point import truncation_mode
 from .prepare import prepare, snap_input
 from .program import MPCOp, Program, node_inputs, node_shape, numel
+from .truncation_rules import DEALT_PER_TRUNCATED, truncations
 
 __all__ = ["MPCOp", "Program", "CostInput", "COST_RULES", "lower", "prepare", "snap_input", "WEIGHT_MODES",
            "interpolate_args"]
@@ -137,8 +139,14 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{node.op} {node.target}"
 
 
-def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "public") -> Program:
-    """Classify every node of a :func:`~.prepare.prepare`-d graph for a batch of ``input_shape`` (N, C, ...)."""
+def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "public",
+          truncation: str | None = None) -> Program:  # fmt: skip
+    """Classify every node of a :func:`~.prepare.prepare`-d graph for a batch of ``input_shape`` (N, C, ...).
+
+    ``truncation``: ``"exact"`` or ``"local"`` (default :func:`~.fixed_point.truncation_mode`); under
+    ``"exact"`` each op also counts its divisions (:mod:`.truncation_rules`).
+    """
+    truncation = truncation_mode(truncation)
     if weights_mode not in WEIGHT_MODES:
         raise DeepShareError(f"--weights-mode must be 'private' or 'public', got {weights_mode!r}")
     input_shape = tuple(int(d) for d in input_shape)
@@ -186,10 +194,15 @@ def lower(gm: fx.GraphModule, input_shape: Sequence[int], weights_mode: str = "p
         if _is_inplace(node, modules) and inputs:
             op.inplace_of = inputs[0].name
         rule = COST_RULES.get(handler)
+        cost_input = CostInput(node, modules, weights_mode, secret, numel(shape), masked)
         if rule is not None:
-            rule(op, CostInput(node, modules, weights_mode, secret, numel(shape), masked))
+            rule(op, cost_input)
+        if truncation == "exact":
+            divisions = truncations(handler, cost_input)
+            op.truncated, op.trunc_rounds = sum(divisions), len(divisions)
+            op.dealt += DEALT_PER_TRUNCATED * op.truncated
         if op.inplace_of is not None:  # the node now names a new value: not opened yet
             masked.discard(inputs[0])
         secret[node] = op.secret
         ops.append(op)
-    return Program(gm, ops, input_shape, output_shape, weights_mode)
+    return Program(gm, ops, input_shape, output_shape, weights_mode, truncation)

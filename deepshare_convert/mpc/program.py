@@ -46,6 +46,8 @@ class MPCOp:
     elements: int = 0  # output elements (for tables)
     fixed: dict[str, int] = field(default_factory=dict)  # private mode: model tensors masked at setup -> elements
     dealt: int = 0  # correction elements the dealer sends the client for this op (the offline phase)
+    truncated: int = 0  # elements divided by the exact truncation (mpc/truncation.py), each opened once
+    trunc_rounds: int = 0  # its openings (one per division; sequential within the node)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +62,7 @@ class Program:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     weights_mode: str
+    truncation: str = "local"  # "exact" | "local" (mpc/fixed_point.py, mpc/truncation.py)
     # public weights prepared for the ring kernels (node -> RingWeight), filled by the first run
     kernels: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

@@ -231,11 +231,16 @@ def _by_constant(x, fn):
     """``fn(share)`` for a linear map with integer coefficients on the 2^-CONSTANT_BITS grid, truncated back.
 
     The local truncation fails with probability ~|v|/2^64: v stays at scale 2^PRODUCT_BITS, as after a
-    convolution, because x is first truncated to PRODUCT_BITS - CONSTANT_BITS fractional bits.
+    convolution, because x is first truncated to PRODUCT_BITS - CONSTANT_BITS fractional bits.  The
+    exact truncation (:mod:`.truncation`) has no such budget (v < 2^62 in the ring is enough), so under
+    it x is not pre-truncated: one division, one opening, and one rounding less.
     """
-    out = x.div(_CONSTANT_PRE) if _CONSTANT_PRE > 1 else x.shallow_copy()  # not div_: x's tensor stays as it is
+    from .truncation import active
+
+    pre = 1 if active() else _CONSTANT_PRE
+    out = x.div(pre) if pre > 1 else x.shallow_copy()  # not div_: x's tensor stays as it is
     out.share = fn(out.share)
-    return out.div_(CONSTANT_SCALE // _CONSTANT_PRE)
+    return out.div_(CONSTANT_SCALE // pre)
 
 
 @dataclass
