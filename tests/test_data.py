@@ -194,6 +194,26 @@ def test_imagefolder(tmp_path, monkeypatch):
     assert torch.equal(train.images, train2.images)
 
 
+def test_imagefolder_with_only_a_test_split_serves_evaluation_not_training(tmp_path):
+    """Evaluation and private inference read test images only; training says in one line what is missing."""
+    from deepshare_convert.data import require_split
+    from deepshare_convert.training.retrain import retrain
+
+    for k, cls in enumerate(["dog", "cat"]):
+        _png(tmp_path / "only" / "test" / cls / "0.png", size=(8, 8), color=40 * k, mode="L")
+    spec = f"imagefolder:{tmp_path / 'only'}"
+    info, train, test = load_dataset(spec)
+    assert len(train) == 0 and len(test) == 2 and info.classes == ["cat", "dog"] and info.input_size == (1, 8, 8)
+    x, y = next(iter(make_loader(test, info, train=False, batch_size=2)))
+    assert x.shape == (2, 1, 8, 8) and y.tolist() == [0, 1]
+    with pytest.raises(DataError, match=r"has no train images \(want train/<class>/<image>"):
+        require_split(train, "train", spec)
+    from .test_retrain import DIGITS
+
+    with pytest.raises(DataError, match="has no train images"):
+        retrain(DIGITS, tmp_path / "run", overrides=[f"data.spec={spec}"])
+
+
 def test_imagefolder_grayscale_stays_one_channel(tmp_path):
     for split in ("train", "test"):
         for cls in ("a", "b"):
@@ -366,7 +386,7 @@ def test_wrong_folder_kinds(tmp_path):
         load_dataset(f"cifar10:{tmp_path}")
     with pytest.raises(DataError, match="no wnids.txt"):
         load_dataset(f"tinyimagenet:{tmp_path}")
-    with pytest.raises(DataError, match="train not found"):
+    with pytest.raises(DataError, match="no images found .*and/or test/"):
         load_dataset(f"imagefolder:{tmp_path}")
 
 

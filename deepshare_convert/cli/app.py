@@ -249,7 +249,7 @@ def evaluate(
 ) -> None:
     """Top-1 accuracy of MODEL on the test split of a dataset (mIoU, pixel accuracy and per-class IoU for
     segmentation data)."""
-    from ..data import check_input_fits, load_dataset, make_loader
+    from ..data import check_input_fits, load_dataset, make_loader, require_split
     from ..evaluation import evaluate as run_eval
 
     if batch_size < 1:
@@ -258,6 +258,7 @@ def evaluate(
     note_no_normalisation(loaded)
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
+    require_split(test, "test", data)
     check_input_fits(loaded.input_size, info, data, hint=_size_hint(model, info))
     _warn_if_classes_differ(loaded, info, data)
     loader = make_loader(

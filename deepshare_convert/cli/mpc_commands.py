@@ -81,10 +81,11 @@ def _original_of(path: str):
 
 
 def _first_batch(data: str, num: int, mean, std, input_size):
-    from ..data import check_input_fits, load_dataset, make_loader
+    from ..data import check_input_fits, load_dataset, make_loader, require_split
 
     with console.status(f"reading {data}", spinner="dots"):
         info, _, test = load_dataset(data)
+    require_split(test, "test", data)
     check_input_fits(input_size, info, data)  # before normalising: a clear line, not a mean/std error
     loader = make_loader(test, info, train=False, batch_size=num, mean=mean, std=std, limit=num)
     return next(iter(loader))

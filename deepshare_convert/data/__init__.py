@@ -42,6 +42,7 @@ from .specs import (
     known_specs,
     load_dataset,
     register_reader,  # noqa: F401
+    require_split,
 )
 from .stats import CIFAR10_STATS, CIFAR100_STATS, DIGITS_STATS, TINYIMAGENET_STATS, _channel_stats  # noqa: F401
 
@@ -54,6 +55,7 @@ __all__ = [
     "Loaded",
     "load_dataset",
     "check_input_fits",
+    "require_split",
     "make_loader",
     "cache_dir",
 ]

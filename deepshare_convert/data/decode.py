@@ -163,9 +163,10 @@ def _decode_tarball(path: Path, progress: Progress | None) -> dict[str, np.ndarr
 
 def _assemble(files: dict[str, list[tuple[str, str, np.ndarray]]], where: str) -> dict[str, np.ndarray]:
     """Sort (class, file) entries, map classes to sorted indices, stack same-size images."""
-    classes = sorted({c for c, _, _ in files["train"]})
+    train_only = {c for c, _, _ in files["train"]}
+    classes = sorted(train_only or {c for c, _, _ in files["test"]})  # a test-only folder: its own classes
     if not classes:
-        raise DataError(f"no training images found in {where} (want train/<class>/<image>)")
+        raise DataError(f"no images found in {where} (want train/<class>/<image> and/or test/<class>/<image>)")
     extra = sorted({c for c, _, _ in files["test"]} - set(classes))
     if extra:
         raise DataError(f"test classes {extra[:3]} in {where} have no training images")
@@ -174,8 +175,12 @@ def _assemble(files: dict[str, list[tuple[str, str, np.ndarray]]], where: str) -
     out: dict[str, np.ndarray] = {"classes": np.array(classes)}
     for split, entries in files.items():
         entries.sort(key=lambda e: (e[0], e[1]))
-        out[f"{split}_x"] = _stack([img for _, _, img in entries], [n for _, n, _ in entries], where, color)
+        if entries:
+            out[f"{split}_x"] = _stack([img for _, _, img in entries], [n for _, n, _ in entries], where, color)
         out[f"{split}_y"] = np.array([index[c] for c, _, _ in entries], dtype=np.int64)
+    shape = next(out[f"{s}_x"].shape[1:] for s in files if f"{s}_x" in out)
+    for split in files:  # a split the folder does not have: empty, of the other's image shape
+        out.setdefault(f"{split}_x", np.zeros((0, *shape), dtype=np.uint8))
     return out
 
 

@@ -98,23 +98,24 @@ def _load_cifar10_jpg(path: Path | None, progress: Progress | None) -> Loaded:
 def _load_imagefolder(root: Path, progress: Progress | None) -> Loaded:
     _require_dir(root)
     entries: list[tuple[str, str, Path]] = []
-    for split in ("train", "test"):
-        split_dir = _require_dir(root / split)
-        for cls_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+    splits = [split for split in ("train", "test") if (root / split).is_dir()]  # a test-only folder is fine
+    for split in splits:
+        for cls_dir in sorted(d for d in (root / split).iterdir() if d.is_dir()):
             entries += [(split, cls_dir.name, p) for p in _list_images(cls_dir)]
     if not entries:
-        raise DataError(f"no images found in {root} (want train/<class>/<image> and test/<class>/<image>)")
+        raise DataError(f"no images found in {root} (want train/<class>/<image> and/or test/<class>/<image>)")
 
     def build() -> dict[str, np.ndarray]:
         log.info("decoding %d images in %s (first use; cached afterwards)", len(entries), root)
         arrays = _assemble(_decode_files(entries, rgb=False, progress=progress), str(root))
-        arrays["mean"], arrays["std"] = _channel_stats(arrays["train_x"])
+        arrays["mean"], arrays["std"] = _channel_stats(arrays["train_x"] if len(arrays["train_x"]) else arrays["test_x"])
         return arrays
 
     arrays = _cached(_folder_key("imagefolder", root, [p for _, _, p in entries]), build)
     train, test = _splits(arrays)
+    some = train if len(train) else test
     stats = (tuple(float(v) for v in arrays["mean"]), tuple(float(v) for v in arrays["std"]))
-    return _info(root.name or "imagefolder", _classes(arrays), train.images[0], stats, **_policy(train)), train, test
+    return _info(root.name or "imagefolder", _classes(arrays), some.images[0], stats, **_policy(some)), train, test
 
 
 def _policy(train: TensorSplit) -> dict:

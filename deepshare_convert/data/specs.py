@@ -158,6 +158,13 @@ def check_input_fits(input_size: Sequence[int], info: DatasetInfo, data: str, *,
 # ----------------------------------------------------------------------------- helpers for readers
 
 
+def require_split(split: TensorSplit, which: str, spec: str) -> TensorSplit:
+    """``split`` if it has images, else one line saying which ``spec`` lacks (an image folder may hold one split)."""
+    if len(split) == 0:
+        raise DataError(f"{spec} has no {which} images (want {which}/<class>/<image> in an image folder)")
+    return split
+
+
 def _require_dir(path: Path) -> Path:
     if not path.is_dir():
         raise DataError(f"dataset directory {path} not found")

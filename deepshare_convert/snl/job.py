@@ -194,13 +194,15 @@ class _Job:
     def __init__(self, config: SNLConfig, run_dir: RunDir, reporter: Reporter | None, fail_at_step: int | None,
                  device: str | torch.device = "auto"):  # fmt: skip
         from ..conversion.budget import parse_budget
-        from ..data import load_dataset
+        from ..data import load_dataset, require_split
         from ..models import load_model
 
         self.config, self.run_dir, self.out, self.reporter = config, run_dir, run_dir.path, reporter
         self.device = resolve_device(device)
         torch.manual_seed(config.seed)
         self.info, self.train_split, self.test_split = load_dataset(config.data)
+        require_split(self.train_split, "train", config.data)
+        require_split(self.test_split, "test", config.data)
         size = tuple(config.input_size) if config.input_size else self.info.input_size
         if tuple(size) != tuple(self.info.input_size):
             raise DeepShareError(f"--input-size {','.join(map(str, size))} does not match {config.data}'s images "

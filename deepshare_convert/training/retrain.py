@@ -26,7 +26,7 @@ from ..conversion.census import census
 from ..conversion.gates import set_gate_mode
 from ..conversion.plan import WEIGHTS_FILE, Plan
 from ..conversion.rewrite import apply_plan, convert, save
-from ..data import load_dataset, make_loader
+from ..data import load_dataset, make_loader, require_split
 from ..errors import DeepShareError
 from ..evaluation import evaluate
 from ..evaluation.metrics import task_key
@@ -107,6 +107,8 @@ class _Run:
         self.run_dir = RunDir(out, writer=self.dist.is_main)
         torch.manual_seed(recipe.seed)
         self.info, self.train_split, self.test_split = load_dataset(recipe.data.spec)
+        require_split(self.train_split, "train", recipe.data.spec)  # a test-only image folder: one line
+        require_split(self.test_split, "test", recipe.data.spec)
         m = recipe.model
         if m.converted:
             self._from_converted(Path(m.converted))
