@@ -45,7 +45,8 @@ from deepshare_convert import load_model  # noqa: E402
 from deepshare_convert.conversion.rewrite import convert  # noqa: E402
 from deepshare_convert.errors import DeepShareError  # noqa: E402
 from deepshare_convert.models.batchnorm import recalibrate_batchnorm  # noqa: E402
-from deepshare_convert.mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration  # noqa: E402
+from deepshare_convert.mpc.costs import CostTable, estimate  # noqa: E402
+from deepshare_convert.mpc.units import parse_bandwidth, parse_duration  # noqa: E402
 
 from common import add_out_arg, write_results  # noqa: E402
 

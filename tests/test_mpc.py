@@ -361,7 +361,8 @@ def test_cli_errors_are_one_line(digits_out, capsys):
 
 def test_calibration_reproduces_the_shipped_cost_table(tmp_path):
     """`deepshare calibrate` re-measures CrypTen; the package's table must be what it measures."""
-    from deepshare_convert.mpc.costs import CostTable, calibrate
+    from deepshare_convert.mpc.calibrate import calibrate
+    from deepshare_convert.mpc.costs import CostTable
 
     shipped = CostTable.load()
     fresh = calibrate(tmp_path / "t.json", quick=True)

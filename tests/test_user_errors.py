@@ -344,7 +344,7 @@ def test_latency_units_are_required(capsys, flag, value, hint):
 
 
 def test_latency_units_accept_bit_spellings():
-    from deepshare_convert.mpc.costs import parse_bandwidth, parse_duration
+    from deepshare_convert.mpc.units import parse_bandwidth, parse_duration
 
     assert parse_bandwidth("10Mbit") == parse_bandwidth("10Mbps") == parse_bandwidth("10 Mbit/s") == 1e7
     assert parse_bandwidth("1GB/s") == 8e9 and parse_duration("1ms") == parse_duration("1000us") == 1e-3

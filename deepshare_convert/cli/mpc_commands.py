@@ -303,7 +303,8 @@ def register(app: typer.Typer) -> None:
         rebuilt from its plan and estimated under the same settings.  --what-if re-plans the same
         budget at group sizes 1, 2, 4 with the code `convert --group-size G` runs.
         """
-        from ..mpc.costs import CostTable, estimate, parse_bandwidth, parse_duration
+        from ..mpc.costs import CostTable, estimate
+        from ..mpc.units import parse_bandwidth, parse_duration
 
         _check_batch(batch_size)
         bw, rt = parse_bandwidth(bandwidth), parse_duration(rtt)
@@ -381,7 +382,8 @@ def register(app: typer.Typer) -> None:
         """Re-measure the per-operation MPC cost table on CrypTen (two local processes)."""
         from dataclasses import asdict
 
-        from ..mpc.costs import TABLE_PATH, calibrate as run_calibrate
+        from ..mpc.calibrate import calibrate as run_calibrate
+        from ..mpc.costs import TABLE_PATH
 
         with console.status("measuring CrypTen operations (two parties on 127.0.0.1)", spinner="dots"):
             table = run_calibrate(out, quick=quick)

@@ -24,12 +24,13 @@ Modules, in the order data flows through them:
   (HMAC over fresh nonces) and compare the plan's hash; strangers are refused.
 * :mod:`.launcher`  -- two real processes on 127.0.0.1 (or one party of a two-host run),
   framework-neutral: it drives whichever backend it is given, after the handshake.
-* :mod:`.costs`     -- bytes / rounds / latency per node from ``cost_table.json``; ``calibrate()``.
+* :mod:`.costs`     -- bytes / rounds / latency per node from ``cost_table.json`` (no MPC framework needed);
+* :mod:`.calibrate` -- ``deepshare calibrate``: that table measured on CrypTen; :mod:`.units` -- --bandwidth / --rtt.
 * :mod:`.rounds`    -- round depth: the fewest rounds any merging of independent openings could reach.
 * :mod:`.what_if`   -- the same budget re-planned at group sizes 1, 2, 4 and costed (``--what-if``).
 
 crypten is imported only inside functions of :mod:`.protocols`, :mod:`.executor`, :mod:`.weights` and
-:mod:`.costs` (via :func:`deepshare_convert.compat.import_crypten`), never at package import.
+:mod:`.calibrate` (via :func:`deepshare_convert.compat.import_crypten`), never at package import.
 """
 
 from __future__ import annotations
