@@ -98,7 +98,8 @@ class MarginCounter:
             groups.append({"group": g.index, "prototypes": g.prototypes, "sites": g.sites,
                            "elements_per_inference": g.elements / n, "abs_ulps": g.quantiles(),
                            "within_per_inference": {k: g.within[k] / n for k in THRESHOLDS},
-                           "gates_served_per_inference": {k: g.served_within[k] / n for k in THRESHOLDS}})  # fmt: skip
+                           "gates_served_per_inference": {k: g.served_within[k] / n for k in THRESHOLDS},
+                           "images_with_any_within": {k: g.images_within[k] / n for k in THRESHOLDS}})  # fmt: skip
         total = {k: sum(g.served_within[k] for g in self.groups.values()) / n for k in THRESHOLDS}
         return {"ulp": ULP, "thresholds_ulps": list(THRESHOLDS), "images": self.images,
                 "gates_served_within_per_inference": total,
