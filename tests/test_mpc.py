@@ -227,9 +227,12 @@ def _weight_digests(name: str, budget: str | None) -> set[str]:
     return {tensor_digest(t.detach().float()) for t in tensors if t.abs().sum() > 0}
 
 
-def test_private_mode_client_never_holds_weights_alpha_beta():
-    r = run("digits_cnn", "10%", "private", DIGITS_BATCH)
-    weights = _weight_digests("digits_cnn", "10%")
+@pytest.mark.parametrize("budget", ["10%", "100"])  # 100 DReLUs: below one prototype per group, a linear group
+def test_private_mode_client_never_holds_weights_alpha_beta(budget):
+    r = run("digits_cnn", budget, "private", DIGITS_BATCH)
+    weights = _weight_digests("digits_cnn", budget)
+    if budget == "100":
+        assert 0 in [g.prototypes for g in model("digits_cnn", budget)[1].groups]
     server, client = (set(p.plaintext_digests) for p in r.parties)
     assert weights <= server, "the inventory must see the server's weights (else this test proves nothing)"
     assert not weights & client

@@ -164,6 +164,11 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
         """The setup masks of the model tensors node ``n`` multiplies by (the lowering names them)."""
         return [self.masks[name] for name in self.program.op(n.name).fixed]
 
+    def _fixed_channel_scale(self, n: fx.Node, x):
+        """x times the node's one setup-masked per-channel tensor (C,): one opening of x - a."""
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer, self.opening(n, x))
+
     def _weights(self, module: nn.Module, *names: str):
         out = []
         for name in names:
@@ -218,9 +223,7 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
         x, gate = args[0], args[1]
         if gate is LINEAR:  # no prototype: the gate is 0 and the site is β·x
             if self.private:  # β was masked at setup, as an unfolded BatchNorm's scale
-                view = (1, -1) + (1,) * (x.dim() - 2)
-                return P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer,
-                                       self.opening(n, x))  # fmt: skip
+                return self._fixed_channel_scale(n, x)
             return P.public_scale(x, site.beta.detach())
         if not isinstance(gate, GateValue):
             raise DeepShareError(f"node {n.name!r}: a SharedGate must be fed by a PrototypeGate node")
@@ -289,8 +292,7 @@ class CrypTenInterpreter(LocalOps, fx.Interpreter):
         scale, shift = bn_affine(m)
         view = (1, -1) + (1,) * (x.dim() - 2)
         if self.private:  # the scale was masked at setup; the shift is an addition
-            out = P.fixed_product(x, self.fixed(n)[0], lambda u, v: u * v.view(view), self.dealer, self.opening(n, x))
-            return out + self.shared(shift).view(view)
+            return self._fixed_channel_scale(n, x) + self.shared(shift).view(view)
         return P.public_mul(x, scale.view(view)) + shift.view(view)
 
 
